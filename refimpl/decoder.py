@@ -1,0 +1,289 @@
+"""The decoder: a Llama-style transformer with an explicit kv-cache (SPEC §3).
+
+Follows the Hugging Face Llama architecture (pre-norm RMSNorm, RoPE "rotate-half", SwiGLU, no
+biases, tied LM head, unscaled token embeddings), written in the style of picoGPT: pure functions
+of a params tree that is also the checkpoint. References: picoGPT (jaymody), nanoGPT (karpathy),
+transformers' modeling_llama.py.
+
+Every layer's cache holds keys AFTER RoPE, [B, H, Tc, Dh], plus the integer position id of every
+cached slot. Position id -1 marks a padding slot that no other slot may attend to. The cache is
+extended by concatenation, never by item assignment, so autograd can trace through it.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import to_numpy, xp_of
+from .errors import RefimplError, require
+from .ops import (add, additive_mask, attention, concat, embedding, linear, merge_heads, rmsnorm,
+                  rope, rope_tables, split_heads, swiglu)
+
+LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+              "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: a nested dict whose leaves carry the Hugging Face Llama leaf names.
+def init_params(cfg, seed=0, dtype=np.float32, xp=np):
+    """Random decoder params: N(0, init_std) matrices (output projections scaled by 1/sqrt(2L)), unit norms."""
+    rng = np.random.default_rng(seed)
+    D, F = cfg.d_model, cfg.d_ff
+
+    def normal(*shape, std=cfg.init_std):
+        return xp.asarray((rng.standard_normal(shape) * std).astype(dtype))
+
+    out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
+    layers = [{
+        "input_layernorm": xp.ones(D, dtype=dtype),
+        "q_proj": normal(D, D), "k_proj": normal(D, D), "v_proj": normal(D, D),
+        "o_proj": normal(D, D, std=out_std),
+        "post_attention_layernorm": xp.ones(D, dtype=dtype),
+        "gate_proj": normal(F, D), "up_proj": normal(F, D), "down_proj": normal(D, F, std=out_std),
+    } for _ in range(cfg.n_layers)]
+    return {"embed_tokens": normal(cfg.vocab_size, D), "layers": layers,
+            "norm": xp.ones(D, dtype=dtype)}
+
+
+def hf_name(path):
+    """Our params path -> Hugging Face Llama name, e.g. ("layers", 0, "q_proj") ->
+    model.layers.0.self_attn.q_proj.weight."""
+    if path == ("embed_tokens",):
+        return "model.embed_tokens.weight"
+    if path == ("norm",):
+        return "model.norm.weight"
+    _, i, key = path
+    group = "self_attn." if key.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else (
+        "mlp." if key.endswith("_proj") else "")
+    return f"model.layers.{i}.{group}{key}.weight"
+
+
+def flatten_params(params):
+    """Nested params -> {Hugging Face name: array} (embed_tokens may be absent)."""
+    flat = {hf_name((k,)): params[k] for k in ("embed_tokens", "norm") if k in params}
+    for i, layer in enumerate(params["layers"]):
+        flat.update({hf_name(("layers", i, k)): layer[k] for k in LAYER_KEYS})
+    return flat
+
+
+def unflatten_params(flat, n_layers):
+    """{Hugging Face name: array} -> nested params; a clear error names any missing weight."""
+    missing = [n for n in _expected_names(n_layers) if n not in flat]
+    require(not missing, f"weights missing {missing[:3]}{'...' if len(missing) > 3 else ''}: "
+            "the file was written for another model; regenerate it or pass the matching config")
+    params = {"layers": [{k: flat[hf_name(("layers", i, k))] for k in LAYER_KEYS}
+                         for i in range(n_layers)], "norm": flat["model.norm.weight"]}
+    if "model.embed_tokens.weight" in flat:
+        params["embed_tokens"] = flat["model.embed_tokens.weight"]
+    return params
+
+
+def _expected_names(n_layers):
+    return ["model.norm.weight"] + [hf_name(("layers", i, k)) for i in range(n_layers) for k in LAYER_KEYS]
+
+
+def param_shapes(cfg):
+    """{Hugging Face name: shape} that a config implies (for checkpoint validation)."""
+    D, F = cfg.d_model, cfg.d_ff
+    per_layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "q_proj": (D, D),
+                 "k_proj": (D, D), "v_proj": (D, D), "o_proj": (D, D), "gate_proj": (F, D),
+                 "up_proj": (F, D), "down_proj": (D, F)}
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    for i in range(cfg.n_layers):
+        shapes.update({hf_name(("layers", i, k)): s for k, s in per_layer.items()})
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# The kv-cache
+@dataclass(frozen=True)
+class KVCache:
+    k: tuple            # L arrays [B, H, Tc, Dh], keys after RoPE
+    v: tuple            # L arrays [B, H, Tc, Dh]
+    positions: object   # int [B, Tc]; -1 marks padding
+
+    @property
+    def length(self):
+        return self.positions.shape[1]
+
+    def append(self, ks, vs, positions):
+        """A new cache with Tn slots appended: ks, vs are L arrays [B, H, Tn, Dh]."""
+        xp = xp_of(self.positions)
+        return KVCache(tuple(concat(a, b, 2) for a, b in zip(self.k, ks)),
+                       tuple(concat(a, b, 2) for a, b in zip(self.v, vs)),
+                       xp.concatenate([self.positions, positions], axis=1))
+
+    def next_positions(self, n):
+        """Position ids [B, n] continuing after the last cached slot."""
+        xp = xp_of(self.positions)
+        return self.positions.max(1, keepdims=True) + 1 + xp.arange(n)[None]
+
+
+def causal_may_attend(cache_positions, positions):
+    """Default mask: new slot i sees every valid cached slot and new slots j <= i.
+
+    cache_positions int [B, Tc] (or None), positions int [B, T] -> bool [B, T, Tc + T].
+    Slots with position -1 (padding) are visible to nobody but themselves.
+    """
+    xp = xp_of(positions)
+    B, T = positions.shape
+    key_pos = positions if cache_positions is None else xp.concatenate([cache_positions, positions], 1)
+    Tc = key_pos.shape[1] - T
+    new_causal = xp.tril(xp.ones((T, T), dtype=bool))                            # [T, T]
+    slots = xp.concatenate([xp.ones((T, Tc), dtype=bool), new_causal], axis=1)   # [T, Tc+T]
+    itself = xp.concatenate([xp.zeros((T, Tc), dtype=bool), xp.eye(T, dtype=bool)], axis=1)
+    return slots[None] & ((key_pos >= 0)[:, None, :] | itself[None])
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer
+def block(layer, x, cos, sin, attend, cfg):
+    """One pre-norm Llama block. attend(q, k, v) -> [B, H, T, Dh] sees this layer's new keys.
+
+    [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and values [B, H, T, Dh].
+    """
+    H, eps = cfg.n_heads, cfg.norm_eps
+    h = rmsnorm(x, layer["input_layernorm"], eps)                                # [B, T, D]
+    q = rope(split_heads(linear(h, layer["q_proj"]), H), cos, sin)               # [B, H, T, Dh]
+    k = rope(split_heads(linear(h, layer["k_proj"]), H), cos, sin)               # [B, H, T, Dh]
+    v = split_heads(linear(h, layer["v_proj"]), H)                               # [B, H, T, Dh]
+    x = add(x, linear(merge_heads(attend(q, k, v)), layer["o_proj"]))            # [B, T, D]
+    h = rmsnorm(x, layer["post_attention_layernorm"], eps)
+    gated = swiglu(linear(h, layer["gate_proj"]), linear(h, layer["up_proj"]))   # [B, T, F]
+    return add(x, linear(gated, layer["down_proj"])), k, v
+
+
+def run_layers(params, cfg, x, positions, attend_for_layer):
+    """Embeddings [B, T, D] through every block and the final norm.
+
+    attend_for_layer(i) returns the attention function of layer i. Returns the final hidden
+    states AFTER the final RMSNorm [B, T, D], and per-layer new keys and values.
+    """
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)    # [B, 1, T, Dh]
+    ks, vs = [], []
+    for i, layer in enumerate(params["layers"]):
+        x, k, v = block(layer, x, cos, sin, attend_for_layer(i), cfg)
+        ks.append(k)
+        vs.append(v)
+    return rmsnorm(x, params["norm"], cfg.norm_eps), ks, vs
+
+
+def lm_head(params, h):
+    # tied head: [..., D] -> [..., V]
+    return linear(h, params["embed_tokens"])
+
+
+def embed(params, cfg, tokens):
+    """Token ids [B, T] -> unscaled embeddings [B, T, D]; bad ids raise RefimplError."""
+    check_tokens(tokens, cfg)
+    return embedding(params["embed_tokens"], tokens)
+
+
+def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
+    """Final hidden states (after the final norm) [B, T, D] and the extended cache.
+
+    inputs: token ids int [B, T], or input embeddings [B, T, D] (e.g. latents).
+    positions: int [B, T]; default continues after the cache (0.. without one).
+    may_attend: bool [B|1, T, Tc + T]; default `causal_may_attend`.
+    """
+    x = inputs if _is_float(inputs) else embed(params, cfg, inputs)
+    require(x.ndim == 3 and x.shape[-1] == cfg.d_model,
+            f"input embeddings have shape {tuple(x.shape)}: expected [B, T, {cfg.d_model}]")
+    B, T, _ = x.shape
+    positions = _positions(positions, cache, B, T, x)
+    cache_pos = None if cache is None else cache.positions
+    if may_attend is None:
+        may_attend = causal_may_attend(cache_pos, positions)
+    Tk = T + (0 if cache is None else cache.length)
+    require(tuple(may_attend.shape[-2:]) == (T, Tk) and may_attend.dtype == bool,
+            f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: expected bool [B, {T}, {Tk}]")
+    bias = additive_mask(may_attend[:, None], x.dtype)                          # [B, 1, T, Tk]
+
+    def attend_for_layer(i):
+        if cache is None:
+            return lambda q, k, v: attention(q, k, v, bias)
+        return lambda q, k, v: attention(q, concat(cache.k[i], k, 2), concat(cache.v[i], v, 2), bias)
+
+    h, ks, vs = run_layers(params, cfg, x, positions, attend_for_layer)
+    new_cache = KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
+    return h, new_cache
+
+
+def forward(params, cfg, inputs, positions=None, cache=None, may_attend=None):
+    """logits [B, T, V], final hidden states [B, T, D], and the cache extended by T slots."""
+    h, new_cache = hidden(params, cfg, inputs, positions, cache, may_attend)
+    return lm_head(params, h), h, new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference helpers built on forward: prefill, extend, generate
+def prefill(params, cfg, tokens, positions=None):
+    """Run a prompt: logits [B, T, V] and its cache."""
+    require(tokens.shape[-1] <= cfg.max_seq_len,
+            f"sequence of {tokens.shape[-1]} tokens is longer than max_seq_len={cfg.max_seq_len}: "
+            "shorten the prompt or use a config with a longer context")
+    logits, _, cache = forward(params, cfg, tokens, positions)
+    return logits, cache
+
+
+def extend(params, cfg, cache, inputs, positions=None):
+    """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache."""
+    logits, _, cache = forward(params, cfg, inputs, positions, cache)
+    return logits, cache
+
+
+def sample_next(logits, temperature, rng):
+    """Next token ids [B] from last-slot logits [B, V]: greedy at temperature 0."""
+    logits = to_numpy(logits).astype(np.float64)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+def generate(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None):
+    """Decode n_new tokens after a cache whose last slot produced last_logits [B, V].
+
+    Returns the new token ids int64 [B, n_new] (host) and the final cache.
+    """
+    xp = xp_of(last_logits)
+    rng = rng or np.random.default_rng(0)
+    out = []
+    for _ in range(n_new):
+        nxt = sample_next(last_logits, temperature, rng)                        # [B]
+        out.append(nxt)
+        logits, cache = extend(params, cfg, cache, xp.asarray(nxt[:, None]))
+        last_logits = logits[:, -1]
+    return np.stack(out, axis=1).astype(np.int64), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+def check_tokens(tokens, cfg):
+    """Token ids must be an integer [B, T] array with every id in [0, vocab_size)."""
+    require(hasattr(tokens, "dtype") and tokens.dtype.kind in "iu",
+            f"token ids must be an integer array, got {getattr(tokens, 'dtype', type(tokens))}: "
+            "encode text with the tokenizer first")
+    require(tokens.ndim == 2, f"token ids have shape {tuple(tokens.shape)}: expected [B, T]")
+    if tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        require(lo >= 0 and hi < cfg.vocab_size,
+                f"token id {hi if hi >= cfg.vocab_size else lo} is out of range [0, {cfg.vocab_size}): "
+                "the tokens come from another tokenizer or are corrupt")
+
+
+def _positions(positions, cache, B, T, like):
+    xp = xp_of(like)
+    if positions is None:
+        return xp.broadcast_to(xp.arange(T), (B, T)) if cache is None else cache.next_positions(T)
+    require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu",
+            f"position ids have shape {tuple(positions.shape)} {positions.dtype}: expected int [{B}, {T}]")
+    return positions
+
+
+def _is_float(a):
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        raise RefimplError(f"inputs must be an array of token ids or embeddings, got {type(a).__name__}")
+    return dtype.kind == "f"
