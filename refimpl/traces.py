@@ -1,0 +1,167 @@
+"""The multi-trace training layout and its masks (SPEC §6, the paper's Fig. 2).
+
+For each sequence x_0..x_{T-1}, K augmentation points p_1..p_K are sampled. Trace k is a group
+of G = N_L + N_A - 1 slots inserted after x_{p_k}:
+
+    slots:    z_1 .. z_{N_L}        x_{p+1} .. x_{p+N_A-1}
+    position: p+1 .. p+N_L          p+N_L+1 .. p+N_L+N_A-1
+    targets x_{p+1} .. x_{p+N_A}, read at the last latent, then at each ahead token.
+
+In the packed sequence (the T original tokens followed by the K groups, S = T + K*G slots), an
+original token sees earlier original tokens; a group slot sees x_0..x_{p_k} and the slots of its
+own group at or before itself. Nothing else: no other group, no original token after p_k.
+
+`TraceLayout` holds every index and mask of that layout, built once, in one place, as host NumPy
+arrays; `format_mask` prints one for reading. `trace_hidden` is the cached form of the same
+attention pattern (blockwise, without the [S, S] mask).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import xp_of
+from .errors import require
+from .ops import additive_mask, reshape, trace_attention
+from .decoder import run_layers
+
+ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
+
+
+def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
+    """K distinct augmentation points per sequence, uniform on [0, T-1-N_A], sorted: int64 [B, K]."""
+    n_valid = seq_len - n_ahead
+    require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
+    require(1 <= n_traces <= n_valid,
+            f"n_traces={n_traces} does not fit: a sequence of {seq_len} tokens with n_ahead={n_ahead} "
+            f"has {n_valid} augmentation points; use 1..{n_valid} traces or longer sequences")
+    return np.stack([np.sort(rng.choice(n_valid, size=n_traces, replace=False))
+                     for _ in range(batch_size)]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TraceLayout:
+    """Indices and masks of the packed layout for tokens [B, T] and trace positions [B, K]."""
+    seq_len: int
+    n_latents: int
+    n_ahead: int
+    trace_positions: np.ndarray   # int [B, K]: insert after this 0-based token index
+    ahead_inputs: np.ndarray      # int [B, K, N_A-1]: x_{p+1} .. x_{p+N_A-1}
+    targets: np.ndarray           # int [B, K, N_A]:   x_{p+1} .. x_{p+N_A}
+    group_positions: np.ndarray   # int [B, K, G]
+    readout: np.ndarray           # int [B, K*N_A]: packed slot where each target is read
+
+    @property
+    def n_traces(self):
+        return self.trace_positions.shape[1]
+
+    @property
+    def group_len(self):
+        return self.n_latents + self.n_ahead - 1
+
+    @property
+    def latent_positions(self):   # int [B, K, N_L]
+        return self.group_positions[..., :self.n_latents]
+
+    def context_visible(self):
+        """bool [B, K, T]: original token t is visible to trace k iff t <= p_k."""
+        return np.arange(self.seq_len)[None, None, :] <= self.trace_positions[..., None]
+
+    def packed_positions(self):
+        """int [B, S]: the original tokens' positions, then every group's."""
+        B = self.trace_positions.shape[0]
+        original = np.broadcast_to(np.arange(self.seq_len), (B, self.seq_len))
+        return np.concatenate([original, self.group_positions.reshape(B, -1)], axis=1)
+
+    def slot_kinds(self):
+        """int [S]: ORIGINAL, LATENT or AHEAD for every packed slot."""
+        group = [LATENT] * self.n_latents + [AHEAD] * (self.n_ahead - 1)
+        return np.array([ORIGINAL] * self.seq_len + group * self.n_traces, dtype=np.int64)
+
+    def packed_may_attend(self, group_len=None):
+        """bool [B, S, S], S = T + K*group_len: the one-pass mask of SPEC §6.
+
+        group_len defaults to G (the decoder's groups); the coprocessor's packed pass uses
+        group_len = N_L (its groups are the soft tokens alone).
+        """
+        return packed_may_attend(self.trace_positions, self.seq_len,
+                                 self.group_len if group_len is None else group_len)
+
+
+def build_layout(tokens, trace_positions, n_latents, n_ahead):
+    """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays)."""
+    tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions, dtype=np.int64)
+    B, T = tokens.shape
+    require(n_latents >= 0, f"n_latents={n_latents} must be >= 0")
+    require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
+    require(trace_positions.ndim == 2 and trace_positions.shape[0] == B,
+            f"trace positions have shape {trace_positions.shape}: expected [{B}, K]")
+    lo, hi = int(trace_positions.min()), int(trace_positions.max())
+    require(lo >= 0 and hi + n_ahead <= T - 1,
+            f"trace position {hi if hi + n_ahead > T - 1 else lo} leaves no room for n_ahead={n_ahead} "
+            f"targets in {T} tokens: positions must lie in [0, {T - 1 - n_ahead}]")
+    K, G = trace_positions.shape[1], n_latents + n_ahead - 1
+    offsets = trace_positions[..., None] + 1 + np.arange(n_ahead)                    # [B, K, N_A]
+    targets = np.take_along_axis(tokens[:, None, :], offsets, axis=2)                # x_{p+1..p+N_A}
+    group_positions = trace_positions[..., None] + 1 + np.arange(G)                  # [B, K, G]
+    # target j of trace k is read at group slot N_L-1+j; with N_L = 0, j = 0 reads x_p itself
+    slot = T + np.arange(K)[:, None] * G + (n_latents - 1) + np.arange(n_ahead)     # [K, N_A]
+    readout = np.broadcast_to(slot, (B, K, n_ahead)).copy()
+    if n_latents == 0:
+        readout[..., 0] = trace_positions
+    return TraceLayout(T, n_latents, n_ahead, trace_positions, targets[..., :-1], targets,
+                       group_positions, readout.reshape(B, K * n_ahead))
+
+
+def packed_may_attend(trace_positions, seq_len, group_len):
+    """bool [B, S, S] with S = T + K*group_len, the packed multi-trace mask (see module doc)."""
+    B, K = trace_positions.shape
+    T, S = seq_len, seq_len + K * group_len
+    trace_of = np.concatenate([np.full(T, -1), np.repeat(np.arange(K), group_len)])  # [S]
+    index = np.arange(S)
+    causal = index[None, :] <= index[:, None]                                        # [S, S]
+    same_group = (trace_of[:, None] == trace_of[None, :]) & (trace_of[:, None] >= 0)
+    original_key = (trace_of == -1)[None, :]                                         # [1, S]
+    # original query: causal over originals. group query: originals <= p_k, own group causally.
+    prefix_limit = np.concatenate([np.broadcast_to(np.arange(T), (B, T)),
+                                   np.repeat(trace_positions, group_len, axis=1)], axis=1)  # [B, S]
+    sees_original = original_key[None] & (index[None, None, :] <= prefix_limit[:, :, None])
+    return sees_original | (same_group & causal)[None]
+
+
+def format_mask(may_attend, kinds=None, tokens=None):
+    """A printable picture of one [S, S] may-attend mask: '#' sees, '.' does not."""
+    labels = [str(t) for t in tokens] if tokens is not None else [str(i) for i in range(len(may_attend))]
+    if kinds is not None:
+        labels = [lab + ("'" if k == LATENT else "") for lab, k in zip(labels, kinds)]
+    width = max(len(lab) for lab in labels)
+    rows = [f"{lab:>{width}} " + "".join("#" if v else "." for v in row)
+            for lab, row in zip(labels, may_attend)]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached form of the same attention pattern
+def trace_hidden(params, cfg, inputs, positions, cache, context_visible, group_len):
+    """Run K groups of group_len slots against a shared cache, blockwise (SPEC §6, form B).
+
+    inputs [B, K*G, D] embeddings; positions int [B, K*G]; cache: the decoder's KVCache of the
+    T original tokens; context_visible bool [B, K, T]. A slot of group k sees cached slots that
+    trace k may see, and the earlier slots of its own group. Returns hidden [B, K*G, D] (after
+    the final norm). The group keys are NOT appended to the cache.
+    """
+    xp = xp_of(inputs)
+    B, KG, _ = inputs.shape
+    K, G, H, Dh = KG // group_len, group_len, cfg.n_heads, cfg.head_dim
+    ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B,1,K,1,T]
+    own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
+
+    def attend_for_layer(i):
+        def attend(q, k, v):
+            grouped = [reshape(a, (B, H, K, G, Dh)) for a in (q, k, v)]
+            out = trace_attention(grouped[0], cache.k[i], cache.v[i], grouped[1], grouped[2],
+                                  ctx_bias, own_bias)
+            return reshape(out, (B, H, K * G, Dh))
+        return attend
+
+    h, _, _ = run_layers(params, cfg, inputs, xp.asarray(positions), attend_for_layer)
+    return h
