@@ -1,0 +1,125 @@
+"""The tiny data: the pretraining mixture as token ids, random windows, and the reasoning evals.
+
+Everything is read from `tiny_data/` (see docs/data.md), made by `python tools/make_tiny_data.py`:
+
+    text/{train,val}.txt           CPython's reference topics, "\\f\\n" between documents
+    reasoning/{train,val}.txt      one synthetic problem per line (refimpl/reasoning.py)
+    reasoning/eval_{val,test}.jsonl  held-out problems {task, difficulty, prompt, answer}
+    tokenizer/bpe.tiktoken, meta.json
+    MANIFEST.json                  sha256 of every file above
+
+The pretraining mixture of a split is every document of both sources (a topic, or one reasoning
+line), in a fixed shuffled order, each followed by the end-of-text token.
+"""
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from refimpl.errors import RefimplError, require
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_DATA = Path(os.environ.get("REFIMPL_DATA") or REPO / "tiny_data")
+DATA_FILES = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
+              "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl",
+              "tokenizer/bpe.tiktoken", "tokenizer/meta.json")
+DOC_SEPARATOR = "\f\n"
+MIXTURE_SEED = 0
+FIX = "re-run `python tools/make_tiny_data.py`, restore the file, or set REFIMPL_DATA"
+
+
+def _read_bytes(rel):
+    """The bytes of tiny_data/rel, checked against MANIFEST.json."""
+    path = TINY_DATA / rel
+    require(path.is_file(), f"data file {path} is missing; {FIX}")
+    blob = path.read_bytes()
+    expected = _manifest()["files"].get(rel, {}).get("sha256")
+    require(hashlib.sha256(blob).hexdigest() == expected,
+            f"data file {path} does not match its sha256 in MANIFEST.json; {FIX}")
+    return blob
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest():
+    path = TINY_DATA / "MANIFEST.json"
+    require(path.is_file(), f"{path} is missing; {FIX}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RefimplError(f"{path} is corrupt ({e}); {FIX}") from None
+
+
+def _documents(split):
+    """The documents of a split's mixture, in their fixed order."""
+    text = _read_bytes(f"text/{split}.txt").decode("utf-8").split(DOC_SEPARATOR)
+    lines = _read_bytes(f"reasoning/{split}.txt").decode("utf-8").splitlines(keepends=True)
+    docs = text + lines
+    return [docs[i] for i in np.random.default_rng(MIXTURE_SEED).permutation(len(docs))]
+
+
+def load_tokens(split, tokenizer):
+    """The pretraining mixture of "train" or "val" as int32 [N], each document followed by eot."""
+    require(split in ("train", "val"), f"unknown split {split!r}; use 'train' or 'val'")
+    return _load_tokens(split, tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokens(split, tokenizer):
+    ids = []
+    for doc in _documents(split):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(tokenizer.eot_id)
+    tokens = np.asarray(ids, dtype=np.int32)
+    tokens.flags.writeable = False  # the cached array is shared
+    return tokens
+
+
+def _check_windows(tokens, batch_size, seq_len):
+    require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
+            f"batch_size must be a positive int, got {batch_size!r}")
+    require(isinstance(seq_len, (int, np.integer)) and seq_len >= 1,
+            f"seq_len must be a positive int, got {seq_len!r}")
+    require(np.ndim(tokens) == 1, f"tokens must be 1-D, got shape {np.shape(tokens)}; "
+                                  "pass the array from load_tokens")
+    require(len(tokens) >= seq_len, f"the corpus has {len(tokens)} tokens, fewer than "
+                                    f"seq_len={seq_len}; use a shorter seq_len or more data")
+
+
+def sample_batch(tokens, batch_size, seq_len, rng):
+    """int64 [B, T]: B windows of T consecutive tokens at uniform random starts."""
+    _check_windows(tokens, batch_size, seq_len)
+    require(isinstance(rng, np.random.Generator),
+            "rng must be a numpy.random.Generator; make one with np.random.default_rng(seed)")
+    starts = rng.integers(0, len(tokens) - seq_len + 1, size=batch_size)  # [B]
+    return np.asarray(tokens)[starts[:, None] + np.arange(seq_len)].astype(np.int64)  # [B, T]
+
+
+def iter_eval_batches(tokens, batch_size, seq_len):
+    """Yield int64 [B, T] batches of the non-overlapping windows tokens[i*T:(i+1)*T], in order.
+
+    The tail shorter than T is dropped; the last batch may have fewer than B rows.
+    """
+    _check_windows(tokens, batch_size, seq_len)
+    n = len(tokens) // seq_len
+    windows = np.asarray(tokens)[: n * seq_len].reshape(n, seq_len).astype(np.int64)  # [n, T]
+    return (windows[i:i + batch_size] for i in range(0, n, batch_size))
+
+
+def load_reasoning_eval(split="test"):
+    """The held-out reasoning problems of "val" or "test": dicts with task, prompt, answer."""
+    require(split in ("val", "test"), f"unknown eval split {split!r}; use 'val' or 'test'")
+    lines = _read_bytes(f"reasoning/eval_{split}.jsonl").decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+@functools.lru_cache(maxsize=None)
+def data_hash():
+    """sha256 over the names and contents of every shipped data file (for checkpoints)."""
+    h = hashlib.sha256()
+    for rel in DATA_FILES:
+        h.update(f"{rel} {hashlib.sha256(_read_bytes(rel)).hexdigest()}\n".encode())
+    return h.hexdigest()

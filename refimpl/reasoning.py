@@ -1,0 +1,110 @@
+"""Seeded synthetic reasoning problems: short lines where extra computation should help.
+
+Every problem is one line, `<prompt><answer>\\n`. The prompt always starts with "Q: " and ends
+with the marker " A:"; the answer is a space and an integer:
+
+    add   (difficulty = digits of each operand, 2..4)     Q: 348+275=? A: 623
+    vars  (difficulty = number of assignments, 2..4)      Q: a=3 b=a+4 c=b*2. c=? A: 14
+    mul   (difficulty = digits of the first operand, 2..3) Q: 47*6=? A: 282
+
+Exact-match evaluation: greedy-decode after the prompt until a newline or end-of-text, strip,
+compare with `answer.strip()`. The generator is pure Python on a `numpy.random.Generator`, so a
+seed fixes every line (VERSION changes whenever the output for a seed would change).
+"""
+
+import numpy as np
+
+from refimpl.errors import require
+
+VERSION = 1
+ANSWER_MARKER = " A:"
+DIFFICULTIES = {"add": (2, 3, 4), "vars": (2, 3, 4), "mul": (2, 3)}
+TASKS = tuple(DIFFICULTIES)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _number(n_digits, rng):
+    """A uniform random integer with exactly n_digits digits."""
+    return int(rng.integers(10 ** (n_digits - 1), 10**n_digits))
+
+
+def add_problem(difficulty, rng):
+    """Two difficulty-digit operands, so carries chain across up to 4 columns."""
+    a, b = _number(difficulty, rng), _number(difficulty, rng)
+    return f"Q: {a}+{b}=?", a + b
+
+
+def mul_problem(difficulty, rng):
+    """A difficulty-digit number times a digit in 2..9."""
+    a, b = _number(difficulty, rng), int(rng.integers(2, 10))
+    return f"Q: {a}*{b}=?", a * b
+
+
+def _step(value, rng):
+    """A random (op, constant, result) applied to value, keeping the result in 0..99."""
+    while True:
+        op = "+-*"[int(rng.integers(3))]
+        const = int(rng.integers(2, 5)) if op == "*" else int(rng.integers(1, 10))
+        result = {"+": value + const, "-": value - const, "*": value * const}[op]
+        if 0 <= result <= 99:
+            return op, const, result
+
+
+def vars_problem(difficulty, rng):
+    """difficulty assignments; each one after the first reads a random earlier variable."""
+    names = [LETTERS[i] for i in rng.permutation(len(LETTERS))[:difficulty]]
+    values = [int(rng.integers(1, 10))]
+    parts = [f"{names[0]}={values[0]}"]
+    for i in range(1, difficulty):
+        src = int(rng.integers(i))
+        op, const, result = _step(values[src], rng)
+        values.append(result)
+        parts.append(f"{names[i]}={names[src]}{op}{const}")
+    return f"Q: {' '.join(parts)}. {names[-1]}=?", values[-1]
+
+
+MAKERS = {"add": add_problem, "vars": vars_problem, "mul": mul_problem}
+
+
+def make_problem(task, difficulty, rng):
+    """One problem as a dict with task, difficulty, prompt (ending in " A:") and answer (" 623")."""
+    require(task in MAKERS, f"unknown reasoning task {task!r}; use one of {TASKS}")
+    require(difficulty in DIFFICULTIES[task],
+            f"difficulty {difficulty} is out of range for {task!r}; "
+            f"use one of {DIFFICULTIES[task]}")
+    question, value = MAKERS[task](difficulty, rng)
+    return {"task": task, "difficulty": difficulty,
+            "prompt": question + ANSWER_MARKER, "answer": f" {value}"}
+
+
+def problem_line(problem):
+    """The training text of one problem: prompt, answer, newline."""
+    return problem["prompt"] + problem["answer"] + "\n"
+
+
+def generate(n, rng, exclude=(), tasks=TASKS):
+    """n problems with distinct prompts, none in `exclude`; task uniform, then difficulty uniform.
+
+    `exclude` is a set of prompts; the new prompts are added to it, so successive calls on one
+    set yield disjoint splits.
+    """
+    require(n >= 0, f"asked for {n} problems; pass a count >= 0")
+    seen = exclude if isinstance(exclude, set) else set(exclude)
+    problems = []
+    for _ in range(100 * n + 100):
+        if len(problems) == n:
+            break
+        task = tasks[int(rng.integers(len(tasks)))]
+        difficulty = DIFFICULTIES[task][int(rng.integers(len(DIFFICULTIES[task])))]
+        problem = make_problem(task, difficulty, rng)
+        if problem["prompt"] not in seen:
+            seen.add(problem["prompt"])
+            problems.append(problem)
+    require(len(problems) == n, f"could only draw {len(problems)} distinct problems of {n}; "
+                                "ask for fewer or add harder tasks")
+    return problems
+
+
+def generate_lines(n, seed):
+    """n training lines from a seed (a convenience for quick experiments)."""
+    return [problem_line(p) for p in generate(n, np.random.default_rng(seed))]

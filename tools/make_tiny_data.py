@@ -1,0 +1,181 @@
+"""Rebuild the shipped data in tiny_data/ from scratch, deterministically and offline.
+
+    . .venv/bin/activate && python tools/make_tiny_data.py     # about 3 minutes on 2 cores
+
+It rewrites tiny_data/{text,reasoning,tokenizer,licenses}/, LICENSES.md and MANIFEST.json (it
+never touches tiny_data/golden/ or tiny_data/checkpoints/):
+
+1. English: CPython's reference topics (`pydoc_data.topics`, PSF licence), one document per topic,
+   lightly cleaned; whole topics (about 5% of the characters) are held out for val.
+2. Reasoning: problems from refimpl/reasoning.py with seed SEED, drawn in the order eval_test,
+   eval_val, val, train with one set of seen prompts, so no two splits share a prompt.
+3. Tokenizer: `tiktoken._educational.bpe_train` to 2048 ranks on a fixed subsample of the train
+   text plus reasoning lines, then `<|endoftext|>` = 2048.
+
+The output depends only on this file, refimpl/reasoning.py and the Python version (its
+pydoc_data); the shipped files were made with CPython 3.11.7. `--keep-tokenizer` reuses the
+existing tokenizer files (a quick rebuild when only the text or the reasoning changed).
+"""
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pydoc_data.topics
+from tiktoken._educational import bpe_encode, bpe_train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from refimpl import reasoning  # noqa: E402
+from refimpl.data import DATA_FILES, DOC_SEPARATOR, TINY_DATA  # noqa: E402
+from refimpl.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks  # noqa: E402
+
+SEED = 2412
+BUILT_WITH = "3.11.7"
+VAL_FRACTION = 0.05
+N_EVAL = 500            # problems in each of eval_val.jsonl and eval_test.jsonl
+N_TRAIN_LINES = 16000   # reasoning lines in the train mixture; val gets the same ratio to text
+BPE_TEXT_CHARS = 240_000
+BPE_REASONING_LINES = 2000
+ASCII_PUNCT = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...",
+               "\u2014": "--", "\u2013": "-"}
+UNDERLINE = re.compile(r"^([*=\-^~])\1{2,}$")
+
+
+def clean_topic(text):
+    """ASCII punctuation, no trailing spaces, no heading underlines, at most one blank line."""
+    for src, dst in ASCII_PUNCT.items():
+        text = text.replace(src, dst)
+    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line for line in lines if not UNDERLINE.match(line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def english_splits(rng):
+    """(train_docs, val_docs): whole topics go to val in a seeded order until 5% of the text."""
+    docs = [clean_topic(pydoc_data.topics.topics[k]) for k in sorted(pydoc_data.topics.topics)]
+    assert not any(DOC_SEPARATOR in d for d in docs)
+    target, val_chars, val_ids = VAL_FRACTION * sum(map(len, docs)), 0, set()
+    for i in rng.permutation(len(docs)):
+        if val_chars < target and val_chars + len(docs[i]) <= 1.5 * target:
+            val_ids.add(int(i))
+            val_chars += len(docs[i])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    return train, [d for i, d in enumerate(docs) if i in val_ids]
+
+
+def reasoning_splits(rng, n_val_lines):
+    """Disjoint problem sets: eval_test, eval_val (jsonl), then the val and train streams."""
+    seen = set()
+    sizes = {"eval_test": N_EVAL, "eval_val": N_EVAL, "val": n_val_lines, "train": N_TRAIN_LINES}
+    return {name: reasoning.generate(n, rng, exclude=seen) for name, n in sizes.items()}
+
+
+def bpe_sample(train_docs, train_lines, rng):
+    """A fixed subsample: random train paragraphs (kept in order) plus the first reasoning lines."""
+    paragraphs = [p for d in train_docs for p in d.split("\n\n")]
+    chosen, chars = [], 0
+    for i in rng.permutation(len(paragraphs)):
+        if chars >= BPE_TEXT_CHARS:
+            break
+        chosen.append(int(i))
+        chars += len(paragraphs[i]) + 2
+    text = "\n\n".join(paragraphs[i] for i in sorted(chosen))
+    return text + "\n\n" + "".join(train_lines[:BPE_REASONING_LINES])
+
+
+def train_tokenizer(sample):
+    """2048 ranks by bpe_train; each token must encode to itself (so tiktoken == the oracle)."""
+    start = time.perf_counter()
+    ranks = bpe_train(sample, N_RANKS, PAT_STR, visualise=None)
+    seconds = time.perf_counter() - start
+    bad = [tok for tok, rank in ranks.items() if bpe_encode(ranks, tok, visualise=None) != [rank]]
+    assert not bad, f"tokens not reachable by their own merges: {bad[:5]}"
+    return ranks, seconds
+
+
+def write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+
+
+def write_jsonl(path, problems):
+    write_text(path, "".join(json.dumps(p, sort_keys=True) + "\n" for p in problems))
+
+
+def write_tokenizer(out, ranks, sample):
+    path = out / "tokenizer" / "bpe.tiktoken"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_ranks(ranks, path)
+    meta = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "pat_str": PAT_STR,
+            "special_tokens": {EOT: N_RANKS}, "n_vocab": N_RANKS + 1,
+            "trained_with": "tiktoken._educational.bpe_train",
+            "training_sample_chars": len(sample),
+            "training_sample_sha256": hashlib.sha256(sample.encode("utf-8")).hexdigest()}
+    write_text(out / "tokenizer" / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def write_manifest(out):
+    files = {rel: {"sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
+                   "bytes": (out / rel).stat().st_size} for rel in DATA_FILES}
+    manifest = {"files": files, "seed": SEED, "reasoning_version": reasoning.VERSION,
+                "python": BUILT_WITH, "made_by": "python tools/make_tiny_data.py"}
+    write_text(out / "MANIFEST.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+LICENSES = """\
+# Licences of the data in tiny_data/
+
+- `text/` is extracted from CPython's documentation as shipped in `pydoc_data/topics.py`
+  (CPython 3.11.7), lightly cleaned (see docs/data.md). Copyright (c) 2001-2023 Python Software
+  Foundation; All Rights Reserved. Used and redistributed under the PSF License Agreement
+  (version 2); the full text is in `licenses/CPython-LICENSE.txt`.
+- `reasoning/` is synthetic, generated by `refimpl/reasoning.py`; it is part of this project
+  (MIT licence).
+- `tokenizer/` holds BPE ranks trained on the two sources above by this project (MIT licence).
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-tokenizer", action="store_true",
+                        help="reuse tiny_data/tokenizer/ instead of retraining the BPE ranks")
+    args = parser.parse_args(argv)
+    if sys.version.split()[0] != BUILT_WITH:
+        print(f"warning: the shipped data was made with Python {BUILT_WITH}; this is "
+              f"{sys.version.split()[0]}, so the English text may differ", file=sys.stderr)
+    out, rng = TINY_DATA, np.random.default_rng(SEED)
+    for sub in ("text", "reasoning", "licenses") + (() if args.keep_tokenizer else ("tokenizer",)):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    train_docs, val_docs = english_splits(rng)
+    n_val_lines = round(N_TRAIN_LINES * sum(map(len, val_docs)) / sum(map(len, train_docs)))
+    problems = reasoning_splits(rng, n_val_lines)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        write_text(out / "text" / f"{split}.txt", DOC_SEPARATOR.join(docs))
+        lines = "".join(map(reasoning.problem_line, problems[split]))
+        write_text(out / "reasoning" / f"{split}.txt", lines)
+    for split in ("val", "test"):
+        write_jsonl(out / "reasoning" / f"eval_{split}.jsonl", problems[f"eval_{split}"])
+    if not args.keep_tokenizer:
+        sample = bpe_sample(train_docs, [reasoning.problem_line(p) for p in problems["train"]], rng)
+        ranks, seconds = train_tokenizer(sample)
+        write_tokenizer(out, ranks, sample)
+        print(f"bpe_train: {len(ranks)} ranks from {len(sample)} characters in {seconds:.0f} s")
+    write_text(out / "LICENSES.md", LICENSES)
+    (out / "licenses").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(sysconfig.get_path("stdlib")) / "LICENSE.txt",
+                    out / "licenses" / "CPython-LICENSE.txt")
+    write_manifest(out)
+    print(f"wrote {out}: {len(train_docs)}/{len(val_docs)} train/val topics, "
+          f"{N_TRAIN_LINES}/{n_val_lines} train/val reasoning lines, 2 x {N_EVAL} eval problems")
+
+
+if __name__ == "__main__":
+    main()
