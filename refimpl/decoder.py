@@ -194,8 +194,10 @@ def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     if may_attend is None:
         may_attend = causal_may_attend(cache_pos, positions)
     Tk = T + (0 if cache is None else cache.length)
-    require(tuple(may_attend.shape[-2:]) == (T, Tk) and may_attend.dtype == bool,
-            f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: expected bool [B, {T}, {Tk}]")
+    require(may_attend.ndim == 3 and may_attend.shape[0] in (1, B)
+            and tuple(may_attend.shape[1:]) == (T, Tk) and may_attend.dtype == bool,
+            f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: "
+            f"expected bool [{B}, {T}, {Tk}] or [1, {T}, {Tk}]")
     bias = additive_mask(may_attend[:, None], x.dtype)                          # [B, 1, T, Tk]
 
     def attend_for_layer(i):
