@@ -17,6 +17,8 @@ from .errors import RefimplError
 # (command, module, one-line help). Add a command with one line here.
 COMMANDS = [
     ("pretrain", "refimpl.pretrain", "train the decoder from scratch on the pretraining mixture"),
+    ("train", "refimpl.train", "train a coprocessor (or pause tokens) against a frozen decoder"),
+    ("golden", "refimpl.golden", "export or verify golden vectors for other implementations"),
 ]
 
 

@@ -1,0 +1,95 @@
+"""`refimpl train`: the frozen decoder stays frozen, resume is exact, bad checkpoints are refused."""
+import json
+
+import numpy as np
+import pytest
+
+from refimpl.checkpoint import load_checkpoint, save_checkpoint
+from refimpl.cli import main
+from refimpl.errors import RefimplError
+from refimpl.train import TrainConfig, load_coprocessor, train
+
+SMALL = dict(n_latents=2, n_ahead=3, n_traces=4, batch_size=2, seq_len=24, eval_every=3, eval_batches=1)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dec")
+    assert main(["pretrain", "--preset", "nano", "--steps", "4", "--batch-size", "2", "--seq-len", "24",
+                 "--eval-batches", "1", "--out", str(out)]) == 0
+    return out / "ckpt.npz"
+
+
+def _decoder_bytes(path):
+    arrays, meta = load_checkpoint(path)
+    return {k: v.tobytes() for k, v in arrays.items() if k.startswith("model.")}, meta["decoder_hash"]
+
+
+def test_train_leaves_decoder_bit_identical(decoder, tmp_path):
+    before = _decoder_bytes(decoder)
+    m = train(decoder, TrainConfig(steps=5, **SMALL), tmp_path, quiet=True)
+    assert _decoder_bytes(decoder) == before
+    assert len(m["baseline_ahead_loss"]) == len(m["augmented_ahead_loss"]) == 3
+    assert all(np.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in m["history"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["augmented_ahead_loss"] == m["augmented_ahead_loss"]
+    trainable, adam, meta = load_coprocessor(tmp_path / "coprocessor.npz", before[1])
+    assert adam["step"] == 5 and "soft_tokens" in trainable
+    assert not any(k == "model.embed_tokens.weight" for k in trainable)
+
+
+@pytest.mark.parametrize("mode", ["coprocessor", "pause"])
+def test_resume_is_exact(decoder, tmp_path, mode):
+    full = train(decoder, TrainConfig(steps=6, mode=mode, **SMALL), tmp_path / "full", quiet=True)
+    train(decoder, TrainConfig(steps=6, mode=mode, **SMALL), tmp_path / "part", quiet=True, stop_after=3)
+    part = train(decoder, TrainConfig(steps=6, mode=mode, **SMALL), tmp_path / "part", resume=True, quiet=True)
+    assert [h["loss"] for h in part["history"]] == [h["loss"] for h in full["history"]]
+    a, _ = load_checkpoint(tmp_path / "full" / "coprocessor.npz")
+    b, _ = load_checkpoint(tmp_path / "part" / "coprocessor.npz")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_numbers(decoder, tmp_path):
+    a = train(decoder, TrainConfig(steps=3, **SMALL), tmp_path / "a", quiet=True)
+    b = train(decoder, TrainConfig(steps=3, **SMALL), tmp_path / "b", quiet=True)
+    assert a["history"] == b["history"] and a["augmented_ahead_loss"] == b["augmented_ahead_loss"]
+
+
+def test_coprocessor_for_another_decoder_is_refused(decoder, tmp_path):
+    train(decoder, TrainConfig(steps=1, **SMALL), tmp_path, quiet=True)
+    with pytest.raises(RefimplError, match="another decoder"):
+        load_coprocessor(tmp_path / "coprocessor.npz", "0" * 64)
+
+
+def test_nan_guard_keeps_last_good_checkpoint(decoder, tmp_path, monkeypatch):
+    import refimpl.train as train_module
+    real, calls = train_module.value_and_grad, []
+
+    def poisoned(fn, trainable):           # the 5th step's loss comes back as NaN
+        loss, grads, aux = real(fn, trainable)
+        calls.append(1)
+        return (loss * np.nan if len(calls) == 5 else loss), grads, aux
+    monkeypatch.setattr(train_module, "value_and_grad", poisoned)
+    with pytest.raises(RefimplError, match="diverged at step 5: the loss is nan"):
+        train(decoder, TrainConfig(steps=8, **SMALL), tmp_path, quiet=True)
+    trainable, adam, _ = load_coprocessor(tmp_path / "coprocessor.npz", _decoder_bytes(decoder)[1])
+    assert adam["step"] == 3                # the checkpoint of step 3 (eval_every=3) is intact
+    assert all(np.isfinite(v).all() for v in trainable.values())
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(n_latents=0), "n-latents"), (dict(n_ahead=0), "n-ahead"), (dict(n_traces=40), "n_traces"),
+    (dict(mode="bogus"), "mode"), (dict(init="zeros"), "init"), (dict(lr=-1.0), "lr"),
+])
+def test_bad_options(decoder, tmp_path, override, words):
+    with pytest.raises(RefimplError, match=words):
+        train(decoder, TrainConfig(steps=1, **{**SMALL, **override}), tmp_path, quiet=True)
+
+
+def test_cli_train(decoder, tmp_path, capsys):
+    rc = main(["train", "--decoder", str(decoder), "--out", str(tmp_path), "--steps", "2", "--quiet",
+               "--n-latents", "2", "--n-ahead", "3", "--n-traces", "4", "--batch-size", "2",
+               "--seq-len", "24", "--eval-batches", "1"])
+    assert rc == 0 and "held-out ahead-token loss" in capsys.readouterr().out
+    assert main(["train", "--decoder", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
+    assert "missing" in capsys.readouterr().err
