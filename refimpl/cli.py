@@ -19,6 +19,8 @@ COMMANDS = [
     ("pretrain", "refimpl.pretrain", "train the decoder from scratch on the pretraining mixture"),
     ("train", "refimpl.train", "train a coprocessor (or pause tokens) against a frozen decoder"),
     ("golden", "refimpl.golden", "export or verify golden vectors for other implementations"),
+    ("eval", "refimpl.evaluate", "the paper's tables on held-out data for a decoder and coprocessor runs"),
+    ("generate", "refimpl.generate", "complete prompts, optionally with a coprocessor (and --delay)"),
 ]
 
 

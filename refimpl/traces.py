@@ -128,9 +128,12 @@ def packed_may_attend(trace_positions, seq_len, group_len):
     return sees_original | (same_group & causal)[None]
 
 
-def format_mask(may_attend, kinds=None, tokens=None):
-    """A printable picture of one [S, S] may-attend mask: '#' sees, '.' does not."""
-    labels = [str(t) for t in tokens] if tokens is not None else [str(i) for i in range(len(may_attend))]
+def format_mask(may_attend, kinds=None, labels=None):
+    """A printable picture of one [S, S] may-attend mask: '#' sees, '.' does not.
+
+    labels: one name per slot (default its index); kinds marks latent slots with a '.
+    """
+    labels = [str(t) for t in labels] if labels is not None else [str(i) for i in range(len(may_attend))]
     if kinds is not None:
         labels = [lab + ("'" if k == LATENT else "") for lab, k in zip(labels, kinds)]
     width = max(len(lab) for lab in labels)

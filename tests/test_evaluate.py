@@ -1,0 +1,143 @@
+"""`refimpl eval`: batched accuracy = per-prompt decoding by hand, the report's tables come from the
+runs given (and say "not run" otherwise), the same held-out points for every run, bad inputs refused."""
+import json
+
+import numpy as np
+import pytest
+
+from refimpl.checkpoint import load_decoder, save_decoder
+from refimpl.cli import main
+from refimpl.config import get_preset
+from refimpl.coprocessor import augment
+from refimpl.data import load_reasoning_eval, load_tokens
+from refimpl.decoder import extend, generate, init_params, prefill
+from refimpl.errors import RefimplError
+from refimpl.evaluate import (NOT_RUN, TABLES, Run, _accuracy, ahead_nll, check_horizon, heldout_set,
+                              load_runs, reasoning_accuracy, relative_ppl_change, render_markdown)
+from refimpl.tokenizer import load_tokenizer
+from refimpl.train import TrainConfig, load_coprocessor, train
+
+SMALL = dict(n_ahead=3, n_traces=4, batch_size=2, seq_len=24, steps=2, eval_every=0, eval_batches=1)
+EVAL = ["--limit", "8", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "24", "--n-traces", "4",
+        "--latency-repeats", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # A random nano decoder (init_std 0.2) rather than a briefly pretrained one, whose greedy output
+    # is one repeated token: with varied tokens, batched vs per-prompt decoding can really differ.
+    root = tmp_path_factory.mktemp("eval")
+    dec = root / "dec" / "ckpt.npz"
+    cfg = get_preset("nano", init_std=0.2)
+    save_decoder(dec, init_params(cfg, seed=0), cfg)
+    for name, n_latents in (("copy2", 2), ("copy4", 4)):
+        train(dec, TrainConfig(n_latents=n_latents, **SMALL), root / "runs" / name, quiet=True)
+    assert main(["eval", "--decoder", str(dec), "--runs", str(root / "runs"), "--out", str(root / "out")] + EVAL) == 0
+    report = json.loads((root / "out" / "report.json").read_text())
+    return dict(root=root, dec=dec, report=report, tables={t["id"]: t for t in report["tables"]})
+
+
+def test_report_has_the_tables_of_the_runs_given(setup):
+    t, report = setup["tables"], setup["report"]
+    assert [r["name"] for r in report["runs"]] == ["copy2", "copy4"]
+    assert t["table1"]["status"] == t["table2"]["status"] == t["table8"]["status"] == t["latency"]["status"] == "ok"
+    assert t["table1"]["header"][1:3] == ["N_L=2 (copy2)", "N_L=4 (copy4)"]
+    assert [row[0] for row in t["table1"]["rows"]] == [1, 2, 3, 4, 6]       # paper's 1,2,4 + N_A=3 + 2*N_A
+    assert t["table1"]["sources"]["N_L=4 (copy4)"].endswith("copy4/coprocessor.npz")
+    assert all(len(v) == 6 for v in t["table1"]["relative_ppl_change_pct"].values())
+    assert [row[0] for row in t["table2"]["rows"][-3:]] == ["overall", "paper GSM8K", "paper MMLU"]
+    assert report["measurements"]["async"]["run"] == "copy4"                # the largest N_L
+    assert [row[0] for row in t["table8"]["rows"]] == ["decoder alone", "on time", "1 token late",
+                                                       "2 tokens late", "3 tokens late"]
+    on_time = report["measurements"]["async"]["by_delay"]["0"]
+    assert on_time == report["measurements"]["runs"]["copy4"]["accuracy"]  # delay 0 is Table 2's decoding
+    for row in t["latency"]["rows"]:
+        assert all(isinstance(x, float) and x > 0 for x in row[2:])
+    for tid in ("table3", "table5", "table6"):
+        assert t[tid]["status"] == NOT_RUN and t[tid]["missing"]
+    md = (setup["root"] / "out" / "report.md").read_text()
+    assert "## Table 1" in md and md.count(f"*{NOT_RUN}*") == 3 and "copy4" in md and "-1.53" in md
+
+
+def test_every_run_scored_on_the_same_heldout_points(setup):
+    params, cfg, meta = load_decoder(setup["dec"])
+    heldout = heldout_set(load_tokens("val", load_tokenizer()), 1, 2, 24, 4, 6)
+    base = ahead_nll(params, None, cfg, heldout, 0, 6)
+    trainable = load_coprocessor(setup["root"] / "runs" / "copy2" / "coprocessor.npz", meta["decoder_hash"])[0]
+    want = relative_ppl_change(base, ahead_nll(params, trainable, cfg, heldout, 2, 6))
+    got = setup["report"]["measurements"]["runs"]["copy2"]["relative_ppl_change_pct"]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_plots_are_nonempty_pngs(setup):
+    paths = setup["report"]["plots"]
+    assert len(paths) == 5
+    for p in paths:
+        blob = open(p, "rb").read()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+
+
+def by_hand(params, cfg, tok, trainable, prompt, n_new=10):
+    """docs/data.md with SPEC §5: [eot]+prompt, augment once, greedy, first line, stripped."""
+    logits, cache = prefill(params, cfg, np.array([[tok.eot_id] + tok.encode(prompt)]))
+    if trainable is not None:
+        z = augment(trainable, cfg, cache)
+        lg, cache = extend(params, cfg, cache, z)
+        logits = lg
+    ids = generate(params, cfg, cache, logits[:, -1], n_new)[0][0].tolist()
+    ids = ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids
+    return tok.decode(ids).split("\n")[0].strip()
+
+
+def test_batched_accuracy_equals_per_prompt_decoding(setup):
+    params, cfg, meta = load_decoder(setup["dec"], np.float64)
+    trainable = load_coprocessor(setup["root"] / "runs" / "copy4" / "coprocessor.npz", meta["decoder_hash"],
+                                 np.float64)[0]
+    tok, problems = load_tokenizer(), load_reasoning_eval("test")[:10]
+    for t in (None, trainable):
+        batched, _ = reasoning_accuracy(params, cfg, tok, problems, t, prompt_batch=4)
+        single, _ = reasoning_accuracy(params, cfg, tok, problems, t, prompt_batch=1)
+        assert batched == single
+        assert batched["predictions"] == [by_hand(params, cfg, tok, t, p["prompt"]) for p in problems]
+    late = [reasoning_accuracy(params, cfg, tok, problems, trainable, delay=2, prompt_batch=b)[0] for b in (4, 1)]
+    assert late[0] == late[1]
+
+
+def test_accuracy_counts_per_task():
+    problems = [{"task": t, "prompt": "Q", "answer": a} for t, a in (("add", " 5"), ("add", " 7"), ("mul", " 6"))]
+    acc = _accuracy(problems, [True, False, True], ["5", "1", "6"])
+    assert acc["overall"] == pytest.approx(200 / 3) and acc["correct"] == 2 and acc["n"] == 3
+    assert acc["by_task"]["add"] == {"correct": 1, "n": 2, "accuracy": 50.0}
+
+
+def test_tables_say_not_run_without_runs_and_fill_in_with_them(setup):
+    m = setup["report"]["measurements"]
+    for table in TABLES:
+        assert table(m, [])["status"] == NOT_RUN
+    assert render_markdown({**setup["report"], "tables": [t(m, []) for t in TABLES]}).count(NOT_RUN) == len(TABLES)
+    fake = lambda name, **meta: Run(name, f"{name}.npz", {"mode": "coprocessor", "init": "copy", "n_latents": 2,
+                                                          "n_ahead": 3, **meta}, None)
+    m = {**m, "runs": {**m["runs"], "p": m["runs"]["copy2"], "r": m["runs"]["copy4"], "a5": m["runs"]["copy4"]}}
+    runs = [fake("copy2"), fake("p", mode="pause"), fake("r", init="random"), fake("a5", n_ahead=5)]
+    t3, t5, t6 = (table(m, runs) for table in TABLES[2:5])
+    assert t3["status"] == t5["status"] == t6["status"] == "ok"
+    assert [row[0] for row in t3["rows"]] == ["decoder alone", "pause tokens (p)", "cache augmentation (copy2)"]
+    assert [row[0] for row in t5["rows"]] == ["decoder alone", "random (r)", "copy (copy2)"]
+    assert [row[0] for row in t6["rows"]] == ["3 (copy2)", "5 (a5)"] and set(t6["sources"]) == {"copy2", "a5"}
+
+
+def test_coprocessor_of_another_decoder_is_refused(setup, tmp_path, capsys):
+    cfg = get_preset("nano", init_std=0.2)
+    other = tmp_path / "other.npz"
+    save_decoder(other, init_params(cfg, seed=1), cfg)
+    with pytest.raises(RefimplError, match="another decoder"):
+        load_runs([setup["root"] / "runs" / "copy2" / "coprocessor.npz"], load_decoder(other)[2]["decoder_hash"])
+    assert main(["eval", "--decoder", str(other), "--coprocessor", str(setup["root"] / "runs" / "copy2")] + EVAL) == 2
+    assert "another decoder" in capsys.readouterr().err
+
+
+def test_horizon_that_does_not_fit_is_refused(setup, capsys):
+    with pytest.raises(RefimplError, match="does not fit"):
+        check_horizon(22, 24, 4, 64)
+    assert main(["eval", "--decoder", str(setup["dec"]), "--horizon", "30"] + EVAL) == 2
+    assert "horizon 30 does not fit seq_len 24" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""Weight interop with Llama implementations, and an independent PyTorch port (optional).
+
+Needs torch (and transformers for the Hugging Face tests): `pip install torch transformers
+safetensors`, or `pip install -e .[interop]`. Without them every test here is skipped, with the
+reason. The expected values are the committed golden set tiny_data/golden, compared with the
+golden file's own per-tensor tolerances (`refimpl.golden.compare`), so these tests check the same
+contract a port is held to. Run with `pytest tests/test_interop.py -s` to see the max diffs.
+
+Hugging Face computes RoPE angles in float32 even in a float64 model (its inv_freq and position
+products are cast to float), so its outputs differ from ours by ~1e-6, not 1e-15.
+"""
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refimpl import golden
+
+pytestmark = pytest.mark.interop
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "tiny_data" / "golden"
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return golden.load(COMMITTED)
+
+
+def _check(name, spec, expected, actual):
+    row = golden.compare(name, spec, expected, actual)
+    print(row["line"][:110])
+    assert row["ok"], row["line"]
+    return row["max_abs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face LlamaForCausalLM / LlamaModel loaded with our weights
+def _hf_config(manifest):
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    c, m = manifest["config"], manifest["config"]["model"]
+    return transformers.LlamaConfig(
+        vocab_size=m["vocab_size"], hidden_size=m["d_model"], intermediate_size=m["d_ff"],
+        num_hidden_layers=m["n_layers"], num_attention_heads=m["n_heads"],
+        num_key_value_heads=m["n_heads"], head_dim=c["head_dim"], rms_norm_eps=m["norm_eps"],
+        rope_theta=m["rope_theta"], max_position_embeddings=m["max_seq_len"], hidden_act="silu",
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attn_implementation="eager")
+
+
+def _state_dict(arrays, prefix, torch):
+    return {n[len(prefix):]: torch.from_numpy(a) for n, a in arrays.items() if n.startswith(prefix)}
+
+
+def _layer_kv(past, i):
+    """keys, values of layer i from a transformers cache (across API versions)."""
+    if hasattr(past, "layers"):
+        return past.layers[i].keys, past.layers[i].values
+    if hasattr(past, "key_cache"):
+        return past.key_cache[i], past.value_cache[i]
+    return past[i][0], past[i][1]
+
+
+def _hf_decoder(manifest, arrays, torch):
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    model = transformers.LlamaForCausalLM(_hf_config(manifest)).double().eval()
+    sd = _state_dict(arrays, "decoder.", torch)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]                 # tied head
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def test_hf_llama_decoder_logits_and_cache(gold):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    manifest, g = gold
+    model = _hf_decoder(manifest, g, torch)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(g["tokens"]), use_cache=True)
+    L = manifest["config"]["model"]["n_layers"]
+    ks, vs = zip(*[_layer_kv(out.past_key_values, i) for i in range(L)])
+    spec = manifest["tensors"]
+    print()
+    diffs = [_check("baseline.logits", spec["baseline.logits"], g["baseline.logits"], out.logits.numpy()),
+             _check("decoder_cache.k", spec["decoder_cache.k"], g["decoder_cache.k"], torch.stack(ks).numpy()),
+             _check("decoder_cache.v", spec["decoder_cache.v"], g["decoder_cache.v"], torch.stack(vs).numpy())]
+    assert max(diffs) < 1e-5   # float32 RoPE angles inside HF; everything else float64
+
+
+def test_hf_llama_runs_the_augmented_loss(gold):
+    """The whole objective with stock HF modules: the coprocessor is a LlamaModel over the soft
+    tokens with past_key_values = the DECODER's cache, a custom 4-D mask and explicit position
+    ids; the decoder is LlamaForCausalLM over the packed sequence with the packed mask. Latents,
+    ahead logits, loss and every coprocessor gradient match the golden file."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    manifest, g = gold
+    c = manifest["config"]
+    B, T = g["tokens"].shape
+    K, NL, NA, D, L = c["n_traces"], c["n_latents"], c["n_ahead"], c["model"]["d_model"], c["model"]["n_layers"]
+    decoder = _hf_decoder(manifest, g, torch)
+    cop = transformers.LlamaModel(_hf_config(manifest)).double()
+    sd = _state_dict(g, "coprocessor.model.", torch)
+    sd["embed_tokens.weight"] = torch.from_numpy(g["decoder.model.embed_tokens.weight"])  # unused
+    cop.load_state_dict(sd, strict=True)
+    soft = torch.tensor(g["soft_tokens"], requires_grad=True)
+
+    cache = transformers.DynamicCache()
+    for i in range(L):
+        cache.update(torch.from_numpy(g["decoder_cache.k"][i]), torch.from_numpy(g["decoder_cache.v"][i]), i)
+    tp = g["trace_positions"]
+    latent_pos = (tp[..., None] + 1 + np.arange(NL)).reshape(B, K * NL)
+    # coprocessor mask: the decoder prefix x_0..x_p of its trace, its own soft tokens causally
+    sees = np.zeros((B, K * NL, T + K * NL), bool)
+    for b in range(B):
+        for k in range(K):
+            for j in range(NL):
+                sees[b, k * NL + j, :tp[b, k] + 1] = True
+                sees[b, k * NL + j, T + k * NL:T + k * NL + j + 1] = True
+    z = cop(inputs_embeds=soft.expand(B * K, NL, D).reshape(B, K * NL, D), past_key_values=cache,
+            position_ids=torch.from_numpy(latent_pos), attention_mask=_additive(sees, torch),
+            use_cache=True).last_hidden_state.view(B, K, NL, D)
+
+    E = decoder.model.embed_tokens.weight
+    groups = torch.cat([z, E[torch.from_numpy(g["ahead.targets"][..., :-1])]], 2).view(B, -1, D)
+    x = torch.cat([E[torch.from_numpy(g["tokens"])], groups], 1)
+    logits = decoder(inputs_embeds=x, position_ids=torch.from_numpy(g["packed.position_ids"]),
+                     attention_mask=_additive(g["packed.mask"], torch)).logits
+    G = NL + NA - 1
+    readout = torch.tensor([T + k * G + NL - 1 + j for k in range(K) for j in range(NA)])
+    ahead = logits[:, readout].view(B, K, NA, -1)
+    loss = torch.nn.functional.cross_entropy(ahead.flatten(0, 2), torch.from_numpy(g["ahead.targets"]).flatten())
+    loss.backward()
+
+    spec = manifest["tensors"]
+    print()
+    _check("latents", spec["latents"], g["latents"], z.detach().numpy())
+    _check("ahead.logits", spec["ahead.logits"], g["ahead.logits"], ahead.detach().numpy())
+    _check("loss", spec["loss"], g["loss"], loss.detach().numpy())
+    grads = {"grad.coprocessor.model." + n: p.grad for n, p in cop.named_parameters() if p.grad is not None}
+    grads["grad.soft_tokens"] = soft.grad
+    expected = [n for n in spec if n.startswith("grad.")]
+    assert sorted(grads) == sorted(expected)
+    worst = max(_check(n, spec[n], g[n], grads[n].numpy()) for n in expected)
+    print(f"max grad diff {worst:.2e}")
+
+
+def _additive(may_attend, torch):
+    """bool [B, Tq, Tk] -> HF 4-D additive mask [B, 1, Tq, Tk] (0 or the dtype's min)."""
+    m = torch.from_numpy(np.asarray(may_attend))
+    return torch.zeros(m.shape, dtype=torch.float64).masked_fill(~m, torch.finfo(torch.float64).min)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent PyTorch port (examples/torch_port.py)
+def _port():
+    pytest.importorskip("torch", reason="torch is not installed")
+    spec = importlib.util.spec_from_file_location("torch_port", ROOT / "examples" / "torch_port.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_port_passes_the_golden_file(dtype, tmp_path):
+    port = _port()
+    out = tmp_path / f"port-{dtype}.npz"
+    port.main([str(COMMITTED), str(out), "--dtype", dtype])
+    report = io.StringIO()
+    ok = golden.verify(COMMITTED, out, out=report)
+    print("\n" + report.getvalue().strip().splitlines()[-1])
+    assert ok, report.getvalue()
+    assert ", 0 missing" in report.getvalue()                # the port writes every golden name
+
+
+@pytest.mark.parametrize("bug", ["rope-interleaved", "latent-positions", "coprocessor-is-decoder",
+                                 "no-final-norm"])
+def test_torch_port_with_a_planted_bug_fails(bug, tmp_path):
+    port = _port()
+    out = tmp_path / "port.npz"
+    port.main([str(COMMITTED), str(out), "--dtype", "float32", "--bug", bug])
+    report = io.StringIO()
+    assert not golden.verify(COMMITTED, out, out=report)
+    assert "NOT OK   latents" in report.getvalue()
