@@ -16,6 +16,7 @@ from .errors import RefimplError
 
 # (command, module, one-line help). Add a command with one line here.
 COMMANDS = [
+    ("demo", "refimpl.demo", "train, evaluate and report the paper's tables at tiny scale (the main job)"),
     ("pretrain", "refimpl.pretrain", "train the decoder from scratch on the pretraining mixture"),
     ("train", "refimpl.train", "train a coprocessor (or pause tokens) against a frozen decoder"),
     ("golden", "refimpl.golden", "export or verify golden vectors for other implementations"),

@@ -1,0 +1,102 @@
+"""`refimpl demo`: the paper's tables rebuilt at tiny scale, in one command.
+
+From the shipped frozen decoder it trains every coprocessor the tables need (several N_L, the
+pause-token baseline, a random-init coprocessor, other N_A), evaluates them on held-out data
+(refimpl.evaluate) and writes runs/demo/report.md, report.json and the plots. A run whose
+checkpoint already exists with the same options is reused, so a second call only re-evaluates.
+"""
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .errors import require
+from .evaluate import EvalConfig, evaluate_runs, run_paths, write_report
+from .train import TrainConfig, train
+
+# Every run shares BASE; each line changes what its table varies. The largest N_L is the main run.
+BASE = TrainConfig(n_latents=16, n_ahead=8, n_traces=16, batch_size=4, steps=400, lr=3e-3, warmup=40,
+                   eval_every=0, eval_batches=4)
+FULL = [
+    ("copy-nl4", dict(n_latents=4)),                        # Table 1/2 columns
+    ("copy-nl8", dict(n_latents=8)),
+    ("copy-nl16", dict()),
+    ("pause-nl16", dict(mode="pause")),                     # Table 3
+    ("random-nl16", dict(init="random")),                   # Table 5/7
+    ("copy-nl16-na4", dict(n_ahead=4)),                     # Table 6
+]
+QUICK_BASE = replace(BASE, steps=60, warmup=6, eval_batches=2)
+QUICK = [
+    ("copy-nl2", dict(n_latents=2)),
+    ("copy-nl8", dict(n_latents=8)),
+    ("pause-nl8", dict(n_latents=8, mode="pause")),
+    ("random-nl8", dict(n_latents=8, init="random")),
+    ("copy-nl8-na4", dict(n_latents=8, n_ahead=4)),
+]
+EVAL_FULL = EvalConfig(eval_batches=8, batch_size=8, n_traces=16, limit=0)
+EVAL_QUICK = EvalConfig(eval_batches=2, batch_size=8, n_traces=8, limit=120, latency_repeats=3)
+
+
+def plan(quick):
+    """[(run name, TrainConfig)] for the full or the quick demo."""
+    base, runs = (QUICK_BASE, QUICK) if quick else (BASE, FULL)
+    return [(name, replace(base, **changes)) for name, changes in runs]
+
+
+def _reusable(run_dir, tc):
+    """True if run_dir holds a finished run with exactly these options."""
+    metrics = run_dir / "metrics.json"
+    if not (metrics.is_file() and (run_dir / "coprocessor.npz").is_file()):
+        return False
+    try:
+        m = json.loads(metrics.read_text())
+    except ValueError:
+        return False
+    return m.get("train_config") == asdict(tc) and m.get("steps") == tc.steps
+
+
+def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=print):
+    """Train what the tables need, evaluate, write the report and plots. Returns the report."""
+    from .data import TINY_DATA
+    from .plots import make_plots
+    decoder = Path(decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz")
+    require(decoder.is_file(), f"decoder checkpoint {decoder} is missing: restore tiny_data/ from git, or "
+                               "pass --decoder DIR/ckpt.npz from `refimpl pretrain`")
+    out = Path(out)
+    t0 = time.perf_counter()
+    runs = plan(quick)
+    for i, (name, tc) in enumerate(runs, 1):
+        run_dir = out / "runs" / name
+        if _reusable(run_dir, tc):
+            log(f"[{i}/{len(runs)}] {name}: reusing {run_dir}")
+            continue
+        log(f"[{i}/{len(runs)}] training {name}: mode={tc.mode} init={tc.init} N_L={tc.n_latents} "
+            f"N_A={tc.n_ahead} K={tc.n_traces} steps={tc.steps}")
+        m = train(decoder, tc, run_dir, backend=backend)
+        log(f"    held-out ahead loss: decoder alone {m['baseline_heldout_loss']:.4f}, "
+            f"augmented {m['augmented_heldout_loss']:.4f} ({m['train_seconds']:.0f} s)")
+    log(f"[eval] measuring the tables ({time.perf_counter() - t0:.0f} s so far)")
+    ec = EVAL_QUICK if quick else EVAL_FULL
+    report, loaded = evaluate_runs(decoder, run_paths(runs_dir=out / "runs"), ec, backend=backend, log=log)
+    report["demo"] = {"quick": quick, "runs": {n: asdict(tc) for n, tc in runs},
+                      "seconds": time.perf_counter() - t0}
+    write_report(report, out)
+    pngs = make_plots(report, loaded, out)
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    log(f"report: {out / 'report.md'}")
+    log(f"        {out / 'report.json'}")
+    for p in pngs:
+        log(f"plot:   {p}")
+    return report
+
+
+def add_arguments(p):
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller version that takes about 2 minutes")
+    p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (default: the shipped one)")
+    p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (GPU)")
+
+
+def run(args):
+    run_demo(args.out, args.quick, args.decoder, args.backend)
+    return 0
