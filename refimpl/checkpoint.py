@@ -3,13 +3,23 @@
     ckpt.npz   params by Hugging Face name; optimizer moments as adam.m.<name>, adam.v.<name>
     ckpt.json  {"format_version", "kind" ("decoder" | "coprocessor" | ...), "config", "step",
                 "rng" (the bit_generator state, for exact resume), "tokenizer_sha256",
-                "data_hash", "extra", "arrays" ({name: [shape, dtype]}), "npz_sha256", ...}
+                "data_hash", "extra", "arrays" ({name: [shape, dtype]}), "npz_sha256",
+                "meta_sha256" (of the JSON's own other fields), ...}
 
 Each file is written to a temporary file in the same directory, flushed and fsync'ed, moved over
 the old one with os.replace, and the directory is fsync'ed: a crash leaves either the old file or
-the new one, never a mix. The npz goes first and the JSON second; the JSON carries the npz's
-sha256, so a pair from two different saves is detected on load. Loading never unpickles
-(`allow_pickle=False`), and every problem is a one-line RefimplError naming the file and the fix.
+the new one, never a mix. A pair is saved as: both temporary files complete, then the npz renamed,
+then the JSON. The JSON carries the npz's sha256, so a pair from two different saves is detected
+on load; a process killed between the two renames leaves the new npz, the old JSON and the new
+JSON's complete temporary file, and loading then uses that temporary JSON (it matches the npz by
+sha256): a kill at any moment leaves a loadable checkpoint, the old one or the new one. Loading
+never unpickles (`allow_pickle=False`), and every problem is a one-line RefimplError naming the
+file and the fix.
+
+Test hook (never set in normal use): with REFIMPL_TEST_HOOK_SAVE_PAUSE=FLAG in the environment,
+every atomic write pauses after its temporary file is complete and before os.replace; it writes
+the destination path into the file FLAG and waits until FLAG is deleted (or 60 s pass), so that a
+test can kill the process in the middle of a save (tests/test_robustness.py).
 
 Arrays are saved from the host (`to_numpy`) and loaded onto any backend, so a checkpoint written
 on a GPU loads on a CPU and back.
@@ -19,6 +29,8 @@ import io
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +64,17 @@ def checkpoint_exists(path):
 def atomic_write_bytes(path, blob):
     """Write blob to path so that a crash leaves the old file or the new one, never a torn one."""
     path = Path(path)
+    tmp = _write_temp(path, blob)
+    try:
+        _commit(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_temp(path, blob):
+    """A complete, fsync'ed temporary file next to path, holding blob; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -60,12 +83,35 @@ def atomic_write_bytes(path, blob):
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    return tmp
+
+
+def _commit(tmp, path):
+    _test_hook_pause(path)
+    os.replace(tmp, path)
+
+
+def _unlink(tmp):
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
+
+
+def _test_hook_pause(path):
+    """Test hook (see the module docstring): announce `path` in FLAG, wait until FLAG is deleted."""
+    flag = os.environ.get(TEST_HOOK_SAVE_PAUSE)
+    if not flag:
+        return
+    Path(flag + ".new").write_text(str(path))
+    os.replace(flag + ".new", flag)
+    deadline = time.monotonic() + 60
+    while os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def atomic_write_json(path, obj):
@@ -83,6 +129,37 @@ def _fsync_dir(directory):
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def run_lock(directory):
+    """Hold DIR/.lock (an exclusive flock) while a run writes into DIR; a second run is refused.
+
+    The lock dies with its process, so a killed run never leaves a stale lock. A directory that
+    this call created and that holds nothing else afterwards is removed again.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RefimplError(f"another refimpl run is writing to {directory} (it holds {lock}): "
+                               "wait for it to end or stop it, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if created and [p.name for p in directory.iterdir()] == [lock.name]:
+            lock.unlink()
+            directory.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,23 +180,46 @@ def save_checkpoint(path, arrays, meta):
             "npz_sha256": hashlib.sha256(blob).hexdigest(),
             "arrays": {n: array_spec(a) for n, a in sorted(host.items())}}
     try:
+        full["meta_sha256"] = meta_sha256(json.loads(json.dumps(full, allow_nan=False)))
         text = json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise RefimplError(f"checkpoint metadata is not plain JSON ({e}): pass only str, int, "
                            "finite float, list and dict values") from None
-    atomic_write_bytes(npz_path, blob)
-    atomic_write_bytes(json_path, (text + "\n").encode())
+    temps = []
+    try:  # both temporary files complete, then the npz renamed, then the JSON (see module doc)
+        temps.append(_write_temp(npz_path, blob))
+        temps.append(_write_temp(json_path, (text + "\n").encode()))
+        _commit(temps[0], npz_path)
+        _commit(temps[1], json_path)
+    except BaseException:
+        for tmp in temps:
+            _unlink(tmp)
+        raise
+    _fsync_dir(npz_path.parent)
+    for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
+        _unlink(stale)
+
+
+def _temp_files(path):
+    """Temporary files of earlier saves of path that were killed before their rename."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def load_checkpoint(path):
     """(arrays {name: host np.ndarray}, meta dict); RefimplError if anything is missing or corrupt."""
     npz_path, json_path = checkpoint_paths(path)
+    require(not Path(path).is_dir(), f"checkpoint path {path} is a directory: pass the checkpoint "
+                                     f"file in it (e.g. {Path(path) / 'ckpt.npz'})")
     for p in (json_path, npz_path):
         require(p.is_file(), f"checkpoint file {p} is missing: check the path, or create it "
-                             "(e.g. with `refimpl pretrain --out DIR`)")
+                             "(`refimpl pretrain` writes decoders, `refimpl train` coprocessors)")
     meta = _read_meta(json_path)
     blob = npz_path.read_bytes()
-    require(hashlib.sha256(blob).hexdigest() == meta["npz_sha256"],
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
+        meta = next((m for m in map(_try_read_meta, _temp_files(json_path))
+                     if m is not None and m["npz_sha256"] == sha), meta)
+    require(sha == meta["npz_sha256"],
             f"checkpoint {npz_path} is corrupt (sha256 mismatch with {json_path.name}): it was "
             f"truncated, modified or its save was interrupted; {RETRAIN}")
     arrays = _read_arrays(blob, npz_path)
@@ -132,6 +232,12 @@ def load_checkpoint(path):
                 f"checkpoint {npz_path}: array {name} is {array_spec(arrays[name])}, but "
                 f"{json_path.name} says {spec}; {RETRAIN}")
     return arrays, meta
+
+
+def meta_sha256(meta):
+    """sha256 of checkpoint metadata as loaded from JSON, without its own meta_sha256 field."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def array_spec(a):
@@ -152,9 +258,23 @@ def _read_meta(json_path):
     require(version in KNOWN_VERSIONS,
             f"checkpoint {json_path} has format_version {version!r}, but this refimpl reads "
             f"{list(KNOWN_VERSIONS)}: upgrade refimpl or re-save the checkpoint")
+    require(meta.get("meta_sha256", None) in (None, meta_sha256(meta)),  # absent in older files
+            f"checkpoint metadata {json_path} was modified or damaged after it was saved "
+            f"(meta_sha256 mismatch); {RETRAIN}")
     require(isinstance(meta.get("npz_sha256"), str) and isinstance(meta.get("arrays"), dict),
             f"checkpoint metadata {json_path} lacks npz_sha256 or arrays: it is corrupt; {RETRAIN}")
+    step = meta.get("step", 0)
+    require(isinstance(meta.get("kind"), str) and isinstance(step, int) and not isinstance(step, bool)
+            and step >= 0, f"checkpoint metadata {json_path} has kind {meta.get('kind')!r} and step "
+            f"{step!r} (expected a string and an int >= 0): it is corrupt; {RETRAIN}")
     return meta
+
+
+def _try_read_meta(json_path):
+    try:
+        return _read_meta(json_path)
+    except (RefimplError, OSError):
+        return None
 
 
 def _read_arrays(blob, npz_path):
@@ -215,6 +335,15 @@ def load_decoder(path, dtype=np.float32, xp=np):
             f"checkpoint {npz_path}: its weights do not match the decoder_hash in its metadata; {RETRAIN}")
     flat = {n: to_xp(a, xp, dtype) for n, a in flat.items()}
     return unflatten_params(flat, cfg.n_layers), cfg, meta
+
+
+def check_tokenizer(meta, tokenizer_sha256, where):
+    """Refuse a checkpoint trained with another tokenizer (one that records none passes)."""
+    saved = meta.get("tokenizer_sha256")
+    require(saved is None or saved == tokenizer_sha256,
+            f"checkpoint {where} was trained with another tokenizer (sha256 {str(saved)[:12]}..., "
+            f"the current tokenizer file has {tokenizer_sha256[:12]}...): restore the tokenizer it "
+            "was trained with, or retrain it")
 
 
 def decoder_config(meta, where):

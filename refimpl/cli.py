@@ -5,7 +5,8 @@ Each command lives in its own module, which exposes `add_arguments(parser)` and 
 module that fails to import breaks only its own command, which then reports the failure.
 
 Every user error is a RefimplError; main() prints it as ONE line, `refimpl: error: ...`, on
-stderr and returns 2, without a traceback. Bad arguments get the same one-line treatment.
+stderr and returns 2, without a traceback. Bad arguments, a missing command, a path that cannot
+be read or written (OSError) and running out of memory get the same one-line treatment.
 """
 import argparse
 import importlib
@@ -32,13 +33,16 @@ class _Parser(argparse.ArgumentParser):
         raise RefimplError(f"{message} (see `{self.prog} --help`)")
 
 
+MAX_INT = 2**31 - 1  # larger counts only end in an out-of-memory or NumPy size error
+
+
 def positive_int(text):
-    """argparse type: an int >= 1."""
+    """argparse type: an int >= 1 (and <= MAX_INT)."""
     return _bounded(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def nonneg_int(text):
-    """argparse type: an int >= 0."""
+    """argparse type: an int >= 0 (and <= MAX_INT)."""
     return _bounded(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
@@ -59,6 +63,8 @@ def _bounded(text, kind, ok, what):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
     if not ok(value):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    if kind is int and value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT}, got {text!r}")
     return value
 
 
@@ -92,12 +98,21 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help(sys.stderr)
-            return 2
+            raise RefimplError(f"a command is required, one of {', '.join(c[0] for c in COMMANDS)} "
+                               "(see `refimpl --help`)")
         status = args._run(args)
         return 0 if status is None else int(status)
     except RefimplError as e:
         print(f"refimpl: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written: no permission, a file for a dir, disk full
+        where = f" {e.filename}" if e.filename else ""
+        print(f"refimpl: error: cannot use{where}: {e.strerror or e}; check the path, its "
+              "permissions and the free disk space", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("refimpl: error: out of memory: use a smaller --batch-size, --seq-len, --prompt-batch "
+              "or model preset", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("refimpl: error: interrupted", file=sys.stderr)

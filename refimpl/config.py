@@ -36,8 +36,12 @@ class ModelConfig:
         if self.head_dim % 2:
             raise RefimplError(f"config head_dim={self.head_dim} is odd: RoPE pairs dimensions, "
                                "so d_model/n_heads must be even")
-        if not (self.rope_theta > 1 and self.norm_eps > 0 and self.init_std > 0):
-            raise RefimplError("config rope_theta must be > 1, norm_eps and init_std > 0")
+        reals = (self.rope_theta, self.norm_eps, self.init_std)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in reals) or not (
+                self.rope_theta > 1 and self.norm_eps > 0 and self.init_std > 0):
+            raise RefimplError(f"config rope_theta={self.rope_theta!r}, norm_eps={self.norm_eps!r}, "
+                               f"init_std={self.init_std!r}: rope_theta must be a number > 1, "
+                               "norm_eps and init_std numbers > 0")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -48,9 +48,13 @@ def _manifest():
     path = TINY_DATA / "MANIFEST.json"
     require(path.is_file(), f"{path} is missing; {FIX}")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as e:
         raise RefimplError(f"{path} is corrupt ({e}); {FIX}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    require(isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()),
+            f"{path} is corrupt (no 'files' table of {{name: {{sha256}}}}); {FIX}")
+    return manifest
 
 
 def _documents(split):

@@ -189,11 +189,17 @@ def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     require(x.ndim == 3 and x.shape[-1] == cfg.d_model,
             f"input embeddings have shape {tuple(x.shape)}: expected [B, T, {cfg.d_model}]")
     B, T, _ = x.shape
+    require(cache is None or isinstance(cache, KVCache),
+            f"cache must be a KVCache (from prefill/extend/forward) or None, got {type(cache).__name__}")
+    require(cache is None or cache.positions.shape[0] == B,
+            f"the cache holds {0 if cache is None else cache.positions.shape[0]} sequences but the "
+            f"inputs hold {B}: pass inputs with one row per cached sequence")
     positions = _positions(positions, cache, B, T, x)
     cache_pos = None if cache is None else cache.positions
     if may_attend is None:
         may_attend = causal_may_attend(cache_pos, positions)
     Tk = T + (0 if cache is None else cache.length)
+    _require_array(may_attend, "mask", f"bool [{B}, {T}, {Tk}]")
     require(may_attend.ndim == 3 and may_attend.shape[0] in (1, B)
             and tuple(may_attend.shape[1:]) == (T, Tk) and may_attend.dtype == bool,
             f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: "
@@ -220,6 +226,7 @@ def forward(params, cfg, inputs, positions=None, cache=None, may_attend=None):
 # Inference helpers built on forward: prefill, extend, generate
 def prefill(params, cfg, tokens, positions=None):
     """Run a prompt: logits [B, T, V] and its cache."""
+    _require_array(tokens, "token ids", "int [B, T]")
     require(tokens.shape[-1] <= cfg.max_seq_len,
             f"sequence of {tokens.shape[-1]} tokens is longer than max_seq_len={cfg.max_seq_len}: "
             "shorten the prompt or use a config with a longer context")
@@ -228,7 +235,11 @@ def prefill(params, cfg, tokens, positions=None):
 
 
 def extend(params, cfg, cache, inputs, positions=None):
-    """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache."""
+    """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache.
+
+    Positions are not checked against max_seq_len here: training itself places latents and ahead
+    tokens at positions up to max_seq_len + N_L - 2 (SPEC §6). The user-facing limit is in
+    generate.generate_ids."""
     logits, _, cache = forward(params, cfg, inputs, positions, cache)
     return logits, cache
 
@@ -279,9 +290,15 @@ def _positions(positions, cache, B, T, like):
     xp = xp_of(like)
     if positions is None:
         return xp.broadcast_to(xp.arange(T), (B, T)) if cache is None else cache.next_positions(T)
+    _require_array(positions, "position ids", f"int [{B}, {T}]")
     require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu",
             f"position ids have shape {tuple(positions.shape)} {positions.dtype}: expected int [{B}, {T}]")
     return positions
+
+
+def _require_array(a, what, expected):
+    require(hasattr(a, "shape") and hasattr(a, "dtype"),
+            f"{what} must be an array, got {type(a).__name__}: pass a NumPy (or CuPy) array {expected}")
 
 
 def _is_float(a):

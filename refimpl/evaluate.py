@@ -20,7 +20,8 @@ import numpy as np
 
 from . import __version__
 from .backend import to_numpy, xp_of
-from .errors import require
+from .checkpoint import atomic_write_bytes
+from .errors import RefimplError, require
 from .objective import loss_cached
 from .traces import sample_trace_positions
 
@@ -145,7 +146,11 @@ def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
         name = name if name not in seen else f"{name}-{len(seen)}"
         seen.add(name)
         metrics_file = path.parent / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        try:
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RefimplError(f"run metrics {metrics_file} is not valid JSON ({e}): delete it (only "
+                               "the training-curve plot reads it) or re-run the training") from None
         runs.append(Run(name, str(path), meta, trainable, metrics))
     return runs
 
@@ -487,21 +492,22 @@ def write_report(report, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "report.json", out / "report.md"
-    paths[0].write_text(json.dumps(report, indent=1) + "\n")
-    paths[1].write_text(render_markdown(report) + "\n")
+    atomic_write_bytes(paths[0], (json.dumps(report, indent=1) + "\n").encode())  # a kill keeps the old one
+    atomic_write_bytes(paths[1], (render_markdown(report) + "\n").encode())
     return list(paths)
 
 
 def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="float32", log=lambda m: None):
     """(report, runs): load the decoder and runs, measure everything, build the tables."""
     from .backend import get_dtype, get_xp
-    from .checkpoint import load_decoder
+    from .checkpoint import check_tokenizer, load_decoder
     from .data import load_reasoning_eval, load_tokens
     from .tokenizer import load_tokenizer
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
     runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
     tok = load_tokenizer()
+    check_tokenizer(dec_meta, tok.sha256, decoder_path)
     problems = load_reasoning_eval(ec.split)
     problems = problems[:ec.limit] if ec.limit else problems
     m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)

@@ -110,10 +110,19 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
 
     The latents are appended once `delay` tokens have been generated. If the coprocessor
     raises, `warn` gets one line and decoding goes on without latents.
+
+    The decoder reads at most T + max_new_tokens - 1 token slots (T: the longest prompt), and
+    that must fit in max_seq_len: decoding past the context the decoder was trained on is an
+    error, never a silent extrapolation. The N_L latents are extra slots, as in training.
     """
     require(max_new_tokens >= 0 and delay >= 0, "--max-new-tokens and --delay must be >= 0")
     xp = xp_of(dec_params["embed_tokens"])
     tokens, positions = left_pad(prompt_ids)                                  # [B, T]
+    T = tokens.shape[1]
+    require(T > cfg.max_seq_len or T + max_new_tokens - 1 <= cfg.max_seq_len,
+            f"a prompt of {T} tokens plus --max-new-tokens {max_new_tokens} runs past the decoder's "
+            f"max_seq_len={cfg.max_seq_len}: pass --max-new-tokens {cfg.max_seq_len - T + 1} or "
+            "less, or shorten the prompt")
     logits, cache = prefill(dec_params, cfg, xp.asarray(tokens), xp.asarray(positions))
     last = logits[:, -1]                                                      # [B, V]
     pending = None if trainable is None else PendingLatents(trainable, cfg, cache, background)
@@ -210,14 +219,17 @@ def add_arguments(p):
 
 def run(args):
     from .backend import get_dtype, get_xp
-    from .checkpoint import load_decoder
+    from .checkpoint import check_tokenizer, load_decoder
     from .data import TINY_DATA
     from .tokenizer import load_tokenizer
     xp, dt = get_xp(args.backend), get_dtype(args.dtype)
-    dec_params, cfg, meta = load_decoder(args.decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz", dt, xp)
+    decoder = args.decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz"
+    dec_params, cfg, meta = load_decoder(decoder, dt, xp)
+    tokenizer = load_tokenizer()
+    check_tokenizer(meta, tokenizer.sha256, decoder)
     trainable = None if args.coprocessor is None else load_or_fallback(
         args.coprocessor, meta["decoder_hash"], dt, xp)
-    texts = generate_text(dec_params, cfg, load_tokenizer(), args.prompt, trainable,
+    texts = generate_text(dec_params, cfg, tokenizer, args.prompt, trainable,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=args.seed, delay=args.delay, stop_at_newline=args.stop_at_newline,
                           background=True)

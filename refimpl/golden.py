@@ -350,6 +350,7 @@ def load(directory):
     version = manifest.get("format_version")
     require(version == FORMAT_VERSION, f"golden manifest {mpath} has format_version {version!r}, "
             f"this refimpl reads {FORMAT_VERSION}: use the matching refimpl or regenerate the file")
+    _check_manifest(manifest, mpath)
     arrays = load_npz(tpath, "golden tensors")
     specs = manifest["tensors"]
     missing = [n for n in specs if n not in arrays]
@@ -361,6 +362,26 @@ def load(directory):
                 f"golden {directory}: {n} has shape {list(arrays[n].shape)}, the manifest says "
                 f"{spec.get('shape')}: the files are from different exports; regenerate them")
     return manifest, arrays
+
+
+def _check_manifest(manifest, mpath):
+    """The fields that verify reads: per-tensor shape and tolerances, config, adam, generator."""
+    fix = "regenerate it with `refimpl golden export DIR`"
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+    bad = [n for n, spec in manifest["tensors"].items() if not (isinstance(spec, dict) and number(
+        spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list))]
+    require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list or "
+                     f"numeric rtol/atol; {fix}")
+    c, adam = manifest["config"], manifest.get("adam")
+    require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
+            and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
+            and isinstance(adam.get("steps"), int) and all(number(adam.get(k)) for k in ADAM)
+            and isinstance(manifest.get("generator", {}), dict),
+            f"golden manifest {mpath} has a malformed config, adam or generator section; {fix}")
+    try:
+        ModelConfig.from_dict(c["model"])
+    except RefimplError as e:
+        raise RefimplError(f"golden manifest {mpath}: {e}; {fix}") from None
 
 
 def load_npz(path, what="tensors"):
@@ -378,7 +399,7 @@ def load_npz(path, what="tensors"):
                                "unpickled: save plain numeric arrays (np.savez)") from None
         raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
                            "np.savez") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:  # OSError, zipfile.BadZipFile, EOFError, zlib.error, ...
         raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
                            "np.savez") from None
 

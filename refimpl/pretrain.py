@@ -27,7 +27,7 @@ import numpy as np
 from .autodiff import value_and_grad
 from .backend import BACKENDS, DTYPES, get_dtype, get_xp, to_xp
 from .checkpoint import (atomic_write_json, check_decoder_shapes, checkpoint_exists,
-                         checkpoint_paths, decoder_config, load_checkpoint, save_decoder)
+                         checkpoint_paths, decoder_config, load_checkpoint, run_lock, save_decoder)
 from .config import PRESETS, get_preset
 from .decoder import flatten_params, forward, init_params, param_shapes, unflatten_params
 from .errors import RefimplError, require
@@ -84,7 +84,8 @@ def add_arguments(p):
 def run(args):
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     out = args.out or f"runs/pretrain-{given.get('preset', DEFAULTS['preset'])}"
-    pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
+    with run_lock(out):  # a second run into the same --out is refused
+        pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
     return 0
 
 
@@ -175,8 +176,9 @@ def resume_run(ckpt, given, corpus, xp):
     """(hp, cfg, RunState) from the checkpoint in the output directory."""
     arrays, meta = load_checkpoint(ckpt)
     npz = checkpoint_paths(ckpt)[0]
-    require(meta.get("kind") == "decoder" and "hparams" in meta.get("extra", {}),
-            f"checkpoint {npz} was not written by `refimpl pretrain`: pass its own --out to resume")
+    require(meta.get("kind") == "decoder" and "step" in meta and _hparams_ok(meta.get("extra")),
+            f"checkpoint {npz} was not written by `refimpl pretrain` (or its metadata is corrupt): "
+            "pass its own --out to resume")
     for key, now in (("tokenizer_sha256", corpus.tokenizer_sha256), ("data_hash", corpus.data_hash)):
         require(meta.get(key) == now, f"checkpoint {npz} was trained with other data ({key} "
                 f"{str(meta.get(key))[:12]}... vs {now[:12]}...): restore that data, or start a new run")
@@ -185,13 +187,22 @@ def resume_run(ckpt, given, corpus, xp):
     check_decoder_shapes(arrays, cfg, npz)
     params = flatten_params(unflatten_params({n: to_xp(arrays[n], xp) for n in param_shapes(cfg)},
                                              cfg.n_layers))
-    adam = state_from_arrays(arrays, list(params), meta.get("optimizer", {}).get("step"), xp, where=npz)
+    optimizer = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else {}
+    adam = state_from_arrays(arrays, list(params), optimizer.get("step"), xp, where=npz)
     try:
         _sampler(meta["rng"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RefimplError(f"checkpoint {npz} has no usable rng state ({type(e).__name__}): "
                            "it cannot be resumed exactly; start a new run") from None
     return hp, cfg, RunState(int(meta["step"]), params, adam, meta["rng"])
+
+
+def _hparams_ok(extra):
+    """True if checkpoint metadata "extra" holds hparams of the shape pretrain writes."""
+    hp = extra.get("hparams") if isinstance(extra, dict) else None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    return (isinstance(hp, dict) and hp.get("preset") in PRESETS and hp.get("dtype") in DTYPES
+            and all(number(hp.get(k)) for k in DEFAULTS if k not in ("preset", "dtype")))
 
 
 def _sampler(rng_state):
@@ -299,15 +310,15 @@ def pretrain(out, resume=False, stop_after=None, backend="numpy", stream=None, *
                 evaluate_now(tok_s)
                 n_tokens, seconds = 0, 0.0
             if state.step % hp["save_every"] == 0 or state.step == stop:
+                atomic_write_json(metrics_path, metrics)   # first: a resume cuts it back
                 save_run(ckpt, state, cfg, hp, corpus)
-                atomic_write_json(metrics_path, metrics)
                 saved_step = state.step
     except KeyboardInterrupt:
         bar.close()
         del metrics["train_loss"][state.step:]
         if saved_step != state.step:
-            save_run(ckpt, state, cfg, hp, corpus)
             atomic_write_json(metrics_path, metrics)
+            save_run(ckpt, state, cfg, hp, corpus)
         raise RefimplError(f"interrupted after step {state.step}: checkpoint saved in {out}/; "
                            f"continue with `refimpl pretrain --out {out} --resume`") from None
     bar.close()

@@ -106,4 +106,11 @@ def load_tokenizer(path=None):
         raise RefimplError(f"tokenizer metadata {meta_path} is corrupt ({e}); {REBUILD}") from None
     require(sha256 == expected, f"tokenizer file {path} has sha256 {sha256[:12]}..., but "
                                 f"meta.json expects {expected[:12]}...; {REBUILD}")
-    return Tokenizer(parse_ranks(blob, path), meta, sha256)
+    ranks = parse_ranks(blob, path)
+    require(isinstance(meta["pat_str"], str) and meta["special_tokens"] == {EOT: len(ranks)},
+            f"tokenizer metadata {meta_path} is corrupt (pat_str must be a string and "
+            f"special_tokens {{{EOT!r}: {len(ranks)}}}, after the ranks); {REBUILD}")
+    try:
+        return Tokenizer(ranks, meta, sha256)
+    except ValueError as e:  # e.g. a pat_str that is not a valid regex
+        raise RefimplError(f"tokenizer metadata {meta_path} is corrupt ({e}); {REBUILD}") from None

@@ -31,6 +31,9 @@ def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
     """K distinct augmentation points per sequence, uniform on [0, T-1-N_A], sorted: int64 [B, K]."""
     n_valid = seq_len - n_ahead
     require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
+    require(n_valid >= 1, f"n_ahead={n_ahead} leaves no augmentation point in a sequence of {seq_len} "
+                          f"tokens (a point p needs p + n_ahead <= T - 1): use n_ahead <= {seq_len - 1} "
+                          "or longer sequences")
     require(1 <= n_traces <= n_valid,
             f"n_traces={n_traces} does not fit: a sequence of {seq_len} tokens with n_ahead={n_ahead} "
             f"has {n_valid} augmentation points; use 1..{n_valid} traces or longer sequences")
@@ -89,12 +92,16 @@ class TraceLayout:
 
 def build_layout(tokens, trace_positions, n_latents, n_ahead):
     """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays)."""
-    tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions, dtype=np.int64)
+    tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions)
+    require(tokens.ndim == 2, f"tokens have shape {tokens.shape}: expected [B, T]")
     B, T = tokens.shape
     require(n_latents >= 0, f"n_latents={n_latents} must be >= 0")
     require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
-    require(trace_positions.ndim == 2 and trace_positions.shape[0] == B,
-            f"trace positions have shape {trace_positions.shape}: expected [{B}, K]")
+    require(trace_positions.ndim == 2 and trace_positions.shape[0] == B and trace_positions.shape[1] >= 1
+            and trace_positions.dtype.kind in "iu",
+            f"trace positions have shape {trace_positions.shape} {trace_positions.dtype}: expected "
+            f"int [{B}, K] with K >= 1")
+    trace_positions = trace_positions.astype(np.int64)
     lo, hi = int(trace_positions.min()), int(trace_positions.max())
     require(lo >= 0 and hi + n_ahead <= T - 1,
             f"trace position {hi if hi + n_ahead > T - 1 else lo} leaves no room for n_ahead={n_ahead} "

@@ -20,8 +20,9 @@ from autograd.tracer import getval
 
 from .autodiff import value_and_grad
 from .backend import get_dtype, get_xp, to_numpy, to_xp
-from .checkpoint import load_checkpoint, load_decoder, save_checkpoint
-from .coprocessor import INITS, MODES, init_coprocessor
+from .checkpoint import (atomic_write_json, check_tokenizer, checkpoint_exists, load_checkpoint,
+                         load_decoder, run_lock, save_checkpoint)
+from .coprocessor import INITS, MODES, SOFT_TOKENS, init_coprocessor
 from .errors import RefimplError, require
 from .evaluate import ahead_nll, embedding_norm, heldout_set, mean_row_norm, relative_ppl_change
 from .objective import loss_cached
@@ -53,15 +54,20 @@ class TrainConfig:
     def validate(self):
         for name in ("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        require(self.steps >= 0 and self.seq_len >= 0 and self.eval_every >= 0,
-                "--steps, --seq-len and --eval-every must be >= 0")
-        require(self.lr > 0 and self.clip > 0, "--lr and --clip must be > 0")
+        for name in ("steps", "seq_len", "eval_every", "warmup", "seed"):
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require(0 < self.lr < math.inf and 0 < self.clip < math.inf and 0 <= self.weight_decay < math.inf,
+                "--lr and --clip must be finite and > 0, --weight-decay finite and >= 0")
         require(self.mode in MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(MODES)}")
         require(self.init in INITS, f"unknown --init {self.init!r}: use one of {', '.join(INITS)}")
 
 
-def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
-    """One update. Returns new trainable, new adam state, and host stats (loss, norms)."""
+def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr,
+               kept="the last good checkpoint is kept"):
+    """One update. Returns new trainable, new adam state, and host stats (loss, norms).
+
+    A non-finite loss or gradient norm raises RefimplError before any update; `kept` says which
+    checkpoint is left (for the message)."""
     def loss_fn(t):
         loss, out = loss_cached(dec_params, t, cfg, tokens, positions, tc.n_latents, tc.n_ahead)
         return loss, {"latents": getval(out["latents"])}
@@ -72,8 +78,8 @@ def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
     step = adam["step"]
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
-            raise RefimplError(f"training diverged at step {step + 1}: the {name} is {value}; the last good "
-                               "checkpoint is kept; lower --lr or --clip and resume from it")
+            raise RefimplError(f"training diverged at step {step + 1}: the {name} is {value} (not finite); "
+                               f"{kept}: lower --lr or --clip, then --resume or start again")
     trainable, adam = adam_update(trainable, grads, adam, lr, weight_decay=tc.weight_decay)
     return trainable, adam, {"loss": loss, "grad_norm": grad_norm,
                              "latent_norm": mean_row_norm(aux["latents"])}
@@ -98,12 +104,30 @@ def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
     require(meta.get("decoder_hash") == want,
             f"coprocessor {path} was trained against another decoder (hash {str(meta.get('decoder_hash'))[:12]}, "
             f"this one is {want[:12]}): pass the decoder it was trained with, or retrain it")
+    _check_coprocessor_meta({k: v for k, v in arrays.items() if not k.startswith("adam.")}, meta, path)
     load = lambda a: to_xp(a, xp, dtype)
     trainable = {k: load(v) for k, v in arrays.items() if not k.startswith(("adam.",))}
     adam = {"m": {k[len(ADAM_M):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_M)},
             "v": {k[len(ADAM_V):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_V)},
             "step": int(meta["step"])}
     return trainable, adam, meta
+
+
+def _check_coprocessor_meta(trainable, meta, path):
+    """The metadata that eval, generate and --resume read must agree with the arrays."""
+    soft, n = trainable.get(SOFT_TOKENS), meta.get("n_latents")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    problems = [what for what, ok in (
+        ("no step", "step" in meta),
+        ("no soft_tokens [N_L, D] array", soft is not None and soft.ndim == 2),
+        (f"mode {meta.get('mode')!r}", meta.get("mode") in MODES),
+        (f"init {meta.get('init')!r}", meta.get("init") in INITS),
+        (f"n_latents {n!r} vs soft_tokens", soft is not None and is_int(n) and n == soft.shape[0]),
+        (f"n_ahead {meta.get('n_ahead')!r}", is_int(meta.get("n_ahead")) and meta["n_ahead"] >= 1),
+        ("train_config is not a dict", isinstance(meta.get("train_config"), dict)),
+    ) if not ok]
+    require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): "
+                          "restore it from a backup or retrain it with `refimpl train`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,36 +142,49 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     from .data import data_hash, load_tokens
     from .tokenizer import load_tokenizer
     tc.validate()
+    require(stop_after is None or stop_after >= 1, f"--stop-after must be >= 1, got {stop_after}")
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
     T = tc.seq_len or cfg.max_seq_len
     require(T <= cfg.max_seq_len, f"--seq-len {T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
     sample_trace_positions(np.random.default_rng(0), 1, T, tc.n_traces, tc.n_ahead)  # validates K, N_A vs T
     tok = load_tokenizer()
-    train_tokens, val_tokens = load_tokens("train", tok), load_tokens("val", tok)
+    check_tokenizer(dec_meta, tok.sha256, decoder_path)
     out_dir = Path(out_dir)
+    ckpt, metrics_path = out_dir / "coprocessor.npz", out_dir / "metrics.json"
+    require(not resume or checkpoint_exists(ckpt), f"no coprocessor checkpoint in {out_dir} to resume: "
+            "drop --resume to start a new run, or pass the right --out")
+    train_tokens, val_tokens = load_tokens("train", tok), load_tokens("val", tok)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / "coprocessor.npz"
     dec_hash = dec_meta["decoder_hash"]
     meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_hash,
             "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init,
             "n_latents": tc.n_latents, "n_ahead": tc.n_ahead, "seq_len": T,
             "tokenizer_sha256": tok.sha256, "data_hash": data_hash()}
     rng = np.random.default_rng(tc.seed)
-    history = []
+    history, evals, saved_step = [], [], None
     if resume:
         trainable, adam, old = load_coprocessor(ckpt, dec_hash, dt, xp)
-        require(old["train_config"] == asdict(tc), f"--resume with different options than {ckpt} was "
-                f"trained with: rerun with the same options ({old['train_config']})")
-        rng.bit_generator.state = old["rng_state"]
-        history = json.loads((out_dir / "metrics.json").read_text())["history"] if (out_dir / "metrics.json").exists() else []
-        history = [h for h in history if h["step"] <= adam["step"]]
+        now = asdict(tc)
+        differ = [f"--{k.replace('_', '-')} {now.get(k)} vs {old['train_config'].get(k)}"
+                  for k in sorted(set(now) | set(old["train_config"])) if now.get(k) != old["train_config"].get(k)]
+        require(not differ, f"--resume with other options than {ckpt} was trained with "
+                            f"({', '.join(differ)}): rerun with the options it was trained with")
+        for key, current in (("tokenizer_sha256", tok.sha256), ("data_hash", meta["data_hash"])):
+            require(old.get(key) == current, f"coprocessor {ckpt} was trained with other data ({key} "
+                    f"{str(old.get(key))[:12]}... vs {current[:12]}...): restore that data, or start a new run")
+        try:
+            rng.bit_generator.state = old["rng_state"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RefimplError(f"coprocessor {ckpt} has no usable rng_state ({type(e).__name__}): it "
+                               "cannot be resumed exactly; start a new run") from None
+        history, evals = _resumed_metrics(metrics_path, adam["step"])
+        saved_step = adam["step"]
     else:
         trainable = init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
         adam = adam_init(trainable)
     heldout = heldout_set(val_tokens, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
     base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, tc.n_ahead)
-    evals = []
     progress = Progress(tc.steps, start=adam["step"], label=f"train {tc.mode} N_L={tc.n_latents}",
                         stream=io.StringIO() if quiet else None)
     t0, tokens_done = time.perf_counter(), 0
@@ -157,8 +194,10 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         tokens = sample_batch_for(train_tokens, tc, T, rng)
         positions = sample_trace_positions(rng, tc.batch_size, T, tc.n_traces, tc.n_ahead)
         lr = lr_schedule(step, tc.lr, tc.warmup, tc.steps)
+        kept = ("no checkpoint was written" if saved_step is None else
+                f"the last good checkpoint {ckpt} (step {saved_step}) is untouched")
         trainable, adam, stats = train_step(dec_params, trainable, adam, cfg, tc,
-                                            xp.asarray(tokens), positions, lr)
+                                            xp.asarray(tokens), positions, lr, kept)
         tokens_done += tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
         history.append({"step": adam["step"], "lr": lr, **stats})
         elapsed = time.perf_counter() - t0
@@ -166,9 +205,13 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
                         grad_norm=stats["grad_norm"], slots_per_s=tokens_done / elapsed)
         last = adam["step"] == end
         if (tc.eval_every and adam["step"] % tc.eval_every == 0) or last:
-            save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
             aug = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead)
             evals.append({"step": adam["step"], "heldout_loss": float(aug.mean()), "ahead_loss": aug.tolist()})
+            # metrics first: a kill before the checkpoint leaves them ahead, and --resume cuts them back
+            atomic_write_json(metrics_path, {"partial": True, "step": adam["step"], "train_config": asdict(tc),
+                                             "evals": evals, "history": history})  # no "steps" until done
+            save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
+            saved_step = adam["step"]
     progress.close()
     aug_nll = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead)
     metrics = {
@@ -180,10 +223,20 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         "embedding_norm": embedding_norm(dec_params), "evals": evals, "history": history,
         "train_seconds": time.perf_counter() - t0,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_json(metrics_path, metrics)
     if not resume or adam["step"] > 0:
         save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
     return metrics
+
+
+def _resumed_metrics(path, step):
+    """(history, evals) of the run so far from metrics.json, cut back to the checkpoint's step."""
+    try:
+        m = json.loads(path.read_text())
+        return ([h for h in m["history"] if h["step"] <= step],
+                [e for e in m.get("evals", []) if e["step"] <= step])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []   # history lost; the training itself stays exact
 
 
 def sample_batch_for(train_tokens, tc, T, rng):
@@ -194,20 +247,22 @@ def sample_batch_for(train_tokens, tc, T, rng):
 # ---------------------------------------------------------------------------------------------
 # CLI
 def add_arguments(p):
+    from .cli import nonneg_float, nonneg_int, positive_float, positive_int
     d = TrainConfig()
     p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (.npz); default: the shipped one")
     p.add_argument("--out", required=True, help="output directory")
-    for name in ("n_latents", "n_ahead", "n_traces", "batch_size", "seq_len", "steps", "warmup",
-                 "seed", "eval_every", "eval_batches"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "weight_decay", "clip"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    for name in ("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"):
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(d, name))
+    for name in ("seq_len", "steps", "warmup", "seed", "eval_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=nonneg_int, default=getattr(d, name))
+    for name, kind in (("lr", positive_float), ("weight_decay", nonneg_float), ("clip", positive_float)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name))
     p.add_argument("--init", choices=INITS, default=d.init, help="coprocessor init: copy of the decoder or random")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="coprocessor, or the pause-token baseline")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
                    help="stop (and save) after this step, keeping the schedule of --steps")
     p.add_argument("--quiet", action="store_true")
 
@@ -217,7 +272,8 @@ def run(args):
     names = [f for f in TrainConfig.__dataclass_fields__]
     tc = TrainConfig(**{k: getattr(args, k) for k in names})
     decoder = args.decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz"
-    m = train(decoder, tc, args.out, args.backend, args.dtype, args.resume, args.quiet, args.stop_after)
+    with run_lock(args.out):  # a second run into the same --out is refused
+        m = train(decoder, tc, args.out, args.backend, args.dtype, args.resume, args.quiet, args.stop_after)
     print(f"held-out ahead-token loss: decoder alone {m['baseline_heldout_loss']:.4f}, "
           f"augmented {m['augmented_heldout_loss']:.4f} "
           f"(position 1: {m['relative_ppl_change_pct'][0]:+.2f}% perplexity)")
