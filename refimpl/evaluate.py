@@ -223,7 +223,7 @@ def latency(dec_params, cfg, trainable, prompt_ids, repeats=5):
 
     aug_s, seq_s = _median_seconds(augmented, repeats), _median_seconds(sequential, repeats)
     return {"n_latents": n, "prompt_tokens": len(prompt_ids), "augment_s": aug_s,
-            "sequential_s": seq_s, "ratio": seq_s / aug_s, "repeats": repeats}
+            "sequential_s": seq_s, "ratio": aug_s / seq_s, "repeats": repeats}
 
 
 def _median_seconds(fn, repeats):
@@ -445,7 +445,7 @@ def table8(m, runs):
 def table_latency(m, runs):
     paths = {r.name: r.path for r in runs}
     lat = [x for x in m.get("latency") or [] if x["run"] in paths]
-    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "ratio"]
+    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / sequential"]
     rows = [[x["run"], x["n_latents"], x["augment_s"], x["sequential_s"], x["ratio"]] for x in lat]
     reps = lat[0]["repeats"] if lat else 0
     return _table("latency", "Latency: N_L latents in one call vs N_L tokens one by one",
