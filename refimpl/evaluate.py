@@ -38,11 +38,11 @@ def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, s
     return out
 
 
-def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead):
+def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="continue"):
     """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
     total, count = np.zeros(n_ahead), 0
     for tokens, positions in heldout:
-        _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead)
+        _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead, ahead_positions)
         nll = to_numpy(out["nll"]).astype(np.float64)                       # [B, K, N_A]
         total += nll.sum((0, 1))
         count += nll.shape[0] * nll.shape[1]
@@ -114,6 +114,7 @@ class Run:
     mode = property(lambda self: self.meta["mode"])
     init = property(lambda self: self.meta["init"])
     n_latents = property(lambda self: int(self.meta["n_latents"]))
+    ahead_positions = property(lambda self: self.meta.get("train_config", {}).get("ahead_positions", "continue"))
     n_ahead = property(lambda self: int(self.meta["n_ahead"]))
 
     def summary(self):
@@ -167,7 +168,7 @@ def check_horizon(horizon, seq_len, n_traces, max_seq_len):
 
 
 def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, delay=0,
-                       prompt_batch=64, max_new_tokens=10):
+                       prompt_batch=64, max_new_tokens=10, ahead_positions="continue"):
     """Exact-match accuracy (%) overall and per task, greedy, coprocessor once at the prompt end.
 
     Returns (accuracy dict, row norms of every latent appended: float64 [n_prompts * N_L]).
@@ -178,7 +179,8 @@ def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, del
     for start in range(0, len(order), prompt_batch):
         idx = order[start:start + prompt_batch]
         texts, dec = complete(dec_params, cfg, tokenizer, [problems[i]["prompt"] for i in idx],
-                              trainable, max_new_tokens=max_new_tokens, delay=delay, stop_at_newline=True)
+                              trainable, max_new_tokens=max_new_tokens, delay=delay, stop_at_newline=True,
+                              ahead_positions=ahead_positions)
         for i, text in zip(idx, texts):
             predictions[i] = text.strip()
         if dec.latents is not None:
@@ -243,16 +245,16 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
     check_horizon(H, T, ec.n_traces, cfg.max_seq_len)
     heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed)
-    acc = lambda t, delay=0: reasoning_accuracy(dec_params, cfg, tokenizer, problems, t, delay,
-                                                ec.prompt_batch, ec.max_new_tokens)
+    acc = lambda t, delay=0, ahead="continue": reasoning_accuracy(
+        dec_params, cfg, tokenizer, problems, t, delay, ec.prompt_batch, ec.max_new_tokens, ahead)
     log(f"decoder alone: ahead nll at 1..{H}, accuracy on {len(problems)} prompts")
     base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, H)
     out = {"horizon": H, "seq_len": T, "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc(None)[0]},
            "runs": {}, "latent_norms": {}}
     for r in runs:
         log(f"run {r.name} ({r.mode}, {r.init}, N_L={r.n_latents}, N_A={r.n_ahead})")
-        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H)
-        accuracy, norms = acc(r.trainable)
+        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.ahead_positions)
+        accuracy, norms = acc(r.trainable, 0, r.ahead_positions)
         out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
                                "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
                                "mean_latent_norm": float(norms.mean()) if norms.size else None}
@@ -270,7 +272,7 @@ def _measure_async(runs, ec, acc, log):
         return None
     r = max(main, key=lambda r: r.n_latents)
     log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
-    return {"run": r.name, "by_delay": {str(d): acc(r.trainable, d)[0] for d in ec.delays}}
+    return {"run": r.name, "by_delay": {str(d): acc(r.trainable, d, r.ahead_positions)[0] for d in ec.delays}}
 
 
 def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):

@@ -28,6 +28,7 @@ from .backend import xp_of
 from .coprocessor import augment
 from .decoder import KVCache, extend, prefill, sample_next
 from .errors import RefimplError, require
+from .traces import AHEAD_POSITIONS
 
 PAD_POSITION = -1
 
@@ -105,7 +106,8 @@ class Decoded:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
-                 seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr):
+                 seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr,
+                 ahead_positions="continue"):
     """Decode a left-padded batch of prompts, with the coprocessor called once on the prompt.
 
     The latents are appended once `delay` tokens have been generated. If the coprocessor
@@ -114,7 +116,12 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
     The decoder reads at most T + max_new_tokens - 1 token slots (T: the longest prompt), and
     that must fit in max_seq_len: decoding past the context the decoder was trained on is an
     error, never a silent extrapolation. The N_L latents are extra slots, as in training.
+    ahead_positions (SPEC §5): after the latents, token positions keep counting after them
+    ("continue") or go on from the last token's position ("original"), as the coprocessor was
+    trained.
     """
+    require(ahead_positions in AHEAD_POSITIONS, f"unknown ahead_positions {ahead_positions!r}: "
+            f"use one of {', '.join(AHEAD_POSITIONS)}")
     require(max_new_tokens >= 0 and delay >= 0, "--max-new-tokens and --delay must be >= 0")
     xp = xp_of(dec_params["embed_tokens"])
     tokens, positions = left_pad(prompt_ids)                                  # [B, T]
@@ -128,19 +135,22 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
     pending = None if trainable is None else PendingLatents(trainable, cfg, cache, background)
     rng, B = np.random.default_rng(seed), tokens.shape[0]
     out, done, z, z_at = [], np.zeros(B, dtype=bool), None, None
+    token_pos = cache.next_positions(1)                                       # [B, 1]
     for i in range(max_new_tokens):
         if pending is not None and i == delay:
             z, pending = _await(pending, warn), None
             if z is not None:
-                lg, cache = extend(dec_params, cfg, cache, z)                  # positions continue
+                lg, cache = extend(dec_params, cfg, cache, z)                  # after the last slot
                 last, z_at = lg[:, -1], i                                     # read at the last latent
+                if ahead_positions == "continue":
+                    token_pos = cache.next_positions(1)
         nxt = sample_next(last, temperature, rng)                             # [B]
         out.append(nxt)
         done |= np.isin(nxt, stop_ids)
         if done.all() or i == max_new_tokens - 1:
             break
-        lg, cache = extend(dec_params, cfg, cache, xp.asarray(nxt[:, None]))  # [B, 1, V]
-        last = lg[:, -1]
+        lg, cache = extend(dec_params, cfg, cache, xp.asarray(nxt[:, None]), token_pos)  # [B, 1, V]
+        last, token_pos = lg[:, -1], token_pos + 1
     new = np.stack(out, 1) if out else np.zeros((B, 0), dtype=np.int64)        # [B, n]
     return Decoded([_until_stop(row, stop_ids) for row in new], cache, tokens.shape[1], z, z_at)
 
@@ -163,14 +173,15 @@ def _until_stop(row, stop_ids):
 
 def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32,
              temperature=0.0, seed=0, delay=0, stop_at_newline=False, background=False,
-             warn=warn_stderr):
+             warn=warn_stderr, ahead_positions="continue"):
     """(completion texts, Decoded) for text prompts fed as [eot] + prompt.
 
     A completion ends at eot (not included) and, with stop_at_newline, at the first newline.
     """
     stops = stop_token_ids(tokenizer, stop_at_newline)
     dec = generate_ids(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable,
-                       max_new_tokens, temperature, seed, delay, stops, background, warn)
+                       max_new_tokens, temperature, seed, delay, stops, background, warn,
+                       ahead_positions)
     texts = [tokenizer.decode([t for t in ids if t != tokenizer.eot_id]) for ids in dec.tokens]
     return [t.split("\n")[0] if stop_at_newline else t for t in texts], dec
 
@@ -188,14 +199,18 @@ def coprocessor_file(path):
     return path / "coprocessor.npz" if path.is_dir() else path
 
 
-def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr):
-    """The coprocessor's trainable arrays, or None (with one warning) if it cannot be used."""
+def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr, with_meta=False):
+    """The coprocessor's trainable arrays, or None (with one warning) if it cannot be used.
+
+    with_meta: return (trainable, meta) instead; meta is {} when falling back.
+    """
     from .train import load_coprocessor
     try:
-        return load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)[0]
+        trainable, _, meta = load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)
     except (RefimplError, OSError, ValueError, KeyError) as e:
         warn(f"coprocessor {path} not used ({e}); decoding with the decoder alone")
-        return None
+        trainable, meta = None, {}
+    return (trainable, meta) if with_meta else trainable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +242,12 @@ def run(args):
     dec_params, cfg, meta = load_decoder(decoder, dt, xp)
     tokenizer = load_tokenizer()
     check_tokenizer(meta, tokenizer.sha256, decoder)
-    trainable = None if args.coprocessor is None else load_or_fallback(
-        args.coprocessor, meta["decoder_hash"], dt, xp)
+    trainable, cop_meta = (None, {}) if args.coprocessor is None else load_or_fallback(
+        args.coprocessor, meta["decoder_hash"], dt, xp, with_meta=True)
+    ahead = cop_meta.get("train_config", {}).get("ahead_positions", "continue")
     texts = generate_text(dec_params, cfg, tokenizer, args.prompt, trainable,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=args.seed, delay=args.delay, stop_at_newline=args.stop_at_newline,
-                          background=True)
+                          background=True, ahead_positions=ahead)
     print("\n\n".join(p + t for p, t in zip(args.prompt, texts)))
     return 0

@@ -44,9 +44,10 @@ def _latents(trainable, layout, make):
     return None if trainable is None or layout.n_latents == 0 else make()
 
 
-def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead):
+def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                ahead_positions="continue"):
     """Form B: the cached three-pass form. tokens int [B, T], trace_positions int [B, K]."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead)
+    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])
     h_prefix, cache = hidden(dec_params, cfg, xp.asarray(tokens))          # [B, T, D], constant
     z = _latents(trainable, layout, lambda: latents_cached(trainable, cfg, cache, layout))
@@ -60,9 +61,10 @@ def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
     return _finish(*_scored(h_all, layout, dec_params, xp), z)
 
 
-def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead):
+def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                ahead_positions="continue"):
     """Form A: one decoder pass over [original tokens; K groups] with the packed mask."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead)
+    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])
     tokens = xp.asarray(tokens)
     _, cache = hidden(dec_params, cfg, tokens)                              # the coprocessor reads it
@@ -75,16 +77,18 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
     return _finish(*_scored(h_all, layout, dec_params, xp), z)
 
 
-def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead):
+def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                    ahead_positions="continue"):
     """Form C: trace by trace, through prefill -> augment -> extend(latents) -> extend(ahead)."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead)
+    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])
     B, K = layout.trace_positions.shape
     logits, nll, latents = [], [], []
     for b in range(B):
         for k in range(K):
             lg, z = _one_trace(dec_params, trainable, cfg, xp.asarray(tokens[b:b + 1]),
-                               int(layout.trace_positions[b, k]), layout)
+                               int(layout.trace_positions[b, k]), layout,
+                               xp.asarray(layout.group_positions[b:b + 1, k, layout.n_latents:]))
             logits.append(lg)
             nll.append(cross_entropy(lg, xp.asarray(layout.targets[b:b + 1, k])))  # [1, N_A]
             latents.append(z)
@@ -93,8 +97,11 @@ def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_laten
     return _finish(stack(logits, (B, K, layout.n_ahead, -1)), stack(nll, (B, K, layout.n_ahead)), z)
 
 
-def _one_trace(dec_params, trainable, cfg, tokens, p, layout):
-    """Logits [1, N_A, V] of one trace's targets, and its latents [1, N_L, D] (or None)."""
+def _one_trace(dec_params, trainable, cfg, tokens, p, layout, ahead_positions):
+    """Logits [1, N_A, V] of one trace's targets, and its latents [1, N_L, D] (or None).
+
+    ahead_positions int [1, N_A-1]: the position ids of x_{p+1}..x_{p+N_A-1} (SPEC §5).
+    """
     logits, cache = prefill(dec_params, cfg, tokens[:, :p + 1])             # x_0..x_p
     read = logits[:, -1:]                                                   # reads x_{p+1} if N_L = 0
     z = None
@@ -102,7 +109,7 @@ def _one_trace(dec_params, trainable, cfg, tokens, p, layout):
         z = augment(trainable, cfg, cache)                                  # [1, N_L, D]
         read, cache = extend(dec_params, cfg, cache, z)                     # positions p+1..p+N_L
     if layout.n_ahead > 1:
-        ahead_logits, _ = extend(dec_params, cfg, cache, tokens[:, p + 1:p + layout.n_ahead])
+        ahead_logits, _ = extend(dec_params, cfg, cache, tokens[:, p + 1:p + layout.n_ahead], ahead_positions)
         read = concat(read, ahead_logits, 1)
     first = read.shape[1] - layout.n_ahead                                  # the last latent
     return take_rows(read, xp_of(tokens).arange(first, read.shape[1])[None]), z
@@ -115,9 +122,10 @@ def _concat_all(arrays):
     return out
 
 
-def _layout(trainable, tokens, trace_positions, n_latents, n_ahead):
+def _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions):
     n_latents = 0 if trainable is None else n_latents
-    return build_layout(np.asarray(_host(tokens)), _host(trace_positions), n_latents, n_ahead)
+    return build_layout(np.asarray(_host(tokens)), _host(trace_positions), n_latents, n_ahead,
+                        ahead_positions)
 
 
 def _host(a):

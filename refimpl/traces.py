@@ -4,7 +4,8 @@ For each sequence x_0..x_{T-1}, K augmentation points p_1..p_K are sampled. Trac
 of G = N_L + N_A - 1 slots inserted after x_{p_k}:
 
     slots:    z_1 .. z_{N_L}        x_{p+1} .. x_{p+N_A-1}
-    position: p+1 .. p+N_L          p+N_L+1 .. p+N_L+N_A-1
+    position: p+1 .. p+N_L          p+N_L+1 .. p+N_L+N_A-1    (ahead_positions="continue", default)
+                                    p+1 .. p+N_A-1            (ahead_positions="original")
     targets x_{p+1} .. x_{p+N_A}, read at the last latent, then at each ahead token.
 
 In the packed sequence (the T original tokens followed by the K groups, S = T + K*G slots), an
@@ -25,6 +26,7 @@ from .ops import additive_mask, reshape, trace_attention
 from .decoder import run_layers
 
 ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
+AHEAD_POSITIONS = ("continue", "original")  # SPEC §5: position ids of the tokens after the latents
 
 
 def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
@@ -90,8 +92,16 @@ class TraceLayout:
                                  self.group_len if group_len is None else group_len)
 
 
-def build_layout(tokens, trace_positions, n_latents, n_ahead):
-    """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays)."""
+def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="continue"):
+    """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
+
+    ahead_positions: "continue" (default, SPEC §5): the ahead tokens' positions keep counting
+    after the latents; "original": they keep the positions they have in the sequence, so the
+    decoder sees them at their usual distance from the prefix (the latents then share
+    positions with them).
+    """
+    require(ahead_positions in AHEAD_POSITIONS,
+            f"unknown ahead_positions {ahead_positions!r}: use one of {', '.join(AHEAD_POSITIONS)}")
     tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions)
     require(tokens.ndim == 2, f"tokens have shape {tokens.shape}: expected [B, T]")
     B, T = tokens.shape
@@ -110,6 +120,8 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead):
     offsets = trace_positions[..., None] + 1 + np.arange(n_ahead)                    # [B, K, N_A]
     targets = np.take_along_axis(tokens[:, None, :], offsets, axis=2)                # x_{p+1..p+N_A}
     group_positions = trace_positions[..., None] + 1 + np.arange(G)                  # [B, K, G]
+    if ahead_positions == "original":
+        group_positions[..., n_latents:] -= n_latents                                 # x_{p+j} at p+j
     # target j of trace k is read at group slot N_L-1+j; with N_L = 0, j = 0 reads x_p itself
     slot = T + np.arange(K)[:, None] * G + (n_latents - 1) + np.arange(n_ahead)     # [K, N_A]
     readout = np.broadcast_to(slot, (B, K, n_ahead)).copy()

@@ -28,7 +28,7 @@ from .evaluate import ahead_nll, embedding_norm, heldout_set, mean_row_norm, rel
 from .objective import loss_cached
 from .optim import adam_init, adam_update, clip_by_global_norm, lr_schedule
 from .progress import Progress
-from .traces import sample_trace_positions
+from .traces import AHEAD_POSITIONS, sample_trace_positions
 
 ADAM_M, ADAM_V = "adam.m.", "adam.v."
 
@@ -47,6 +47,7 @@ class TrainConfig:
     clip: float = 1.0
     init: str = "copy"
     mode: str = "coprocessor"
+    ahead_positions: str = "continue"   # SPEC §5: "continue" after the latents, or "original"
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -60,6 +61,8 @@ class TrainConfig:
                 "--lr and --clip must be finite and > 0, --weight-decay finite and >= 0")
         require(self.mode in MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(MODES)}")
         require(self.init in INITS, f"unknown --init {self.init!r}: use one of {', '.join(INITS)}")
+        require(self.ahead_positions in AHEAD_POSITIONS, f"unknown --ahead-positions {self.ahead_positions!r}: "
+                f"use one of {', '.join(AHEAD_POSITIONS)}")
 
 
 def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr,
@@ -69,7 +72,8 @@ def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr,
     A non-finite loss or gradient norm raises RefimplError before any update; `kept` says which
     checkpoint is left (for the message)."""
     def loss_fn(t):
-        loss, out = loss_cached(dec_params, t, cfg, tokens, positions, tc.n_latents, tc.n_ahead)
+        loss, out = loss_cached(dec_params, t, cfg, tokens, positions, tc.n_latents, tc.n_ahead,
+                                tc.ahead_positions)
         return loss, {"latents": getval(out["latents"])}
 
     loss, grads, aux = value_and_grad(loss_fn, trainable)
@@ -205,7 +209,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
                         grad_norm=stats["grad_norm"], slots_per_s=tokens_done / elapsed)
         last = adam["step"] == end
         if (tc.eval_every and adam["step"] % tc.eval_every == 0) or last:
-            aug = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead)
+            aug = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead, tc.ahead_positions)
             evals.append({"step": adam["step"], "heldout_loss": float(aug.mean()), "ahead_loss": aug.tolist()})
             # metrics first: a kill before the checkpoint leaves them ahead, and --resume cuts them back
             atomic_write_json(metrics_path, {"partial": True, "step": adam["step"], "train_config": asdict(tc),
@@ -213,7 +217,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
             save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
             saved_step = adam["step"]
     progress.close()
-    aug_nll = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead)
+    aug_nll = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead, tc.ahead_positions)
     metrics = {
         "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents, "n_ahead": tc.n_ahead,
         "steps": adam["step"], "train_config": asdict(tc), "decoder_path": str(decoder_path),
@@ -259,6 +263,9 @@ def add_arguments(p):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name))
     p.add_argument("--init", choices=INITS, default=d.init, help="coprocessor init: copy of the decoder or random")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="coprocessor, or the pause-token baseline")
+    p.add_argument("--ahead-positions", choices=AHEAD_POSITIONS, default=d.ahead_positions,
+                   help="position ids of the tokens after the latents: keep counting after them (default, "
+                        "SPEC §5) or keep their original positions")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")

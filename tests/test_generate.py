@@ -128,3 +128,16 @@ def test_sampling_is_seeded(setup):
     run = lambda seed: generate_text(setup["params"], setup["cfg"], setup["tok"], PROMPTS, setup["trainable"],
                                      max_new_tokens=4, temperature=1.0, seed=seed)
     assert run(3) == run(3)
+
+
+@pytest.mark.parametrize("ahead, delay", [("continue", 0), ("original", 0), ("original", 2)])
+def test_token_positions_after_latents(setup, ahead, delay):
+    """SPEC §5: after the latents, tokens keep counting after them, or go on from the last token."""
+    d = generate_ids(setup["params"], setup["cfg"], [setup["ids"][0]], setup["trainable"],
+                     max_new_tokens=delay + 3, delay=delay, ahead_positions=ahead)
+    p = len(setup["ids"][0]) - 1                                             # last prompt position
+    pos = d.cache.positions[0, len(setup["ids"][0]):].tolist()              # everything fed after the prompt
+    early = list(range(p + 1, p + 1 + delay))                                # tokens before the latents
+    latents = list(range(p + 1 + delay, p + 1 + delay + N_L))
+    start = latents[-1] + 1 if ahead == "continue" else p + 1 + delay
+    assert pos == early + latents + [start, start + 1]                        # the last token is not fed back
