@@ -287,8 +287,20 @@ def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
 
 # ---------------------------------------------------------------------------------------------
 # Which runs each table compares
-def copy_runs(runs):
+def _all_copy_runs(runs):
     return [r for r in runs if r.mode == "coprocessor" and r.init == "copy"]
+
+
+def main_convention(runs):
+    """The ahead_positions convention shared by most copy-init runs (ties: "continue")."""
+    counts = Counter(r.ahead_positions for r in _all_copy_runs(runs))
+    return max(counts, key=lambda c: (counts[c], c == "continue")) if counts else "continue"
+
+
+def copy_runs(runs):
+    """Copy-init coprocessor runs under the main position convention (the other is Table P's)."""
+    main = main_convention(runs)
+    return [r for r in _all_copy_runs(runs) if r.ahead_positions == main]
 
 
 def main_n_ahead(runs):
@@ -305,7 +317,7 @@ def table1_runs(runs):
 
 def _partner(runs, like):
     """The copy-init coprocessor run with like's N_L (same N_A preferred), or None."""
-    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents]
+    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents and r.ahead_positions == like.ahead_positions]
     return next((r for r in same if r.n_ahead == like.n_ahead), same[0] if same else None)
 
 
@@ -428,6 +440,31 @@ def table6(m, runs):
                   None if groups else "no two copy-init runs with the same N_L and different N_A")
 
 
+def table_positions(m, runs):
+    """Runs that differ only in the ahead tokens' position ids (SPEC §5 convention)."""
+    key = lambda r: (r.mode, r.init, r.n_latents, r.n_ahead)
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r.ahead_positions for r in v}) > 1}
+    H = m["horizon"]
+    header = ["ahead positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
+              f"mean ppl change n=1..{H} %", "accuracy %"]
+    rows, sources = [], {}
+    for group in groups.values():
+        for r in sorted(group, key=lambda r: (r.ahead_positions != "continue", r.name)):
+            mr = m["runs"][r.name]
+            ch = mr["relative_ppl_change_pct"]
+            rows.append([r.ahead_positions, r.name, r.n_latents, ch[0], ch[1] if len(ch) > 1 else "",
+                         float(np.mean(ch)), mr["accuracy"]["overall"]])
+            sources[r.name] = r.path
+    return _table("positions", "Table P: position ids of the ahead tokens (SPEC §5 choice)",
+                  "'continue': tokens after the latents keep counting after them (the default); 'original': "
+                  "they keep their positions in the sequence. Not in the paper.",
+                  header, rows, sources,
+                  None if groups else "no two runs that differ only in --ahead-positions")
+
+
 def table8(m, runs):
     paths = {r.name: r.path for r in runs}
     a = m.get("async") if (m.get("async") or {}).get("run") in paths else None
@@ -457,7 +494,7 @@ def table_latency(m, runs):
                   None if lat else "no coprocessor run given")
 
 
-TABLES = (table1, table2, table3, table5, table6, table8, table_latency)
+TABLES = (table1, table2, table3, table5, table6, table_positions, table8, table_latency)
 
 
 # ---------------------------------------------------------------------------------------------

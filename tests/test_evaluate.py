@@ -53,10 +53,10 @@ def test_report_has_the_tables_of_the_runs_given(setup):
     assert on_time == report["measurements"]["runs"]["copy4"]["accuracy"]  # delay 0 is Table 2's decoding
     for row in t["latency"]["rows"]:
         assert all(isinstance(x, float) and x > 0 for x in row[2:])
-    for tid in ("table3", "table5", "table6"):
+    for tid in ("table3", "table5", "table6", "positions"):
         assert t[tid]["status"] == NOT_RUN and t[tid]["missing"]
     md = (setup["root"] / "out" / "report.md").read_text()
-    assert "## Table 1" in md and md.count(f"*{NOT_RUN}*") == 3 and "copy4" in md and "-1.53" in md
+    assert "## Table 1" in md and md.count(f"*{NOT_RUN}*") == 4 and "copy4" in md and "-1.53" in md
 
 
 def test_every_run_scored_on_the_same_heldout_points(setup):
@@ -141,3 +141,19 @@ def test_horizon_that_does_not_fit_is_refused(setup, capsys):
         check_horizon(22, 24, 4, 64)
     assert main(["eval", "--decoder", str(setup["dec"]), "--horizon", "30"] + EVAL) == 2
     assert "horizon 30 does not fit seq_len 24" in capsys.readouterr().err
+
+
+def test_table_positions_pairs_runs_that_differ_only_in_ahead_positions():
+    from refimpl.evaluate import Run, copy_runs, table_positions
+
+    def run(name, ahead, n_latents=4):
+        meta = {"mode": "coprocessor", "init": "copy", "n_latents": n_latents, "n_ahead": 8,
+                "train_config": {"ahead_positions": ahead}}
+        return Run(name, f"/x/{name}", meta, {})
+    runs = [run("c4", "continue"), run("o4", "original"), run("o8", "original", 8)]
+    m = {"horizon": 3, "runs": {r.name: {"relative_ppl_change_pct": [1.0, 2.0, 3.0],
+                                         "accuracy": {"overall": 5.0}} for r in runs}}
+    t = table_positions(m, runs)
+    assert t["status"] == "ok" and [row[:2] for row in t["rows"]] == [["continue", "c4"], ["original", "o4"]]
+    assert [r.name for r in copy_runs(runs)] == ["o4", "o8"]      # the main convention's runs only
+    assert table_positions(m, runs[1:])["status"] == NOT_RUN
