@@ -23,6 +23,7 @@ COMMANDS = [
     ("golden", "refimpl.golden", "export or verify golden vectors for other implementations"),
     ("eval", "refimpl.evaluate", "the paper's tables on held-out data for a decoder and coprocessor runs"),
     ("generate", "refimpl.generate", "complete prompts, optionally with a coprocessor (and --delay)"),
+    ("bench", "refimpl.bench", "time the training step, form C, memory and latency, side by side with PyTorch"),
 ]
 
 

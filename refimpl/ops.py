@@ -10,8 +10,15 @@ tests/test_ops.py.
 Conventions: activations are [..., D]; attention heads are batched as [B, H, T, Dh];
 Linear weights are stored [out, in] (Hugging Face layout), so linear(x, w) = x @ w.T.
 A VJP never writes into the cotangent g it receives.
+
+Speed (docs/performance.md): NumPy runs each elementwise op as one single-threaded pass over
+memory, so the ops count passes. They work in place on temporaries they own, keep float32 as
+float32 (scalars are Python floats: a NumPy float64 scalar would promote), and reuse what the
+forward already knows: cross_entropy's lse is nll + the picked logit; the attentions hand their
+row log-sum-exp to their backward; trace_attention can skip context slots no trace of a run sees.
 """
 import math
+import threading
 
 from autograd.extend import defvjp, defvjp_argnums, primitive
 
@@ -43,29 +50,42 @@ defvjp_argnums(linear, _linear_vjp)
 # ---------------------------------------------------------------------------------------------
 # RMSNorm: y = w * x / sqrt(mean(x^2) + eps)
 def _rms_inverse(x, eps):
-    # [..., D] -> [..., 1]
+    # [..., D] -> [..., 1]: 1 / sqrt(mean(x^2) + eps)
     xp = xp_of(x)
-    return 1.0 / xp.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    r = xp.einsum("...i,...i->...", x, x)[..., None]                    # sum of squares, no [.., D] temp
+    r *= 1.0 / x.shape[-1]
+    r += eps
+    xp.sqrt(r, out=r)
+    return xp.reciprocal(r, out=r)
 
 
 @primitive
 def rmsnorm(x, w, eps):
     # [..., D], [D] -> [..., D]
-    return x * _rms_inverse(x, eps) * w
+    y = x * _rms_inverse(x, eps)
+    y *= w
+    return y
 
 
 def _rmsnorm_vjp(argnums, y, args, kwargs):
     x, w, eps = args
 
     def vjp(g):
+        xp = xp_of(x)
         r = _rms_inverse(x, eps)                                          # [..., 1]
-        out = []
-        if 0 in argnums:
-            gw = g * w
-            out.append(r * (gw - x * (r * r) * (gw * x).mean(-1, keepdims=True)))
+        xhat = x * r                                                      # [..., D]
+        out = {}
         if 1 in argnums:
-            out.append((g * x * r).reshape(-1, x.shape[-1]).sum(0))      # [D]
-        return out
+            out[1] = (g * xhat).reshape(-1, x.shape[-1]).sum(0)          # [D]
+        if 0 in argnums:                  # dx = r * (gw - xhat * mean(gw * xhat)), gw = g * w
+            gw = g * w
+            c = xp.einsum("...i,...i->...", gw, xhat)[..., None]
+            c *= 1.0 / x.shape[-1]
+            xhat *= c
+            gw -= xhat
+            gw *= r
+            out[0] = gw
+        return [out[i] for i in argnums]
     return vjp
 
 
@@ -95,13 +115,21 @@ def rope_tables(positions, head_dim, theta, dtype):
 
 @primitive
 def rope(x, cos, sin):
-    # [B, H, T, Dh], [B, 1, T, Dh], [B, 1, T, Dh] -> [B, H, T, Dh]
-    return x * cos + rotate_half(x) * sin
+    # [B, H, T, Dh], [B, 1, T, Dh], [B, 1, T, Dh] -> [B, H, T, Dh]: x * cos + rotate_half(x) * sin
+    y = x * cos
+    r = rotate_half(x)
+    r *= sin
+    y += r
+    return y
 
 
 def _rope_vjp(y, x, cos, sin):
-    # the transpose of rotate_half is -rotate_half
-    return lambda g: g * cos - rotate_half(g * sin)
+    # the transpose of rotate_half is -rotate_half: dx = g * cos - rotate_half(g * sin)
+    def vjp(g):
+        dx = g * cos
+        dx -= rotate_half(g * sin)
+        return dx
+    return vjp
 
 
 defvjp(rope, _rope_vjp)
@@ -110,53 +138,106 @@ defvjp(rope, _rope_vjp)
 # ---------------------------------------------------------------------------------------------
 # Masked attention: softmax(q k^T / sqrt(Dh) + bias) v. bias is 0 where a query may attend a key
 # and -inf elsewhere (`additive_mask`). The backward recomputes the probabilities, as
-# FlashAttention does, instead of keeping them alive between the passes.
+# FlashAttention does, instead of keeping them alive between the passes; like FlashAttention it
+# keeps the row log-sum-exp (lse, [..., 1]) of the forward, so that the recomputation is
+# P = exp(S - lse): no max, no sum, no division over the [Tq, Tk] scores.
 def additive_mask(may_attend, dtype):
     """Boolean may-attend [..., Tq, Tk] -> additive bias of the same shape: 0 or -inf."""
     xp = xp_of(may_attend)
     return xp.where(may_attend, 0.0, -xp.inf).astype(dtype)
 
 
-def _softmax(s):
-    # [..., Tk] -> [..., Tk], in place on s
-    xp = xp_of(s)
-    s -= s.max(-1, keepdims=True)
-    xp.exp(s, out=s)
-    s /= s.sum(-1, keepdims=True)
-    return s
+# The forward's lse, handed to its VJP. autograd calls a primitive's VJP maker right after the
+# forward, with the forward's output; the forward leaves (output, lse) here and the maker takes
+# it back by the identity of that output. A maker that finds something else recomputes the
+# statistic (`_lse_or_none` -> None). Thread-local: `refimpl generate --delay` runs the
+# coprocessor in a thread.
+_handoff = threading.local()
 
 
-def _attention_probs(q, k, bias):
-    # [B, H, Tq, Dh], [B, H, Tk, Dh], [B|1, H|1, Tq, Tk] -> [B, H, Tq, Tk]
-    s = q @ k.swapaxes(-1, -2)
-    s *= 1.0 / math.sqrt(q.shape[-1])
+def _leave_lse(out, lse):
+    _handoff.last = (out, lse)
+    return out
+
+
+def _lse_or_none(out):
+    last, _handoff.last = getattr(_handoff, "last", None), None
+    return last[1] if last is not None and last[0] is out else None
+
+
+def _scaled(q):
+    # q / sqrt(Dh): scaling q costs Tk/Dh times less than scaling the scores
+    return q * (1.0 / math.sqrt(q.shape[-1]))
+
+
+def _rowdot(a, b):
+    # [..., Dh], [..., Dh] -> [..., 1]
+    return xp_of(a).einsum("...i,...i->...", a, b)[..., None]
+
+
+def _exp_shifted(s, lse):
+    # in place on scores s: s <- exp(s - lse), the probabilities
+    s -= lse
+    return xp_of(s).exp(s, out=s)
+
+
+def _stable_exp(*scores):
+    """In place: each scores array s <- exp(s - m), m the row max over all of them jointly.
+
+    Returns the row sum z (over all of them) and lse = m + log(z), both [..., 1].
+    """
+    xp = xp_of(scores[0])
+    m = scores[0].max(-1, keepdims=True)
+    for s in scores[1:]:
+        xp.maximum(m, s.max(-1, keepdims=True), out=m)
+    z = 0.0
+    for s in scores:
+        s -= m
+        xp.exp(s, out=s)
+        z = z + s.sum(-1, keepdims=True)
+    return z, m + xp.log(z)
+
+
+def _scores(qs, k, bias):
+    # [B, H, Tq, Dh] (scaled), [B, H, Tk, Dh], [B|1, 1, Tq, Tk] -> [B, H, Tq, Tk]
+    s = qs @ k.swapaxes(-1, -2)
     s += bias
-    return _softmax(s)
+    return s
 
 
 @primitive
 def attention(q, k, v, bias):
     # [B, H, Tq, Dh], [B, H, Tk, Dh], [B, H, Tk, Dh], [B|1, 1, Tq, Tk] -> [B, H, Tq, Dh]
-    return _attention_probs(q, k, bias) @ v
+    e = _scores(_scaled(q), k, bias)
+    z, lse = _stable_exp(e)                                               # e = exp(S - m)
+    out = e @ v
+    out /= z                                                              # normalise [.., Dh], not [.., Tk]
+    return _leave_lse(out, lse)
 
 
 def _attention_vjp(argnums, out, args, kwargs):
     q, k, v, bias = args
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    lse = _lse_or_none(out)
 
     def vjp(g):
-        p = _attention_probs(q, k, bias)                                  # [B, H, Tq, Tk]
+        qs = _scaled(q)
+        p = _scores(qs, k, bias)                                          # [B, H, Tq, Tk]
+        if lse is None:
+            z, _ = _stable_exp(p)
+            p /= z
+        else:
+            _exp_shifted(p, lse)
         grads = {}
         if 2 in argnums:
             grads[2] = p.swapaxes(-1, -2) @ g                             # [B, H, Tk, Dh]
         ds = g @ v.swapaxes(-1, -2)                                       # dP: [B, H, Tq, Tk]
-        ds -= (g * out).sum(-1, keepdims=True)                            # rowdot(dP, P) = rowdot(g, out)
-        ds *= p
-        ds *= scale
+        ds -= _rowdot(g, out)                                             # rowdot(dP, P) = rowdot(g, out)
+        ds *= p                                                           # dS (of the scaled scores)
         if 0 in argnums:
-            grads[0] = ds @ k                                             # [B, H, Tq, Dh]
+            grads[0] = ds @ k
+            grads[0] *= 1.0 / math.sqrt(q.shape[-1])                      # [B, H, Tq, Dh]
         if 1 in argnums:
-            grads[1] = ds.swapaxes(-1, -2) @ q                            # [B, H, Tk, Dh]
+            grads[1] = ds.swapaxes(-1, -2) @ qs                           # [B, H, Tk, Dh]
         return [grads[i] for i in argnums]
     return vjp
 
@@ -170,32 +251,18 @@ defvjp_argnums(attention, _attention_vjp)
 # visibility bias, and (b) the slots of their own trace, causally. One softmax spans both.
 # This equals `attention` over the concatenated keys with the full block mask, without ever
 # building the [K*G, Tc + K*G] mask (tests/test_ops.py checks the equality).
-def _trace_scores(q, k_ctx, ctx_bias, k_own, own_bias):
-    # [B,H,K,G,Dh], [B,H,Tc,Dh], [B,1,K,1,Tc], [B,H,K,G,Dh], [G,G] -> [B,H,K,G,Tc], [B,H,K,G,G]
-    B, H, K, G, Dh = q.shape
-    scale = 1.0 / math.sqrt(Dh)
-    s_ctx = (q.reshape(B, H, K * G, Dh) @ k_ctx.swapaxes(-1, -2)).reshape(B, H, K, G, -1)
-    s_ctx *= scale
+#
+# Runs of traces (a fast path; tests/test_bench.py checks it equals one run): trace k sees
+# context slots t <= p_k only, so the traces can be cut into runs, each run computed against
+# the first n_ctx context slots alone. `runs` is ((k_start, k_stop, n_ctx), ...), host ints
+# covering 0..K in order; the caller guarantees that ctx_bias hides every slot >= n_ctx from
+# the traces of that run (`traces.context_runs` builds it from the layout). None: one run.
+def _trace_scores(qs, k_ctx, ctx_bias, k_own, own_bias):
+    # [B,H,K,G,Dh] (scaled), [B,H,Tc,Dh], [B,1,K,1,Tc], [B,H,K,G,Dh], [G,G] -> [B,H,K,G,Tc], [B,H,K,G,G]
+    B, H, K, G, Dh = qs.shape
+    s_ctx = (qs.reshape(B, H, K * G, Dh) @ k_ctx.swapaxes(-1, -2)).reshape(B, H, K, G, -1)
     s_ctx += ctx_bias
-    s_own = q @ k_own.swapaxes(-1, -2)
-    s_own *= scale
-    s_own += own_bias
-    return s_ctx, s_own
-
-
-def _trace_probs(q, k_ctx, ctx_bias, k_own, own_bias):
-    # joint softmax over the Tc context keys and the G own keys
-    xp = xp_of(q)
-    s_ctx, s_own = _trace_scores(q, k_ctx, ctx_bias, k_own, own_bias)
-    m = xp.maximum(s_ctx.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
-    s_ctx -= m
-    s_own -= m
-    xp.exp(s_ctx, out=s_ctx)
-    xp.exp(s_own, out=s_own)
-    z = s_ctx.sum(-1, keepdims=True) + s_own.sum(-1, keepdims=True)
-    s_ctx /= z
-    s_own /= z
-    return s_ctx, s_own
+    return s_ctx, _scores(qs, k_own, own_bias)
 
 
 def _ctx_matmul(p_ctx, v_ctx):
@@ -204,43 +271,100 @@ def _ctx_matmul(p_ctx, v_ctx):
     return (p_ctx.reshape(B, H, K * G, Tc) @ v_ctx).reshape(B, H, K, G, -1)
 
 
+def _trace_runs(runs, q, k_ctx):
+    return ((0, q.shape[2], k_ctx.shape[2]),) if runs is None else runs
+
+
+def _run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias):
+    # the traces k_start..k_stop-1 and the first n_ctx context slots (views)
+    k0, k1, n = run
+    r = slice(k0, k1)
+    return q[:, :, r], k_ctx[:, :, :n], v_ctx[:, :, :n], k_own[:, :, r], v_own[:, :, r], ctx_bias[:, :, r, :, :n]
+
+
+def _trace_forward(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
+    # one run -> out [B,H,K,G,Dh], lse [B,H,K,G,1]
+    e_ctx, e_own = _trace_scores(_scaled(q), k_ctx, ctx_bias, k_own, own_bias)
+    z, lse = _stable_exp(e_ctx, e_own)                                    # joint softmax, unnormalised
+    out = _ctx_matmul(e_ctx, v_ctx)
+    out += e_own @ v_own
+    out /= z
+    return out, lse
+
+
 @primitive
-def trace_attention(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
+def trace_attention(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias, *, runs=None):
     # [B,H,K,G,Dh], [B,H,Tc,Dh] x2, [B,H,K,G,Dh] x2, [B,1,K,1,Tc], [G,G] -> [B,H,K,G,Dh]
-    p_ctx, p_own = _trace_probs(q, k_ctx, ctx_bias, k_own, own_bias)
-    return _ctx_matmul(p_ctx, v_ctx) + p_own @ v_own
+    parts = [_trace_forward(*_run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias), own_bias)
+             for run in _trace_runs(runs, q, k_ctx)]
+    if len(parts) == 1:
+        return _leave_lse(*parts[0])
+    xp = xp_of(q)
+    return _leave_lse(*(xp.concatenate(p, axis=2) for p in zip(*parts)))
+
+
+def _trace_backward(argnums, g, out, lse, q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
+    # one run -> {argnum: gradient}; lse None: recompute it
+    B, H, K, G, Dh = q.shape
+    qs = _scaled(q)
+    p_ctx, p_own = _trace_scores(qs, k_ctx, ctx_bias, k_own, own_bias)
+    if lse is None:
+        z, _ = _stable_exp(p_ctx, p_own)
+        p_ctx /= z
+        p_own /= z
+    else:
+        _exp_shifted(p_ctx, lse)
+        _exp_shifted(p_own, lse)
+    g2 = g.reshape(B, H, K * G, Dh)
+    grads = {}
+    if 2 in argnums:                                                      # [B,H,Tc,Dh]
+        grads[2] = p_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ g2
+    if 4 in argnums:                                                      # [B,H,K,G,Dh]
+        grads[4] = p_own.swapaxes(-1, -2) @ g
+    rowdot = _rowdot(g, out)                                              # [B,H,K,G,1]
+    ds_ctx = (g2 @ v_ctx.swapaxes(-1, -2)).reshape(p_ctx.shape)           # dP, then dS
+    ds_ctx -= rowdot
+    ds_ctx *= p_ctx
+    ds_own = g @ v_own.swapaxes(-1, -2)
+    ds_own -= rowdot
+    ds_own *= p_own
+    if 0 in argnums:
+        grads[0] = _ctx_matmul(ds_ctx, k_ctx)
+        grads[0] += ds_own @ k_own
+        grads[0] *= 1.0 / math.sqrt(Dh)
+    if 1 in argnums:
+        grads[1] = ds_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ qs.reshape(B, H, K * G, Dh)
+    if 3 in argnums:
+        grads[3] = ds_own.swapaxes(-1, -2) @ qs
+    return grads
 
 
 def _trace_attention_vjp(argnums, out, args, kwargs):
     q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias = args
-    B, H, K, G, Dh = q.shape
-    scale = 1.0 / math.sqrt(Dh)
+    runs = _trace_runs(kwargs.get("runs"), q, k_ctx)
+    lse = _lse_or_none(out)
 
     def vjp(g):
-        p_ctx, p_own = _trace_probs(q, k_ctx, ctx_bias, k_own, own_bias)
-        g2 = g.reshape(B, H, K * G, Dh)
-        grads = {}
-        if 2 in argnums:                                                  # [B,H,Tc,Dh]
-            grads[2] = p_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ g2
-        if 4 in argnums:                                                  # [B,H,K,G,Dh]
-            grads[4] = p_own.swapaxes(-1, -2) @ g
-        rowdot = (g * out).sum(-1, keepdims=True)                         # [B,H,K,G,1]
-        ds_ctx = (g2 @ v_ctx.swapaxes(-1, -2)).reshape(p_ctx.shape)
-        ds_ctx -= rowdot
-        ds_ctx *= p_ctx
-        ds_ctx *= scale
-        ds_own = g @ v_own.swapaxes(-1, -2)
-        ds_own -= rowdot
-        ds_own *= p_own
-        ds_own *= scale
-        if 0 in argnums:
-            grads[0] = _ctx_matmul(ds_ctx, k_ctx) + ds_own @ k_own
-        if 1 in argnums:
-            grads[1] = ds_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ q.reshape(B, H, K * G, Dh)
-        if 3 in argnums:
-            grads[3] = ds_own.swapaxes(-1, -2) @ q
-        return [grads[i] for i in argnums]
+        parts = []
+        for run in runs:
+            r = slice(run[0], run[1])                                     # this run's traces
+            parts.append(_trace_backward(argnums, g[:, :, r], out[:, :, r], None if lse is None else lse[:, :, r],
+                                         *_run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias), own_bias))
+        return [_join_runs(i, runs, parts, k_ctx) for i in argnums]
     return vjp
+
+
+def _join_runs(i, runs, parts, k_ctx):
+    # gradient i of the whole from the runs': per-trace ones side by side, the context's summed
+    if len(parts) == 1 and (i not in (1, 2) or runs[0][2] == k_ctx.shape[2]):
+        return parts[0][i]
+    xp = xp_of(k_ctx)
+    if i not in (1, 2):
+        return xp.concatenate([p[i] for p in parts], axis=2)
+    total = xp.zeros_like(k_ctx)                                          # [B,H,Tc,Dh]
+    for (_, _, n), p in zip(runs, parts):
+        total[:, :, :n] += p[i]
+    return total
 
 
 defvjp_argnums(trace_attention, _trace_attention_vjp)
@@ -249,14 +373,21 @@ defvjp_argnums(trace_attention, _trace_attention_vjp)
 # ---------------------------------------------------------------------------------------------
 # SwiGLU gate: silu(a) * b, with silu(a) = a * sigmoid(a)
 def _sigmoid(a):
+    # 1 / (1 + exp(-a)), in one temporary
     xp = xp_of(a)
-    return 1.0 / (1.0 + xp.exp(-a))
+    s = xp.negative(a)
+    xp.exp(s, out=s)
+    s += 1.0
+    return xp.reciprocal(s, out=s)
 
 
 @primitive
 def swiglu(a, b):
     # [..., F], [..., F] -> [..., F]
-    return a * _sigmoid(a) * b
+    y = _sigmoid(a)
+    y *= a
+    y *= b
+    return y
 
 
 def _swiglu_vjp(argnums, y, args, kwargs):
@@ -264,12 +395,18 @@ def _swiglu_vjp(argnums, y, args, kwargs):
 
     def vjp(g):
         sig = _sigmoid(a)
-        out = []
-        if 0 in argnums:
-            out.append(g * b * sig * (1.0 + a * (1.0 - sig)))
+        silu = a * sig
+        out = {}
         if 1 in argnums:
-            out.append(g * a * sig)
-        return out
+            out[1] = silu * g
+        if 0 in argnums:      # d silu / da = sig * (1 + a * (1 - sig)) = silu + sig * (1 - silu)
+            d = 1.0 - silu
+            d *= sig
+            d += silu
+            d *= b
+            d *= g
+            out[0] = d
+        return [out[i] for i in argnums]
     return vjp
 
 
@@ -324,14 +461,20 @@ defvjp(take_rows, _take_rows_vjp)
 
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy per scored target: nll = logsumexp(logits) - logits[target]
+def _picked(logits, targets):
+    # [..., V], int [...] -> [...]: logits[..., target]
+    return xp_of(logits).take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 @primitive
 def cross_entropy(logits, targets):
     # [..., V], int [...] -> [...]
     xp = xp_of(logits)
     m = logits.max(-1, keepdims=True)
-    lse = xp.log(xp.exp(logits - m).sum(-1)) + m[..., 0]
-    picked = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - picked
+    e = logits - m
+    xp.exp(e, out=e)
+    lse = xp.log(e.sum(-1)) + m[..., 0]
+    return lse - _picked(logits, targets)
 
 
 def _cross_entropy_vjp(nll, logits, targets):
@@ -339,11 +482,13 @@ def _cross_entropy_vjp(nll, logits, targets):
 
     def vjp(g):
         V = logits.shape[-1]
-        p = xp.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        lse = nll + _picked(logits, targets)                               # from the forward's answer
+        p = logits - lse[..., None]
+        xp.exp(p, out=p)                                                   # softmax, [..., V]
         p2 = p.reshape(-1, V)
         p2[xp.arange(p2.shape[0]), targets.ravel()] -= 1.0                 # softmax - onehot
-        return p * g[..., None]
+        p *= g[..., None]
+        return p
     return vjp
 
 

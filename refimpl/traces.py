@@ -14,7 +14,8 @@ own group at or before itself. Nothing else: no other group, no original token a
 
 `TraceLayout` holds every index and mask of that layout, built once, in one place, as host NumPy
 arrays; `format_mask` prints one for reading. `trace_hidden` is the cached form of the same
-attention pattern (blockwise, without the [S, S] mask).
+attention pattern (blockwise, without the [S, S] mask); `context_runs` cuts the traces into runs
+that each need only a prefix of the cache (a fast path, docs/performance.md).
 """
 from dataclasses import dataclass
 
@@ -163,25 +164,42 @@ def format_mask(may_attend, kinds=None, labels=None):
 
 # ---------------------------------------------------------------------------------------------
 # The cached form of the same attention pattern
+def context_runs(context_visible, n_runs=4):
+    """Runs of consecutive traces and the context each needs, for `ops.trace_attention`.
+
+    context_visible bool [B, K, T] (host) -> ((k_start, k_stop, n_ctx), ...), n_runs runs of
+    (nearly) equal length covering 0..K: no trace of a run, in any sequence, sees a context slot
+    >= n_ctx. Traces sampled in sorted order make the early runs short (about 0.63 of the
+    T-wide context work at K=32, T=128, 4 runs; docs/performance.md).
+    """
+    vis = np.asarray(context_visible)
+    B, K, T = vis.shape
+    last = np.where(vis.any(-1), T - np.argmax(vis[..., ::-1], axis=-1), 0)         # [B, K]: 1 + last seen
+    need = last.max(0)                                                               # [K]
+    bounds = np.linspace(0, K, min(n_runs, K) + 1).round().astype(int)
+    return tuple((int(a), int(b), max(1, int(need[a:b].max()))) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
 def trace_hidden(params, cfg, inputs, positions, cache, context_visible, group_len):
     """Run K groups of group_len slots against a shared cache, blockwise (SPEC §6, form B).
 
     inputs [B, K*G, D] embeddings; positions int [B, K*G]; cache: the decoder's KVCache of the
-    T original tokens; context_visible bool [B, K, T]. A slot of group k sees cached slots that
-    trace k may see, and the earlier slots of its own group. Returns hidden [B, K*G, D] (after
-    the final norm). The group keys are NOT appended to the cache.
+    T original tokens; context_visible bool [B, K, T] (host). A slot of group k sees cached
+    slots that trace k may see, and the earlier slots of its own group. Returns hidden
+    [B, K*G, D] (after the final norm). The group keys are NOT appended to the cache.
     """
     xp = xp_of(inputs)
     B, KG, _ = inputs.shape
     K, G, H, Dh = KG // group_len, group_len, cfg.n_heads, cfg.head_dim
     ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B,1,K,1,T]
     own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
+    runs = context_runs(context_visible)
 
     def attend_for_layer(i):
         def attend(q, k, v):
             grouped = [reshape(a, (B, H, K, G, Dh)) for a in (q, k, v)]
             out = trace_attention(grouped[0], cache.k[i], cache.v[i], grouped[1], grouped[2],
-                                  ctx_bias, own_bias)
+                                  ctx_bias, own_bias, runs=runs)
             return reshape(out, (B, H, K * G, Dh))
         return attend
 
