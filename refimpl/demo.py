@@ -19,7 +19,7 @@ from .train import TrainConfig, train
 # (SPEC §5 allows it as an option; docs/results.md shows why: with "continue" the frozen decoder
 # starts ~10x worse at ahead position 2 and a few hundred steps do not recover it). The
 # "continue" run beside the main one shows the difference (Table P).
-BASE = TrainConfig(n_latents=8, n_ahead=8, n_traces=16, batch_size=4, steps=300, lr=3e-3, warmup=30,
+BASE = TrainConfig(n_latents=8, n_ahead=8, n_traces=16, batch_size=4, steps=600, lr=3e-3, warmup=60,
                    eval_every=0, eval_batches=4, ahead_positions="original")
 FULL = [
     ("copy-nl2", dict(n_latents=2)),                        # Table 1/2 columns

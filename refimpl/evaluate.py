@@ -476,9 +476,14 @@ def table8(m, runs):
     src = {a["run"]: paths[a["run"]]} if a else {}
     return _table("table8", "Table 8: asynchronous use (latents arriving late)",
                   "The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
-                  "latents, then the latents are appended after them (positions keep counting)"
-                  + (f"; run {a['run']} (largest N_L)." if a else "."),
+                  "latents, then the latents are appended after them and decoding goes on from the last latent"
+                  + (f"; run {a['run']} (largest N_L; tokens after the latents: {_convention(runs, a['run'])} "
+                     "positions)." if a else "."),
                   header, rows, src, None if a else "no copy-init coprocessor run given")
+
+
+def _convention(runs, name):
+    return next(r.ahead_positions for r in runs if r.name == name)
 
 
 def table_latency(m, runs):
