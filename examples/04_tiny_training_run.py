@@ -11,12 +11,14 @@ from refimpl.cli import main as cli
 from refimpl.train import TrainConfig, train
 
 
-def main(out, pretrain_steps, steps):
+def main(out, pretrain_steps, steps, ahead_positions="original"):
     out = Path(out)
     if not (out / "decoder" / "ckpt.npz").exists():
-        cli(["pretrain", "--preset", "nano", "--steps", str(pretrain_steps), "--out", str(out / "decoder")])
+        assert cli(["pretrain", "--preset", "nano", "--steps", str(pretrain_steps),
+                    "--out", str(out / "decoder")]) == 0
     tc = TrainConfig(n_latents=4, n_ahead=4, n_traces=8, batch_size=4, seq_len=64, steps=steps,
-                     lr=3e-3, warmup=max(1, steps // 10), eval_every=0, eval_batches=2)
+                     lr=3e-3, warmup=max(1, steps // 10), eval_every=0, eval_batches=2,
+                     ahead_positions=ahead_positions)
     m = train(out / "decoder" / "ckpt.npz", tc, out / "coprocessor")
     for n, (b, a) in enumerate(zip(m["baseline_ahead_loss"], m["augmented_ahead_loss"]), 1):
         print(f"ahead position {n}: decoder alone {b:.3f}, augmented {a:.3f}")
