@@ -93,3 +93,27 @@ def test_cli_train(decoder, tmp_path, capsys):
     assert rc == 0 and "held-out ahead-token loss" in capsys.readouterr().out
     assert main(["train", "--decoder", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_decoder_arrays_bit_identical_after_train_steps(decoder):
+    """SPEC §7 invariant 2: the in-memory decoder arrays never change, whatever the steps do."""
+    from refimpl.checkpoint import load_decoder
+    from refimpl.coprocessor import init_coprocessor
+    from refimpl.decoder import flatten_params
+    from refimpl.optim import adam_init
+    from refimpl.traces import sample_trace_positions
+    from refimpl.train import train_step
+    params, cfg, _ = load_decoder(decoder)
+    before = {k: v.copy() for k, v in flatten_params(params).items()}
+    tc = TrainConfig(steps=3, **SMALL)
+    trainable = init_coprocessor(params, cfg, tc.n_latents)
+    adam = adam_init(trainable)
+    rng = np.random.default_rng(0)
+    first = {k: v.copy() for k, v in trainable.items()}
+    for _ in range(3):
+        tokens = rng.integers(0, cfg.vocab_size, (tc.batch_size, tc.seq_len))
+        positions = sample_trace_positions(rng, tc.batch_size, tc.seq_len, tc.n_traces, tc.n_ahead)
+        trainable, adam, _ = train_step(params, trainable, adam, cfg, tc, tokens, positions, 1e-2)
+    for k, v in flatten_params(params).items():
+        assert v.tobytes() == before[k].tobytes(), f"decoder array {k} changed"
+    assert all(not np.array_equal(trainable[k], first[k]) for k in trainable)   # the coprocessor did move
