@@ -14,9 +14,8 @@ Each returns (loss, out) where out holds `nll` [B, K, N_A], `logits` [B, K, N_A,
 `latents` [B, K, N_L, D] (None with N_L = 0). `trainable` is None or N_L = 0 for the plain
 decoder: then every form reduces to teacher-forced decoding of the same targets.
 """
-import numpy as np
 
-from .backend import xp_of
+from .backend import to_numpy, xp_of
 from .coprocessor import augment, latents_cached, latents_packed
 from .decoder import embed, extend, hidden, lm_head, prefill
 from .ops import concat, cross_entropy, mean, reshape, take_rows
@@ -109,7 +108,8 @@ def _one_trace(dec_params, trainable, cfg, tokens, p, layout, ahead_positions):
         z = augment(trainable, cfg, cache)                                  # [1, N_L, D]
         read, cache = extend(dec_params, cfg, cache, z)                     # positions p+1..p+N_L
     if layout.n_ahead > 1:
-        ahead_logits, _ = extend(dec_params, cfg, cache, tokens[:, p + 1:p + layout.n_ahead], ahead_positions)
+        ahead = tokens[:, p + 1:p + layout.n_ahead]                         # x_{p+1}..x_{p+N_A-1}
+        ahead_logits, _ = extend(dec_params, cfg, cache, ahead, ahead_positions)
         read = concat(read, ahead_logits, 1)
     first = read.shape[1] - layout.n_ahead                                  # the last latent
     return take_rows(read, xp_of(tokens).arange(first, read.shape[1])[None]), z
@@ -124,13 +124,7 @@ def _concat_all(arrays):
 
 def _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions):
     n_latents = 0 if trainable is None else n_latents
-    return build_layout(np.asarray(_host(tokens)), _host(trace_positions), n_latents, n_ahead,
-                        ahead_positions)
-
-
-def _host(a):
-    from .backend import to_numpy
-    return to_numpy(a)
+    return build_layout(to_numpy(tokens), to_numpy(trace_positions), n_latents, n_ahead, ahead_positions)
 
 
 def _finish(logits, nll, latents):
