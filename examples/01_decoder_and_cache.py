@@ -10,11 +10,11 @@ import argparse
 
 import numpy as np
 
-from refimpl import decoder as dec
 from refimpl.config import get_preset
-from refimpl.data import TINY_DATA
-from refimpl.checkpoint import load_decoder
-from refimpl.tokenizer import load_tokenizer
+from refimpl.core import decoder as dec
+from refimpl.data.corpus import TINY_DATA
+from refimpl.data.tokenizer import load_tokenizer
+from refimpl.training.checkpoint import load_decoder
 
 
 def main(small):

@@ -6,14 +6,13 @@ import argparse
 
 import numpy as np
 
-from refimpl import decoder as dec
-from refimpl.checkpoint import load_decoder
 from refimpl.config import get_preset
-from refimpl.coprocessor import augment, init_coprocessor
-from refimpl.data import TINY_DATA
-from refimpl.evaluate import embedding_norm, mean_row_norm
-from refimpl.tokenizer import load_tokenizer
-from refimpl.train import load_coprocessor
+from refimpl.core import decoder as dec
+from refimpl.core.coprocessor import augment, init_coprocessor
+from refimpl.data.corpus import TINY_DATA
+from refimpl.data.tokenizer import load_tokenizer
+from refimpl.training.checkpoint import load_coprocessor, load_decoder
+from refimpl.training.heldout import embedding_norm, mean_row_norm
 
 
 def main(small, coprocessor, n_latents=8):

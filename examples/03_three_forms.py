@@ -8,12 +8,12 @@ C: a per-trace loop through the inference API (prefill, augment, extend) - the g
 """
 import numpy as np
 
-from refimpl.autodiff import value_and_grad
 from refimpl.config import get_preset
-from refimpl.coprocessor import init_coprocessor
-from refimpl.decoder import init_params
-from refimpl.objective import FORMS
-from refimpl.traces import build_layout, format_mask, sample_trace_positions
+from refimpl.core.coprocessor import init_coprocessor
+from refimpl.core.decoder import init_params
+from refimpl.core.layout import build_layout, format_mask, sample_trace_positions
+from refimpl.core.objective import FORMS
+from refimpl.training.autodiff import value_and_grad
 
 
 def main(n_latents=2, n_ahead=3, n_traces=3):

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from refimpl.cli import main as cli
-from refimpl.train import TrainConfig, train
+from refimpl.training.train import TrainConfig, train
 
 
 def main(out, pretrain_steps, steps, ahead_positions="original"):

@@ -10,9 +10,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .data.corpus import SHIPPED_DECODER
 from .errors import require
-from .evaluate import EvalConfig, evaluate_runs, run_paths, write_report
-from .train import TrainConfig, train
+from .evaluation.plots import make_plots
+from .evaluation.report import write_report
+from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
+from .training.train import TrainConfig, train
 
 # Every run shares BASE; each line changes what its table varies. The largest N_L is the main run.
 # ahead_positions="original": the demo keeps the ahead tokens at their positions in the sequence
@@ -63,9 +66,7 @@ def _reusable(run_dir, tc):
 
 def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=print):
     """Train what the tables need, evaluate, write the report and plots. Returns the report."""
-    from .data import TINY_DATA
-    from .plots import make_plots
-    decoder = Path(decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz")
+    decoder = Path(decoder or SHIPPED_DECODER)
     require(decoder.is_file(), f"decoder checkpoint {decoder} is missing: restore tiny_data/ from git, or "
                                "pass --decoder DIR/ckpt.npz from `refimpl pretrain`")
     out = Path(out)
@@ -94,15 +95,3 @@ def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=pr
     for p in pngs:
         log(f"plot:   {p}")
     return report
-
-
-def add_arguments(p):
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller version that takes about 2 minutes")
-    p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (default: the shipped one)")
-    p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (GPU)")
-
-
-def run(args):
-    run_demo(args.out, args.quick, args.decoder, args.backend)
-    return 0

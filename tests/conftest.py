@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refimpl.config import get_preset  # noqa: E402
-from refimpl.decoder import init_params  # noqa: E402
+from refimpl.core.decoder import init_params  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from autograd.core import primitive_vjps
 
-from refimpl import ops
-from refimpl.autodiff import value_and_grad
-from refimpl.decoder import LAYER_KEYS, flatten_params, forward, hf_name, unflatten_params
+from refimpl.core import ops
+from refimpl.core.decoder import LAYER_KEYS, flatten_params, forward, hf_name, unflatten_params
+from refimpl.training.autodiff import value_and_grad
 
 TOKENS = np.array([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
 

@@ -14,15 +14,15 @@ from autograd import make_vjp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import ops
-from refimpl.autodiff import value_and_grad
-from refimpl.bench import QUICK, BenchConfig, load_torch_step, make_case, render_table, step_flops
+from benchmarks.bench import QUICK, BenchConfig, load_torch_step, make_case, render_table, step_flops
 from refimpl.cli import main
 from refimpl.config import get_preset
-from refimpl.coprocessor import init_coprocessor
-from refimpl.decoder import flatten_params, init_params
-from refimpl.objective import loss_cached
-from refimpl.traces import build_layout, context_runs, sample_trace_positions
+from refimpl.core import ops
+from refimpl.core.coprocessor import init_coprocessor
+from refimpl.core.decoder import flatten_params, init_params
+from refimpl.core.layout import build_layout, context_runs, sample_trace_positions
+from refimpl.core.objective import loss_cached
+from refimpl.training.autodiff import value_and_grad
 
 CFG = get_preset("nano", vocab_size=53, init_std=0.2)
 

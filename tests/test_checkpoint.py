@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from refimpl import checkpoint as ck
 from refimpl.config import get_preset
-from refimpl.decoder import flatten_params, init_params
+from refimpl.core.decoder import flatten_params, init_params
 from refimpl.errors import RefimplError
+from refimpl.training import checkpoint as ck
 
 
 def sample_arrays(seed=0):

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import refimpl
-from refimpl import data as data_module
-from refimpl import pretrain as pretrain_module
-from refimpl import tokenizer as tokenizer_module
-from refimpl.checkpoint import TEST_HOOK_SAVE_PAUSE, meta_sha256, run_lock
 from refimpl.cli import main
+from refimpl.data import corpus as data_module
+from refimpl.data import tokenizer as tokenizer_module
+from refimpl.training import pretrain as pretrain_module
+from refimpl.training.checkpoint import TEST_HOOK_SAVE_PAUSE, meta_sha256, run_lock
 
 ROOT = Path(refimpl.__file__).resolve().parents[1]
 GOLDEN = ROOT / "tiny_data" / "golden"
@@ -512,7 +513,8 @@ def test_python_dash_m_refimpl_prints_one_line(world):
 def markdown_table(world):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_robustness import NANO, api_cases
-    from refimpl.decoder import init_params
+
+    from refimpl.core.decoder import init_params
     rows = ["| bad input | command (run in a scratch dir) | exit | message (stderr) |", "|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace(str(ROOT) + "/", "")
     code = lambda s: f"`` {esc(s)} ``"  # double backticks: messages quote commands in single ones

@@ -13,11 +13,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl import reasoning
-from refimpl.data import (DATA_FILES, REPO, TINY_DATA, data_hash, iter_eval_batches,
-                          load_reasoning_eval, load_tokens, sample_batch)
+from refimpl.data import reasoning
+from refimpl.data.corpus import (
+    DATA_FILES,
+    REPO,
+    TINY_DATA,
+    data_hash,
+    iter_eval_batches,
+    load_reasoning_eval,
+    load_tokens,
+    sample_batch,
+)
+from refimpl.data.tokenizer import load_tokenizer
 from refimpl.errors import RefimplError
-from refimpl.tokenizer import load_tokenizer
 
 TOK = load_tokenizer()
 ARITH = re.compile(r"Q: (\d+)([+*])(\d+)=\? A:")

@@ -10,12 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import decoder
 from refimpl.config import ModelConfig, get_preset
-from refimpl.decoder import (flatten_params, forward, generate, init_params, param_shapes, prefill,
-                             unflatten_params)
+from refimpl.core import decoder
+from refimpl.core.decoder import (
+    flatten_params,
+    forward,
+    generate,
+    init_params,
+    param_shapes,
+    prefill,
+    unflatten_params,
+)
+from refimpl.core.ops import embedding
 from refimpl.errors import RefimplError
-from refimpl.ops import embedding
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 

@@ -6,7 +6,7 @@ import pytest
 
 import refimpl.demo as demo
 from refimpl.cli import main
-from refimpl.evaluate import EvalConfig
+from refimpl.evaluation.runner import EvalConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,19 @@ import json
 import numpy as np
 import pytest
 
-from refimpl.checkpoint import load_decoder, save_decoder
 from refimpl.cli import main
 from refimpl.config import get_preset
-from refimpl.coprocessor import augment
-from refimpl.data import load_reasoning_eval, load_tokens
-from refimpl.decoder import extend, generate, init_params, prefill
+from refimpl.core.coprocessor import augment
+from refimpl.core.decoder import extend, generate, init_params, prefill
+from refimpl.data.corpus import load_reasoning_eval, load_tokens
+from refimpl.data.tokenizer import load_tokenizer
 from refimpl.errors import RefimplError
-from refimpl.evaluate import (NOT_RUN, TABLES, Run, _accuracy, ahead_nll, check_horizon, heldout_set,
-                              load_runs, reasoning_accuracy, relative_ppl_change, render_markdown)
-from refimpl.tokenizer import load_tokenizer
-from refimpl.train import TrainConfig, load_coprocessor, train
+from refimpl.evaluation.metrics import _accuracy, check_horizon, reasoning_accuracy
+from refimpl.evaluation.report import NOT_RUN, TABLES, render_markdown
+from refimpl.evaluation.runner import Run, load_runs
+from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
+from refimpl.training.heldout import ahead_nll, heldout_set, relative_ppl_change
+from refimpl.training.train import TrainConfig, train
 
 SMALL = dict(n_ahead=3, n_traces=4, batch_size=2, seq_len=24, steps=2, eval_every=0, eval_batches=1)
 EVAL = ["--limit", "8", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "24", "--n-traces", "4",
@@ -144,8 +146,8 @@ def test_horizon_that_does_not_fit_is_refused(setup, capsys):
 
 
 def test_table_positions_pairs_runs_that_differ_only_in_ahead_positions():
-    from refimpl.evaluate import Run, copy_runs, table_positions
-
+    from refimpl.evaluation.report import copy_runs, table_positions
+    from refimpl.evaluation.runner import Run
     def run(name, ahead, n_latents=4):
         meta = {"mode": "coprocessor", "init": "copy", "n_latents": n_latents, "n_ahead": 8,
                 "train_config": {"ahead_positions": ahead}}

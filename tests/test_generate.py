@@ -3,14 +3,14 @@ append the latents where they should, and a missing or broken coprocessor falls 
 import numpy as np
 import pytest
 
-from refimpl.checkpoint import load_decoder, save_decoder
-from refimpl.config import get_preset
 from refimpl.cli import main
-from refimpl.coprocessor import augment
-from refimpl.decoder import extend, generate, init_params, prefill
-from refimpl.generate import generate_ids, generate_text, left_pad, load_or_fallback
-from refimpl.tokenizer import load_tokenizer
-from refimpl.train import TrainConfig, load_coprocessor, train
+from refimpl.config import get_preset
+from refimpl.core.coprocessor import augment
+from refimpl.core.decoder import extend, generate, init_params, prefill
+from refimpl.data.tokenizer import load_tokenizer
+from refimpl.evaluation.generate import generate_ids, generate_text, left_pad, load_or_fallback
+from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
+from refimpl.training.train import TrainConfig, train
 
 N_L = 3
 PROMPTS = ["Q: 12+34=? A:", "Q: q=3 y=q*4. y=? A:", "Q: 7*8=? A:"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refimpl import golden
 from refimpl.errors import RefimplError
+from refimpl.golden import verify as golden
 
 COMMITTED = Path(__file__).resolve().parents[1] / "tiny_data" / "golden"
 REGEN = ("regenerate with `refimpl golden export tiny_data/golden` (or `python -c \"from "

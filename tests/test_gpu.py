@@ -20,16 +20,16 @@ import sys
 import numpy as np
 import pytest
 
-from refimpl import ops
-from refimpl.autodiff import value_and_grad
 from refimpl.config import get_preset
-from refimpl.coprocessor import init_coprocessor
-from refimpl.decoder import init_params
+from refimpl.core import ops
+from refimpl.core.coprocessor import init_coprocessor
+from refimpl.core.decoder import init_params
+from refimpl.core.layout import sample_trace_positions
+from refimpl.core.objective import loss_cached
 from refimpl.errors import RefimplError
-from refimpl.objective import loss_cached
-from refimpl.optim import adam_init
-from refimpl.traces import sample_trace_positions
-from refimpl.train import TrainConfig, train_step
+from refimpl.training.autodiff import value_and_grad
+from refimpl.training.optim import adam_init
+from refimpl.training.train import TrainConfig, train_step
 
 CFG = get_preset("nano", vocab_size=61, init_std=0.2)
 SHAPE = dict(batch_size=2, seq_len=20, n_traces=3, n_latents=3, n_ahead=4)
@@ -152,10 +152,10 @@ def test_backend_cupy_without_cupy_fails_at_once_with_one_line(argv, no_cupy, ca
 
 
 def test_python_api_backend_cupy_without_cupy(no_cupy, tmp_path):
-    from refimpl.bench import BenchConfig, run_bench
-    from refimpl.evaluate import evaluate_runs
-    from refimpl.pretrain import pretrain
-    from refimpl.train import train
+    from benchmarks.bench import BenchConfig, run_bench
+    from refimpl.evaluation.runner import evaluate_runs
+    from refimpl.training.pretrain import pretrain
+    from refimpl.training.train import train
     calls = [lambda: pretrain(tmp_path / "p", backend="cupy", preset="nano", steps=1),
              lambda: train(tmp_path / "missing.npz", TrainConfig(steps=1), tmp_path / "t", backend="cupy"),
              lambda: evaluate_runs(tmp_path / "missing.npz", [], backend="cupy"),
@@ -168,7 +168,7 @@ def test_python_api_backend_cupy_without_cupy(no_cupy, tmp_path):
 
 def test_coprocessor_checkpoint_holds_host_arrays_any_backend_can_load(tmp_path):
     """The file side of 'a checkpoint from one backend loads on the other' (the GPU side is below)."""
-    from refimpl.train import load_coprocessor, save_coprocessor
+    from refimpl.training.checkpoint import load_coprocessor, save_coprocessor
     trainable, adam, _ = one_train_step(np.float32)
     save_coprocessor(tmp_path / "c.npz", trainable, adam, checkpoint_meta(TrainConfig(**SHAPE, steps=1)))
     with np.load(tmp_path / "c.npz", allow_pickle=False) as z:              # plain arrays, no pickles
@@ -243,7 +243,7 @@ def test_full_train_step_synchronizes_only_for_the_loss():
 @pytest.mark.gpu
 def test_checkpoints_cross_backends_and_training_resumes(tmp_path):
     cp = cupy_or_skip()
-    from refimpl.train import load_coprocessor, save_coprocessor
+    from refimpl.training.checkpoint import load_coprocessor, save_coprocessor
     dec, _, tokens, positions = problem(np.float64)
     dec_gpu, trainable_gpu, _, _ = problem(np.float64, xp=cp)            # the same seeded values
     tc = TrainConfig(**SHAPE, steps=2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refimpl import golden
+from refimpl.golden import verify as golden
 
 pytestmark = pytest.mark.interop
 ROOT = Path(__file__).resolve().parents[1]

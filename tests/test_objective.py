@@ -1,15 +1,16 @@
 """SPEC §7 invariants 1, 2, 4 and 7: the three forms of the loss, the frozen decoder, causality."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refimpl.autodiff import value_and_grad
 from refimpl.config import get_preset
-from refimpl.coprocessor import SOFT_TOKENS, augment, init_coprocessor
-from refimpl.decoder import flatten_params, forward, init_params, prefill
-from refimpl.objective import FORMS, loss_cached, loss_sequential
-from refimpl.ops import cross_entropy
-from refimpl.traces import AHEAD_POSITIONS, build_layout, sample_trace_positions
+from refimpl.core.coprocessor import SOFT_TOKENS, augment, init_coprocessor
+from refimpl.core.decoder import flatten_params, forward, init_params, prefill
+from refimpl.core.layout import AHEAD_POSITIONS, build_layout, sample_trace_positions
+from refimpl.core.objective import FORMS, loss_cached, loss_sequential
+from refimpl.core.ops import cross_entropy
+from refimpl.training.autodiff import value_and_grad
 
 V = 37
 CFG = get_preset("nano", vocab_size=V)

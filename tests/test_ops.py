@@ -18,7 +18,7 @@ from autograd import make_vjp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import ops
+from refimpl.core import ops
 
 F64_RTOL = 1e-10
 FD_EPS = 1e-6

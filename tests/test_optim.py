@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from refimpl.optim import (adam_init, adam_update, clip_by_global_norm, global_norm, lr_schedule,
-                           state_from_arrays, state_to_arrays)
+from refimpl.training.checkpoint import state_from_arrays, state_to_arrays
+from refimpl.training.optim import adam_init, adam_update, clip_by_global_norm, global_norm, lr_schedule
 
 
 def reference_adam(x, grad_fn, steps, lr, b1, b2, eps, wd):

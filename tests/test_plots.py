@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from refimpl.plots import make_plots
+from refimpl.evaluation.plots import make_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

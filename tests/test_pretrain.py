@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl import cli, pretrain
-from refimpl.checkpoint import load_checkpoint, load_decoder
+from refimpl import cli
 from refimpl.errors import RefimplError
-
+from refimpl.training import pretrain
+from refimpl.training.checkpoint import load_checkpoint, load_decoder
 
 
 @pytest.fixture(autouse=True)

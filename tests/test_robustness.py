@@ -19,17 +19,25 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl import pretrain as pretrain_module
-from refimpl import train as train_module
-from refimpl.checkpoint import (TEST_HOOK_SAVE_PAUSE, load_checkpoint, load_decoder, meta_sha256,
-                                run_lock, save_checkpoint, save_decoder)
 from refimpl.cli import main
 from refimpl.config import get_preset
-from refimpl.decoder import extend, forward, init_params, prefill
+from refimpl.core.decoder import extend, forward, init_params, prefill
+from refimpl.core.layout import build_layout
 from refimpl.errors import RefimplError
-from refimpl.generate import generate_ids
-from refimpl.traces import build_layout
-from refimpl.train import TrainConfig, load_coprocessor, train
+from refimpl.evaluation.generate import generate_ids
+from refimpl.training import pretrain as pretrain_module
+from refimpl.training import train as train_module
+from refimpl.training.checkpoint import (
+    TEST_HOOK_SAVE_PAUSE,
+    load_checkpoint,
+    load_coprocessor,
+    load_decoder,
+    meta_sha256,
+    run_lock,
+    save_checkpoint,
+    save_decoder,
+)
+from refimpl.training.train import TrainConfig, train
 
 ROOT = Path(refimpl.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

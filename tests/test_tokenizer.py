@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken._educational import SimpleBytePairEncoding
 
-from refimpl.data import TINY_DATA, load_reasoning_eval
+from refimpl.data.corpus import TINY_DATA, load_reasoning_eval
+from refimpl.data.tokenizer import EOT, PAT_STR, load_tokenizer
 from refimpl.errors import RefimplError
-from refimpl.tokenizer import EOT, PAT_STR, load_tokenizer
 
 TOK = load_tokenizer()
 ORACLE = SimpleBytePairEncoding(pat_str=TOK.pat_str, mergeable_ranks=TOK.mergeable_ranks)

@@ -1,11 +1,11 @@
 """The packed multi-trace layout and its mask (SPEC §6, invariant 5)."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+from refimpl.core.layout import AHEAD, LATENT, ORIGINAL, build_layout, format_mask, sample_trace_positions
 from refimpl.errors import RefimplError
-from refimpl.traces import (AHEAD, LATENT, ORIGINAL, build_layout, format_mask,
-                            sample_trace_positions)
 
 
 def test_spec_worked_example():

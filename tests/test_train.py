@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from refimpl.checkpoint import load_checkpoint, save_checkpoint
 from refimpl.cli import main
 from refimpl.errors import RefimplError
-from refimpl.train import TrainConfig, load_coprocessor, train
+from refimpl.training.checkpoint import load_checkpoint, load_coprocessor
+from refimpl.training.train import TrainConfig, train
 
 SMALL = dict(n_latents=2, n_ahead=3, n_traces=4, batch_size=2, seq_len=24, eval_every=3, eval_batches=1)
 
@@ -62,7 +62,7 @@ def test_coprocessor_for_another_decoder_is_refused(decoder, tmp_path):
 
 
 def test_nan_guard_keeps_last_good_checkpoint(decoder, tmp_path, monkeypatch):
-    import refimpl.train as train_module
+    import refimpl.training.train as train_module
     real, calls = train_module.value_and_grad, []
 
     def poisoned(fn, trainable):           # the 5th step's loss comes back as NaN
@@ -97,12 +97,12 @@ def test_cli_train(decoder, tmp_path, capsys):
 
 def test_decoder_arrays_bit_identical_after_train_steps(decoder):
     """SPEC §7 invariant 2: the in-memory decoder arrays never change, whatever the steps do."""
-    from refimpl.checkpoint import load_decoder
-    from refimpl.coprocessor import init_coprocessor
-    from refimpl.decoder import flatten_params
-    from refimpl.optim import adam_init
-    from refimpl.traces import sample_trace_positions
-    from refimpl.train import train_step
+    from refimpl.core.coprocessor import init_coprocessor
+    from refimpl.core.decoder import flatten_params
+    from refimpl.core.layout import sample_trace_positions
+    from refimpl.training.checkpoint import load_decoder
+    from refimpl.training.optim import adam_init
+    from refimpl.training.train import train_step
     params, cfg, _ = load_decoder(decoder)
     before = {k: v.copy() for k, v in flatten_params(params).items()}
     tc = TrainConfig(steps=3, **SMALL)

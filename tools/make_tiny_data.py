@@ -20,6 +20,7 @@ existing tokenizer files (a quick rebuild when only the text or the reasoning ch
 import argparse
 import hashlib
 import json
+import pydoc_data.topics
 import re
 import shutil
 import sys
@@ -28,14 +29,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydoc_data.topics
 from tiktoken._educational import bpe_encode, bpe_train
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from refimpl import reasoning  # noqa: E402
-from refimpl.data import DATA_FILES, DOC_SEPARATOR, TINY_DATA  # noqa: E402
-from refimpl.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks  # noqa: E402
+from refimpl.data import reasoning
+from refimpl.data.corpus import DATA_FILES, DOC_SEPARATOR, TINY_DATA  # noqa: E402
+from refimpl.data.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks  # noqa: E402
 
 SEED = 2412
 BUILT_WITH = "3.11.7"

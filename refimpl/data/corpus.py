@@ -22,8 +22,9 @@ import numpy as np
 
 from refimpl.errors import RefimplError, require
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = Path(os.environ.get("REFIMPL_DATA") or REPO / "tiny_data")
+SHIPPED_DECODER = TINY_DATA / "checkpoints" / "decoder-demo.npz"
 DATA_FILES = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
               "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl",
               "tokenizer/bpe.tiktoken", "tokenizer/meta.json")

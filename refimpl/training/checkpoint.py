@@ -35,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy, to_xp
-from .config import ModelConfig
-from .decoder import flatten_params, param_shapes, unflatten_params
-from .errors import RefimplError, require
+from ..backend import to_numpy, to_xp
+from ..config import ModelConfig
+from ..core.coprocessor import INITS, MODES, SOFT_TOKENS
+from ..core.decoder import flatten_params, param_shapes, unflatten_params
+from ..errors import RefimplError, require
 
 FORMAT_VERSION = 1
+ADAM_PREFIX_M, ADAM_PREFIX_V = "adam.m.", "adam.v."
 KNOWN_VERSIONS = (1,)
 RETRAIN = "restore it from a backup or retrain"
 _UMASK = os.umask(0o022)
@@ -366,3 +368,78 @@ def check_decoder_shapes(flat, cfg, where):
         require(got == tuple(shape), f"checkpoint {where}: {name} has shape {list(got)}, but its "
                                      f"config implies {list(shape)}; the file and config do not "
                                      "belong together; re-save or retrain it")
+
+
+# ---------------------------------------------------------------------------------------------
+# The coprocessor's trainable arrays, and Adam's state as named arrays (adam.m.<name>, adam.v.<name>)
+# ---------------------------------------------------------------------------------------------
+# The state as named arrays (for checkpoint.py): adam.m.<name>, adam.v.<name>; step goes to JSON.
+def state_to_arrays(state):
+    """{"adam.m.<name>": m, "adam.v.<name>": v} (the step is saved separately, in the metadata)."""
+    out = {ADAM_PREFIX_M + k: a for k, a in state["m"].items()}
+    out.update({ADAM_PREFIX_V + k: a for k, a in state["v"].items()})
+    return out
+
+
+def state_from_arrays(arrays, names, step, xp, dtype=None, where="checkpoint"):
+    """Rebuild the state for parameters `names` from checkpoint arrays, onto backend xp."""
+    missing = [n for n in names for pre in (ADAM_PREFIX_M, ADAM_PREFIX_V) if pre + n not in arrays]
+    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without "
+                         "optimizer state; start a new run instead of --resume")
+    require(isinstance(step, int) and step >= 0,
+            f"{where} has optimizer step {step!r}: expected an int >= 0; the metadata is corrupt")
+    return {"m": {n: to_xp(arrays[ADAM_PREFIX_M + n], xp, dtype) for n in names},
+            "v": {n: to_xp(arrays[ADAM_PREFIX_V + n], xp, dtype) for n in names}, "step": step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of the trainable part
+def save_coprocessor(path, trainable, adam, meta):
+    arrays = {k: to_numpy(v) for k, v in trainable.items()}
+    arrays.update({ADAM_PREFIX_M + k: to_numpy(v) for k, v in adam["m"].items()})
+    arrays.update({ADAM_PREFIX_V + k: to_numpy(v) for k, v in adam["v"].items()})
+    save_checkpoint(path, arrays, {**meta, "kind": "coprocessor", "step": adam["step"]})
+
+
+def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
+    """(trainable, adam state, meta) of a coprocessor checkpoint; refused unless it was trained
+    against the decoder whose stored hash is want_decoder_hash (the decoder checkpoint's meta)."""
+    arrays, meta = load_checkpoint(path)
+    require(meta.get("kind") == "coprocessor",
+            f"{path} is a {meta.get('kind')!r} checkpoint, not a coprocessor: pass a file written by `refimpl train`")
+    want = want_decoder_hash
+    require(meta.get("decoder_hash") == want,
+            f"coprocessor {path} was trained against another decoder (hash {str(meta.get('decoder_hash'))[:12]}, "
+            f"this one is {want[:12]}): pass the decoder it was trained with, or retrain it")
+    _check_coprocessor_meta({k: v for k, v in arrays.items() if not k.startswith("adam.")}, meta, path)
+    load = lambda a: to_xp(a, xp, dtype)
+    trainable = {k: load(v) for k, v in arrays.items() if not k.startswith(("adam.",))}
+    adam = {"m": {k[len(ADAM_PREFIX_M):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_PREFIX_M)},
+            "v": {k[len(ADAM_PREFIX_V):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_PREFIX_V)},
+            "step": int(meta["step"])}
+    return trainable, adam, meta
+
+
+def _check_coprocessor_meta(trainable, meta, path):
+    """The metadata that eval, generate and --resume read must agree with the arrays."""
+    soft, n = trainable.get(SOFT_TOKENS), meta.get("n_latents")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    problems = [what for what, ok in (
+        ("no step", "step" in meta),
+        ("no soft_tokens [N_L, D] array", soft is not None and soft.ndim == 2),
+        (f"mode {meta.get('mode')!r}", meta.get("mode") in MODES),
+        (f"init {meta.get('init')!r}", meta.get("init") in INITS),
+        (f"n_latents {n!r} vs soft_tokens", soft is not None and is_int(n) and n == soft.shape[0]),
+        (f"n_ahead {meta.get('n_ahead')!r}", is_int(meta.get("n_ahead")) and meta["n_ahead"] >= 1),
+        ("train_config is not a dict", isinstance(meta.get("train_config"), dict)),
+    ) if not ok]
+    require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): "
+                          "restore it from a backup or retrain it with `refimpl train`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a coprocessor, with a clean fallback
+def coprocessor_file(path):
+    """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
+    path = Path(path)
+    return path / "coprocessor.npz" if path.is_dir() else path

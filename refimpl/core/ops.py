@@ -22,7 +22,7 @@ import threading
 
 from autograd.extend import defvjp, defvjp_argnums, primitive
 
-from .backend import xp_of
+from ..backend import xp_of
 
 
 # ---------------------------------------------------------------------------------------------

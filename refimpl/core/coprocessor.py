@@ -12,11 +12,11 @@ tokens themselves are the latents.
 """
 import numpy as np
 
-from .backend import xp_of
+from ..backend import xp_of
+from ..errors import require
 from .decoder import causal_may_attend, flatten_params, hidden, init_params, unflatten_params
-from .errors import require
+from .layout import trace_hidden
 from .ops import broadcast_rows, reshape
-from .traces import trace_hidden
 
 SOFT_TOKENS = "soft_tokens"
 MODES = ("coprocessor", "pause")

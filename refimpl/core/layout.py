@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import xp_of
-from .errors import require
-from .ops import additive_mask, reshape, trace_attention
+from ..backend import xp_of
+from ..errors import require
 from .decoder import run_layers
+from .ops import additive_mask, reshape, trace_attention
 
 ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
-AHEAD_POSITIONS = ("continue", "original")  # SPEC §5: position ids of the tokens after the latents
+AHEAD_POSITIONS = ("original", "continue")  # SPEC §5: position ids of the tokens after the latents
 
 
 def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
@@ -93,7 +93,7 @@ class TraceLayout:
                                  self.group_len if group_len is None else group_len)
 
 
-def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="continue"):
+def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="original"):
     """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
 
     ahead_positions: "continue" (default, SPEC §5): the ahead tokens' positions keep counting

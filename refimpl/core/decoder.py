@@ -13,10 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy, xp_of
-from .errors import RefimplError, require
-from .ops import (add, additive_mask, attention, concat, embedding, linear, merge_heads, rmsnorm,
-                  rope, rope_tables, split_heads, swiglu)
+from ..backend import to_numpy, xp_of
+from ..errors import RefimplError, require
+from .ops import (
+    add,
+    additive_mask,
+    attention,
+    concat,
+    embedding,
+    linear,
+    merge_heads,
+    rmsnorm,
+    rope,
+    rope_tables,
+    split_heads,
+    swiglu,
+)
 
 LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
               "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_dtype, get_xp, to_numpy
-from .errors import require
+from refimpl.backend import get_dtype, get_xp, to_numpy
+from refimpl.errors import require
 
-TORCH_STEP = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_step.py"
+TORCH_STEP = Path(__file__).resolve().parent / "torch_step.py"
 
 # Targets of issue 7 (demo preset, float32, NumPy, one run); reported as met / missed, never hidden.
 TARGETS = {
@@ -86,12 +86,12 @@ QUICK = dict(batch_size=2, n_traces=4, n_latents=4, n_ahead=4, rounds=2, memory_
 # The case: a random decoder of the preset (timing does not depend on trained weights)
 def make_case(bc, n_traces=None):
     """Everything one train step needs: dict with cfg, dec, trainable, adam, tc, tokens, positions."""
-    from .config import get_preset
-    from .coprocessor import init_coprocessor
-    from .decoder import init_params
-    from .optim import adam_init
-    from .traces import sample_trace_positions
-    from .train import TrainConfig
+    from refimpl.config import get_preset
+    from refimpl.core.coprocessor import init_coprocessor
+    from refimpl.core.decoder import init_params
+    from refimpl.core.layout import sample_trace_positions
+    from refimpl.training.optim import adam_init
+    from refimpl.training.train import TrainConfig
     xp, dt = get_xp(bc.backend), get_dtype(bc.dtype)
     cfg = get_preset(bc.preset)
     K = n_traces or bc.n_traces
@@ -110,7 +110,7 @@ def make_case(bc, n_traces=None):
 
 def train_step_fn(case, lr=1e-4):
     """A closure running `train.train_step` on the case (state carried over); returns the loss."""
-    from .train import train_step
+    from refimpl.training.train import train_step
     tokens = case["xp"].asarray(case["tokens"])
 
     def step():
@@ -235,7 +235,8 @@ def make_torch_step(case, bc, threads):
     if module is None:
         return None, why
     import torch
-    from .decoder import flatten_params
+
+    from refimpl.core.decoder import flatten_params
     device = "cpu"
     if bc.backend == "cupy":
         if not torch.cuda.is_available():
@@ -290,8 +291,8 @@ def measure_train_steps(bc, threads, log):
 
 def measure_sequential(bc, log):
     """Form C's value_and_grad at the same K on `sequential_sequences` sequences, scaled to B."""
-    from .autodiff import value_and_grad
-    from .objective import loss_sequential
+    from refimpl.core.objective import loss_sequential
+    from refimpl.training.autodiff import value_and_grad
     case = make_case(bc)
     n = bc.batch_size if bc.sequential_sequences <= 0 else min(bc.sequential_sequences, bc.batch_size)
     xp = case["xp"]
@@ -314,8 +315,8 @@ def measure_sequential(bc, log):
 
 def measure_latency(bc, log):
     """Augment (coprocessor + decoder over N_L latents) vs N_L decode steps, after one prompt."""
-    from .coprocessor import augment
-    from .decoder import extend, generate, prefill, sample_next
+    from refimpl.core.coprocessor import augment
+    from refimpl.core.decoder import extend, generate, prefill, sample_next
     case = make_case(bc)
     cfg, dec, trainable, xp = case["cfg"], case["dec"], case["trainable"], case["xp"]
     prompt_len = max(1, cfg.max_seq_len - bc.n_latents - 1)
@@ -350,7 +351,7 @@ def measure_memory(bc, threads, log):
     by_k = {}
     for k in bc.memory_traces:
         conf = json.dumps({**asdict(replace(bc, n_traces=k)), "memory_traces": []})
-        proc = subprocess.run([sys.executable, "-m", "refimpl.bench", conf], env=env,
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), conf], env=env,
                               capture_output=True, text=True)
         require(proc.returncode == 0, f"the memory probe at K={k} failed: {proc.stderr.strip()[-500:]}")
         by_k[str(k)] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -413,7 +414,7 @@ def run_bench(bc, log=lambda m: None):
               "batch_size": bc.batch_size, "n_latents": bc.n_latents, "n_ahead": bc.n_ahead,
               "blas_threads": threads, "cpu_count": os.cpu_count(), "load_average_start": _load(),
               "bench_config": asdict(bc)}
-    from .config import get_preset
+    from refimpl.config import get_preset
     result["seq_len"] = get_preset(bc.preset).max_seq_len
     result.update(measure_train_steps(bc, threads or bc.threads, log))
     result.update(measure_sequential(bc, log))
@@ -486,9 +487,9 @@ def _verdict(met):
 # ---------------------------------------------------------------------------------------------
 # CLI
 def add_arguments(p):
-    from .backend import BACKENDS
-    from .cli import nonneg_int, positive_int
-    from .config import PRESETS
+    from refimpl.backend import BACKENDS
+    from refimpl.cli import nonneg_int, positive_int
+    from refimpl.config import PRESETS
     d = BenchConfig()
     p.add_argument("--preset", choices=list(PRESETS), default=d.preset)
     p.add_argument("--backend", choices=list(BACKENDS), default=d.backend)

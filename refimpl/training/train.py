@@ -18,19 +18,25 @@ from pathlib import Path
 import numpy as np
 from autograd.tracer import getval
 
+from ..backend import get_dtype, get_xp, to_numpy
+from ..core.coprocessor import INITS, MODES, init_coprocessor
+from ..core.layout import AHEAD_POSITIONS, sample_trace_positions
+from ..core.objective import loss_cached
+from ..data.corpus import data_hash, load_tokens, sample_batch
+from ..data.tokenizer import load_tokenizer
+from ..errors import RefimplError, require
 from .autodiff import value_and_grad
-from .backend import get_dtype, get_xp, to_numpy, to_xp
-from .checkpoint import (atomic_write_json, check_tokenizer, checkpoint_exists, load_checkpoint,
-                         load_decoder, run_lock, save_checkpoint)
-from .coprocessor import INITS, MODES, SOFT_TOKENS, init_coprocessor
-from .errors import RefimplError, require
-from .evaluate import ahead_nll, embedding_norm, heldout_set, mean_row_norm, relative_ppl_change
-from .objective import loss_cached
+from .checkpoint import (
+    atomic_write_json,
+    check_tokenizer,
+    checkpoint_exists,
+    load_coprocessor,
+    load_decoder,
+    save_coprocessor,
+)
+from .heldout import ahead_nll, embedding_norm, heldout_set, mean_row_norm, relative_ppl_change
 from .optim import adam_init, adam_update, clip_by_global_norm, lr_schedule
 from .progress import Progress
-from .traces import AHEAD_POSITIONS, sample_trace_positions
-
-ADAM_M, ADAM_V = "adam.m.", "adam.v."
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class TrainConfig:
     clip: float = 1.0
     init: str = "copy"
     mode: str = "coprocessor"
-    ahead_positions: str = "continue"   # SPEC §5: "continue" after the latents, or "original"
+    ahead_positions: str = "original"   # the ahead tokens keep their positions, or "continue" after the latents
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -89,49 +95,10 @@ def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr,
                              "latent_norm": mean_row_norm(aux["latents"])}
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of the trainable part
-def save_coprocessor(path, trainable, adam, meta):
-    arrays = {k: to_numpy(v) for k, v in trainable.items()}
-    arrays.update({ADAM_M + k: to_numpy(v) for k, v in adam["m"].items()})
-    arrays.update({ADAM_V + k: to_numpy(v) for k, v in adam["v"].items()})
-    save_checkpoint(path, arrays, {**meta, "kind": "coprocessor", "step": adam["step"]})
 
 
-def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
-    """(trainable, adam state, meta) of a coprocessor checkpoint; refused unless it was trained
-    against the decoder whose stored hash is want_decoder_hash (the decoder checkpoint's meta)."""
-    arrays, meta = load_checkpoint(path)
-    require(meta.get("kind") == "coprocessor",
-            f"{path} is a {meta.get('kind')!r} checkpoint, not a coprocessor: pass a file written by `refimpl train`")
-    want = want_decoder_hash
-    require(meta.get("decoder_hash") == want,
-            f"coprocessor {path} was trained against another decoder (hash {str(meta.get('decoder_hash'))[:12]}, "
-            f"this one is {want[:12]}): pass the decoder it was trained with, or retrain it")
-    _check_coprocessor_meta({k: v for k, v in arrays.items() if not k.startswith("adam.")}, meta, path)
-    load = lambda a: to_xp(a, xp, dtype)
-    trainable = {k: load(v) for k, v in arrays.items() if not k.startswith(("adam.",))}
-    adam = {"m": {k[len(ADAM_M):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_M)},
-            "v": {k[len(ADAM_V):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_V)},
-            "step": int(meta["step"])}
-    return trainable, adam, meta
 
 
-def _check_coprocessor_meta(trainable, meta, path):
-    """The metadata that eval, generate and --resume read must agree with the arrays."""
-    soft, n = trainable.get(SOFT_TOKENS), meta.get("n_latents")
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    problems = [what for what, ok in (
-        ("no step", "step" in meta),
-        ("no soft_tokens [N_L, D] array", soft is not None and soft.ndim == 2),
-        (f"mode {meta.get('mode')!r}", meta.get("mode") in MODES),
-        (f"init {meta.get('init')!r}", meta.get("init") in INITS),
-        (f"n_latents {n!r} vs soft_tokens", soft is not None and is_int(n) and n == soft.shape[0]),
-        (f"n_ahead {meta.get('n_ahead')!r}", is_int(meta.get("n_ahead")) and meta["n_ahead"] >= 1),
-        ("train_config is not a dict", isinstance(meta.get("train_config"), dict)),
-    ) if not ok]
-    require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): "
-                          "restore it from a backup or retrain it with `refimpl train`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +110,6 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     stop_after: stop (and save) after this step, keeping the LR schedule of tc.steps; continue
     with resume=True. The resumed run is bit-identical to an uninterrupted one.
     """
-    from .data import data_hash, load_tokens
-    from .tokenizer import load_tokenizer
     tc.validate()
     require(stop_after is None or stop_after >= 1, f"--stop-after must be >= 1, got {stop_after}")
     xp, dt = get_xp(backend), get_dtype(dtype)
@@ -195,7 +160,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     end = min(tc.steps, stop_after or tc.steps)
     while adam["step"] < end:
         step = adam["step"]
-        tokens = sample_batch_for(train_tokens, tc, T, rng)
+        tokens = sample_batch(train_tokens, tc.batch_size, T, rng)
         positions = sample_trace_positions(rng, tc.batch_size, T, tc.n_traces, tc.n_ahead)
         lr = lr_schedule(step, tc.lr, tc.warmup, tc.steps)
         kept = ("no checkpoint was written" if saved_step is None else
@@ -243,46 +208,3 @@ def _resumed_metrics(path, step):
         return [], []   # history lost; the training itself stays exact
 
 
-def sample_batch_for(train_tokens, tc, T, rng):
-    from .data import sample_batch
-    return sample_batch(train_tokens, tc.batch_size, T, rng)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-def add_arguments(p):
-    from .cli import nonneg_float, nonneg_int, positive_float, positive_int
-    d = TrainConfig()
-    p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (.npz); default: the shipped one")
-    p.add_argument("--out", required=True, help="output directory")
-    for name in ("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"):
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(d, name))
-    for name in ("seq_len", "steps", "warmup", "seed", "eval_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=nonneg_int, default=getattr(d, name))
-    for name, kind in (("lr", positive_float), ("weight_decay", nonneg_float), ("clip", positive_float)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name))
-    p.add_argument("--init", choices=INITS, default=d.init, help="coprocessor init: copy of the decoder or random")
-    p.add_argument("--mode", choices=MODES, default=d.mode, help="coprocessor, or the pause-token baseline")
-    p.add_argument("--ahead-positions", choices=AHEAD_POSITIONS, default=d.ahead_positions,
-                   help="position ids of the tokens after the latents: keep counting after them (default, "
-                        "SPEC §5) or keep their original positions")
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
-                   help="stop (and save) after this step, keeping the schedule of --steps")
-    p.add_argument("--quiet", action="store_true")
-
-
-def run(args):
-    from .data import TINY_DATA
-    names = [f for f in TrainConfig.__dataclass_fields__]
-    tc = TrainConfig(**{k: getattr(args, k) for k in names})
-    decoder = args.decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz"
-    with run_lock(args.out):  # a second run into the same --out is refused
-        m = train(decoder, tc, args.out, args.backend, args.dtype, args.resume, args.quiet, args.stop_after)
-    print(f"held-out ahead-token loss: decoder alone {m['baseline_heldout_loss']:.4f}, "
-          f"augmented {m['augmented_heldout_loss']:.4f} "
-          f"(position 1: {m['relative_ppl_change_pct'][0]:+.2f}% perplexity)")
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'coprocessor.npz'}")
-    return 0

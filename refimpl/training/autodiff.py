@@ -13,7 +13,7 @@ This uses autograd's tracer API (`trace_stack`, `new_box`, `VJPNode`, `toposort`
 from autograd.core import VJPNode, add_outgrads
 from autograd.tracer import isbox, new_box, toposort, trace_stack
 
-from .backend import xp_of
+from ..backend import xp_of
 
 
 def value_and_grad(loss_fn, trainable):

@@ -20,15 +20,16 @@ import functools
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .backend import xp_of
-from .coprocessor import augment
-from .decoder import KVCache, extend, prefill, sample_next
-from .errors import RefimplError, require
-from .traces import AHEAD_POSITIONS
+from ..backend import get_dtype, get_xp, xp_of
+from ..core.coprocessor import augment
+from ..core.decoder import KVCache, extend, prefill, sample_next
+from ..core.layout import AHEAD_POSITIONS
+from ..data.tokenizer import load_tokenizer
+from ..errors import RefimplError, require
+from ..training.checkpoint import check_tokenizer, coprocessor_file, load_coprocessor, load_decoder
 
 PAD_POSITION = -1
 
@@ -107,7 +108,7 @@ class Decoded:
 # Decoding
 def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
                  seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr,
-                 ahead_positions="continue"):
+                 ahead_positions="original"):
     """Decode a left-padded batch of prompts, with the coprocessor called once on the prompt.
 
     The latents are appended once `delay` tokens have been generated. If the coprocessor
@@ -173,7 +174,7 @@ def _until_stop(row, stop_ids):
 
 def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32,
              temperature=0.0, seed=0, delay=0, stop_at_newline=False, background=False,
-             warn=warn_stderr, ahead_positions="continue"):
+             warn=warn_stderr, ahead_positions="original"):
     """(completion texts, Decoded) for text prompts fed as [eot] + prompt.
 
     A completion ends at eot (not included) and, with stop_at_newline, at the first newline.
@@ -191,12 +192,6 @@ def generate_text(dec_params, cfg, tokenizer, prompts, trainable=None, **options
     return complete(dec_params, cfg, tokenizer, prompts, trainable, **options)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading a coprocessor, with a clean fallback
-def coprocessor_file(path):
-    """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
-    path = Path(path)
-    return path / "coprocessor.npz" if path.is_dir() else path
 
 
 def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr, with_meta=False):
@@ -204,7 +199,6 @@ def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stde
 
     with_meta: return (trainable, meta) instead; meta is {} when falling back.
     """
-    from .train import load_coprocessor
     try:
         trainable, _, meta = load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)
     except (RefimplError, OSError, ValueError, KeyError) as e:
@@ -213,41 +207,18 @@ def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stde
     return (trainable, meta) if with_meta else trainable
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-def add_arguments(p):
-    from .cli import nonneg_float, nonneg_int
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text; repeat for a batch (prompts of any lengths, left-padded)")
-    p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (default: the shipped one)")
-    p.add_argument("--coprocessor", default=None, help="coprocessor checkpoint or run directory; "
-                   "if missing or unusable, decoding falls back to the decoder alone with a warning")
-    p.add_argument("--max-new-tokens", type=nonneg_int, default=32)
-    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampler")
-    p.add_argument("--delay", type=nonneg_int, default=0, help="asynchronous use: the coprocessor "
-                   "runs in a background thread and its latents are appended after N new tokens")
-    p.add_argument("--stop-at-newline", action="store_true", help="end each completion at a newline")
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--dtype", default="float32")
+def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy", dtype="float32", **options):
+    """`refimpl generate`: completions of prompts by a decoder checkpoint, with a coprocessor if given.
 
-
-def run(args):
-    from .backend import get_dtype, get_xp
-    from .checkpoint import check_tokenizer, load_decoder
-    from .data import TINY_DATA
-    from .tokenizer import load_tokenizer
-    xp, dt = get_xp(args.backend), get_dtype(args.dtype)
-    decoder = args.decoder or TINY_DATA / "checkpoints" / "decoder-demo.npz"
-    dec_params, cfg, meta = load_decoder(decoder, dt, xp)
+    The coprocessor decodes under the position convention it was trained with; an unusable one
+    falls back to the decoder alone with one warning. options: as `complete`.
+    """
+    xp, dt = get_xp(backend), get_dtype(dtype)
+    dec_params, cfg, meta = load_decoder(decoder_path, dt, xp)
     tokenizer = load_tokenizer()
-    check_tokenizer(meta, tokenizer.sha256, decoder)
-    trainable, cop_meta = (None, {}) if args.coprocessor is None else load_or_fallback(
-        args.coprocessor, meta["decoder_hash"], dt, xp, with_meta=True)
+    check_tokenizer(meta, tokenizer.sha256, decoder_path)
+    trainable, cop_meta = (None, {}) if coprocessor_path is None else load_or_fallback(
+        coprocessor_path, meta["decoder_hash"], dt, xp, with_meta=True)
     ahead = cop_meta.get("train_config", {}).get("ahead_positions", "continue")
-    texts = generate_text(dec_params, cfg, tokenizer, args.prompt, trainable,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=args.seed, delay=args.delay, stop_at_newline=args.stop_at_newline,
-                          background=True, ahead_positions=ahead)
-    print("\n\n".join(p + t for p, t in zip(args.prompt, texts)))
-    return 0
+    return generate_text(dec_params, cfg, tokenizer, prompts, trainable, background=True,
+                         ahead_positions=ahead, **options)

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .traces import AHEAD, LATENT, build_layout  # noqa: E402
+from ..core.layout import AHEAD, LATENT, build_layout  # noqa: E402
 
 
 def make_plots(report, runs, out_dir):

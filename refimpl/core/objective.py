@@ -15,11 +15,11 @@ Each returns (loss, out) where out holds `nll` [B, K, N_A], `logits` [B, K, N_A,
 decoder: then every form reduces to teacher-forced decoding of the same targets.
 """
 
-from .backend import to_numpy, xp_of
+from ..backend import to_numpy, xp_of
 from .coprocessor import augment, latents_cached, latents_packed
 from .decoder import embed, extend, hidden, lm_head, prefill
+from .layout import build_layout, trace_hidden
 from .ops import concat, cross_entropy, mean, reshape, take_rows
-from .traces import build_layout, trace_hidden
 
 
 def _scored(h_all, layout, params, xp):
@@ -44,7 +44,7 @@ def _latents(trainable, layout, make):
 
 
 def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="continue"):
+                ahead_positions="original"):
     """Form B: the cached three-pass form. tokens int [B, T], trace_positions int [B, K]."""
     layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])
@@ -61,7 +61,7 @@ def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="continue"):
+                ahead_positions="original"):
     """Form A: one decoder pass over [original tokens; K groups] with the packed mask."""
     layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])
@@ -77,7 +77,7 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                    ahead_positions="continue"):
+                    ahead_positions="original"):
     """Form C: trace by trace, through prefill -> augment -> extend(latents) -> extend(ahead)."""
     layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     xp = xp_of(dec_params["embed_tokens"])

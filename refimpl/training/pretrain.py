@@ -17,6 +17,7 @@ fixed windows of the val split. DIR/metrics.json records every evaluation and ev
 training loss. A non-finite loss or gradient norm stops the run before it touches the last good
 checkpoint.
 """
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,16 +25,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import DTYPES, get_dtype, get_xp, to_xp
+from ..config import PRESETS, get_preset
+from ..core.decoder import flatten_params, forward, init_params, param_shapes, unflatten_params
+from ..core.ops import cross_entropy, mean
+from ..data.corpus import data_hash, iter_eval_batches, load_tokens, sample_batch
+from ..data.tokenizer import load_tokenizer
+from ..errors import RefimplError, require
 from .autodiff import value_and_grad
-from .backend import BACKENDS, DTYPES, get_dtype, get_xp, to_xp
-from .checkpoint import (atomic_write_json, check_decoder_shapes, checkpoint_exists,
-                         checkpoint_paths, decoder_config, load_checkpoint, run_lock, save_decoder)
-from .config import PRESETS, get_preset
-from .decoder import flatten_params, forward, init_params, param_shapes, unflatten_params
-from .errors import RefimplError, require
-from .ops import cross_entropy, mean
-from .optim import (adam_init, adam_update, clip_by_global_norm, lr_schedule, state_from_arrays,
-                    state_to_arrays)
+from .checkpoint import (
+    atomic_write_json,
+    check_decoder_shapes,
+    checkpoint_exists,
+    checkpoint_paths,
+    decoder_config,
+    load_checkpoint,
+    save_decoder,
+    state_from_arrays,
+    state_to_arrays,
+)
+from .optim import adam_init, adam_update, clip_by_global_norm, lr_schedule
 from .progress import Progress
 
 BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
@@ -43,50 +54,6 @@ DEFAULTS = {"preset": "nano", "steps": 2000, "batch_size": 16, "seq_len": None, 
 # Hyperparameters that change the arithmetic: a resumed run must keep the checkpoint's values.
 FIXED_ON_RESUME = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip",
                    "seed", "dtype")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-def add_arguments(p):
-    from .cli import nonneg_float, nonneg_int, positive_float, positive_int
-    d = DEFAULTS
-    p.add_argument("--preset", choices=list(PRESETS), help=f"model size (default {d['preset']})")
-    p.add_argument("--steps", type=positive_int, help=f"optimizer steps in the whole run, which "
-                   f"set the LR schedule (default {d['steps']}); may be raised on --resume")
-    p.add_argument("--stop-after", type=positive_int, metavar="STEP",
-                   help="stop (and save) after this step, keeping the schedule of --steps; "
-                        "continue later with --resume")
-    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {d['batch_size']})")
-    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the "
-                   "preset's max_seq_len)")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {d['lr']})")
-    p.add_argument("--warmup", type=nonneg_int, help="linear warmup steps (default: "
-                   "min(100, steps/10)); cosine decay to 0.1 x lr follows")
-    p.add_argument("--weight-decay", type=nonneg_float, help="decoupled (AdamW) weight decay on "
-                   f"weight matrices (default {d['weight_decay']})")
-    p.add_argument("--clip", type=nonneg_float, help=f"max global gradient norm, 0 = off "
-                   f"(default {d['clip']})")
-    p.add_argument("--eval-every", type=positive_int, help=f"held-out loss every N steps "
-                   f"(default {d['eval_every']}, and at the end)")
-    p.add_argument("--eval-batches", type=positive_int, help=f"val batches per evaluation "
-                   f"(default {d['eval_batches']})")
-    p.add_argument("--save-every", type=positive_int, help=f"checkpoint every N steps "
-                   f"(default {d['save_every']}, and at the end)")
-    p.add_argument("--seed", type=nonneg_int, help=f"seed of the init and of the batch sampler "
-                   f"(default {d['seed']})")
-    p.add_argument("--dtype", choices=list(DTYPES), help=f"parameter dtype (default {d['dtype']})")
-    p.add_argument("--backend", choices=list(BACKENDS), default="numpy", help="numpy (CPU) or "
-                   "cupy (GPU) (default numpy)")
-    p.add_argument("--out", default=None, help="output directory (default runs/pretrain-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
-
-
-def run(args):
-    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    out = args.out or f"runs/pretrain-{given.get('preset', DEFAULTS['preset'])}"
-    with run_lock(out):  # a second run into the same --out is refused
-        pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +87,6 @@ class Corpus:
 
 def load_corpus():
     """The pretraining mixture (train and val) and the hashes a checkpoint records."""
-    from .data import data_hash, load_tokens
-    from .tokenizer import load_tokenizer
     tok = load_tokenizer()
     return Corpus(tok.n_vocab, tok.sha256, data_hash(), load_tokens("train", tok),
                   load_tokens("val", tok))
@@ -129,7 +94,6 @@ def load_corpus():
 
 def eval_batches(tokens, hp, xp):
     """The first eval_batches fixed [B, T + 1] windows of the val split, on backend xp."""
-    from .data import iter_eval_batches
     it = iter_eval_batches(tokens, hp["batch_size"], hp["seq_len"] + 1)
     return [xp.asarray(b) for _, b in zip(range(hp["eval_batches"]), it)]
 
@@ -221,7 +185,7 @@ def train_step(state, cfg, hp, tokens, xp, decay):
     The new state is None when the loss or the gradient norm is not finite.
     """
     rng = _sampler(state.rng_state)
-    batch = xp.asarray(data_sample(tokens, hp["batch_size"], hp["seq_len"] + 1, rng))  # [B, T+1]
+    batch = xp.asarray(sample_batch(tokens, hp["batch_size"], hp["seq_len"] + 1, rng))  # [B, T+1]
     loss, grads, _ = value_and_grad(
         lambda boxed: lm_loss(unflatten_params(boxed, cfg.n_layers), cfg, batch), state.params)
     loss = float(loss)
@@ -328,10 +292,6 @@ def pretrain(out, resume=False, stop_after=None, backend="numpy", stream=None, *
     return metrics
 
 
-def data_sample(tokens, batch_size, seq_len, rng):
-    from .data import sample_batch
-    return sample_batch(tokens, batch_size, seq_len, rng)
-
 
 def _nonfinite_message(step, loss, norm, ckpt, saved_step):
     what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -343,7 +303,6 @@ def _nonfinite_message(step, loss, norm, ckpt, saved_step):
 
 def _resumed_metrics(path, step):
     """The metrics of the run so far, cut back to the checkpoint's step."""
-    import json
     try:
         metrics = json.loads(path.read_text())
         metrics["evals"] = [e for e in metrics["evals"] if e["step"] <= step]

@@ -15,10 +15,7 @@ Update (Kingma & Ba 2015; decoupled weight decay as in Loshchilov & Hutter 2019,
 """
 import math
 
-from .backend import to_xp, xp_of
-from .errors import require
-
-ADAM_PREFIX_M, ADAM_PREFIX_V = "adam.m.", "adam.v."
+from ..backend import xp_of
 
 
 def adam_init(params_flat):
@@ -89,21 +86,5 @@ def clip_by_global_norm(grads, max_norm):
     return {k: None if g is None else g * scale for k, g in grads.items()}, norm
 
 
-# ---------------------------------------------------------------------------------------------
-# The state as named arrays (for checkpoint.py): adam.m.<name>, adam.v.<name>; step goes to JSON.
-def state_to_arrays(state):
-    """{"adam.m.<name>": m, "adam.v.<name>": v} (the step is saved separately, in the metadata)."""
-    out = {ADAM_PREFIX_M + k: a for k, a in state["m"].items()}
-    out.update({ADAM_PREFIX_V + k: a for k, a in state["v"].items()})
-    return out
 
 
-def state_from_arrays(arrays, names, step, xp, dtype=None, where="checkpoint"):
-    """Rebuild the state for parameters `names` from checkpoint arrays, onto backend xp."""
-    missing = [n for n in names for pre in (ADAM_PREFIX_M, ADAM_PREFIX_V) if pre + n not in arrays]
-    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without "
-                         "optimizer state; start a new run instead of --resume")
-    require(isinstance(step, int) and step >= 0,
-            f"{where} has optimizer step {step!r}: expected an int >= 0; the metadata is corrupt")
-    return {"m": {n: to_xp(arrays[ADAM_PREFIX_M + n], xp, dtype) for n in names},
-            "v": {n: to_xp(arrays[ADAM_PREFIX_V + n], xp, dtype) for n in names}, "step": step}

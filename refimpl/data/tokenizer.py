@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from refimpl.data import TINY_DATA
+from refimpl.data.corpus import TINY_DATA
 from refimpl.errors import RefimplError, require
 
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -1,0 +1,1 @@
+"""The tiny data: the tokenizer, the pretraining mixture and the synthetic reasoning tasks."""

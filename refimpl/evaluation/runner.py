@@ -1,0 +1,150 @@
+"""`refimpl eval`: load a decoder and coprocessor runs, measure everything once, build the report.
+
+Every run is measured once (ahead-token nll at positions 1..H on fixed held-out windows and
+points; exact-match accuracy on the held-out reasoning prompts); the tables of `report` are then
+views of those numbers.
+"""
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_dtype, get_xp
+from ..data.corpus import load_reasoning_eval, load_tokens
+from ..data.tokenizer import load_tokenizer
+from ..errors import RefimplError, require
+from ..training.checkpoint import check_tokenizer, load_coprocessor, load_decoder
+from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
+from .generate import coprocessor_file
+from .metrics import check_horizon, latency, reasoning_accuracy, row_norms
+from .report import build_report, table1_runs
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_batches: int = 8       # held-out windows: batches of batch_size windows of seq_len tokens
+    batch_size: int = 8
+    seq_len: int = 0            # 0: the decoder's max_seq_len
+    n_traces: int = 16          # augmentation points per window
+    horizon: int = 0            # ahead positions scored; 0: 2 * the largest N_A among the runs
+    seed: int = 1234            # of the held-out points
+    split: str = "test"         # reasoning prompts
+    limit: int = 0              # 0: all prompts
+    prompt_batch: int = 64      # prompts decoded together (left-padded)
+    max_new_tokens: int = 10
+    delays: tuple = (0, 1, 2, 3)
+    latency_repeats: int = 5
+
+
+@dataclass
+class Run:
+    name: str
+    path: str
+    meta: dict
+    trainable: dict
+    metrics: dict = None        # the run's metrics.json, if it has one
+
+    mode = property(lambda self: self.meta["mode"])
+    init = property(lambda self: self.meta["init"])
+    n_latents = property(lambda self: int(self.meta["n_latents"]))
+    ahead_positions = property(lambda self: self.meta.get("train_config", {}).get("ahead_positions", "continue"))
+    n_ahead = property(lambda self: int(self.meta["n_ahead"]))
+
+    def summary(self):
+        return {"name": self.name, "path": self.path, "mode": self.mode, "init": self.init,
+                "n_latents": self.n_latents, "n_ahead": self.n_ahead, "step": self.meta.get("step"),
+                "train_config": self.meta.get("train_config")}
+
+
+def run_paths(coprocessors=(), runs_dir=None):
+    """Checkpoint paths from --coprocessor (files or run dirs) and --runs DIR (its subdirs)."""
+    paths = [coprocessor_file(p) for p in coprocessors]
+    if runs_dir is not None:
+        runs_dir = Path(runs_dir)
+        require(runs_dir.is_dir(), f"--runs {runs_dir} is not a directory: pass the folder holding run subfolders")
+        found = sorted(d / "coprocessor.npz" for d in runs_dir.iterdir() if (d / "coprocessor.npz").is_file())
+        require(found, f"--runs {runs_dir} holds no run (no subfolder with coprocessor.npz): train some "
+                       "with `refimpl train --out DIR/NAME`")
+        paths += found
+    return paths
+
+
+def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
+    """Run records; a checkpoint trained against another decoder raises RefimplError."""
+    runs, seen = [], set()
+    for path in map(Path, paths):
+        trainable, _, meta = load_coprocessor(path, decoder_hash, dtype, xp)
+        name = path.parent.name if path.name == "coprocessor.npz" else path.stem
+        name = name if name not in seen else f"{name}-{len(seen)}"
+        seen.add(name)
+        metrics_file = path.parent / "metrics.json"
+        try:
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RefimplError(f"run metrics {metrics_file} is not valid JSON ({e}): delete it (only "
+                               "the training-curve plot reads it) or re-run the training") from None
+        runs.append(Run(name, str(path), meta, trainable, metrics))
+    return runs
+
+
+def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lambda m: None):
+    """Every number the tables use: ahead nll and accuracy for the decoder alone and each run,
+    accuracy by delay for the Table 8 run, latency, and norms."""
+    T = ec.seq_len or cfg.max_seq_len
+    H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
+    check_horizon(H, T, ec.n_traces, cfg.max_seq_len)
+    heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed)
+    acc = lambda t, delay=0, ahead="original": reasoning_accuracy(
+        dec_params, cfg, tokenizer, problems, t, delay, ec.prompt_batch, ec.max_new_tokens, ahead)
+    log(f"decoder alone: ahead nll at 1..{H}, accuracy on {len(problems)} prompts")
+    base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, H)
+    out = {"horizon": H, "seq_len": T, "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc(None)[0]},
+           "runs": {}, "latent_norms": {}}
+    for r in runs:
+        log(f"run {r.name} ({r.mode}, {r.init}, N_L={r.n_latents}, N_A={r.n_ahead})")
+        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.ahead_positions)
+        accuracy, norms = acc(r.trainable, 0, r.ahead_positions)
+        out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
+                               "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
+                               "mean_latent_norm": float(norms.mean()) if norms.size else None}
+        out["latent_norms"][r.name] = np.round(norms[:4096], 4).tolist()          # for the histogram
+    out["embedding_norm"] = embedding_norm(dec_params)
+    out["embedding_row_norms"] = np.round(row_norms(dec_params["embed_tokens"]), 4).tolist()
+    out["async"] = _measure_async(runs, ec, acc, log)
+    out["latency"] = _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log)
+    return out
+
+
+def _measure_async(runs, ec, acc, log):
+    main = table1_runs(runs)
+    if not main:
+        return None
+    r = max(main, key=lambda r: r.n_latents)
+    log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
+    return {"run": r.name, "by_delay": {str(d): acc(r.trainable, d, r.ahead_positions)[0] for d in ec.delays}}
+
+
+def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
+    chosen = table1_runs(runs) or [r for r in runs if r.mode == "coprocessor"]
+    if not chosen or not problems:
+        return []
+    log(f"latency: {len(chosen)} runs x {ec.latency_repeats} repeats")
+    prompt = [tokenizer.eot_id] + tokenizer.encode(problems[0]["prompt"])
+    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats)}
+            for r in chosen]
+
+
+def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="float32", log=lambda m: None):
+    """(report, runs): load the decoder and runs, measure everything, build the tables."""
+    xp, dt = get_xp(backend), get_dtype(dtype)
+    dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
+    runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
+    tok = load_tokenizer()
+    check_tokenizer(dec_meta, tok.sha256, decoder_path)
+    problems = load_reasoning_eval(ec.split)
+    problems = problems[:ec.limit] if ec.limit else problems
+    m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)
+    config = {**asdict(ec), "decoder": str(decoder_path), "decoder_hash": dec_meta["decoder_hash"],
+              "backend": backend, "dtype": dtype, "horizon": m["horizon"], "seq_len": m["seq_len"]}
+    return build_report(m, runs, config), runs

@@ -1,0 +1,1 @@
+"""Golden vectors: a versioned state that another implementation checks itself against."""

@@ -1,0 +1,124 @@
+"""The golden state: one small seeded decoder, coprocessor, token batch and trace positions, and
+every output computed from it with the project's own functions (`loss_cached`, `value_and_grad`,
+`adam_update`), after checking that the packed, cached and per-trace forms agree.
+"""
+import numpy as np
+
+from ..config import get_preset
+from ..core.coprocessor import SOFT_TOKENS, init_coprocessor
+from ..core.decoder import forward, init_params
+from ..core.layout import build_layout
+from ..core.objective import loss_cached, loss_packed, loss_sequential
+from ..training.autodiff import value_and_grad
+from ..training.optim import adam_init, adam_update
+
+# The golden state: nano (3 layers, 3 heads of 16, d=48) with a small vocab; d_ff 96 instead of
+# 128 keeps tensors.npz under 2 MB (three float64 copies of the blocks: decoder, coprocessor,
+# gradients); init_std 0.2 (not 0.02) so attention is far from uniform and a wrong position id,
+# RoPE pairing or mask moves the outputs by O(0.1), not O(1e-6).
+SETUP = {"preset": "nano", "vocab_size": 67, "d_ff": 96, "init_std": 0.2, "seed": 1234, "batch_size": 2,
+         "seq_len": 16, "n_traces": 3, "n_latents": 3, "n_ahead": 4}
+
+
+# Fixed, not sampled: both ends of the valid range [0, T-1-N_A] = [0, 11], and two adjacent
+# traces (3, 4), whose groups must not see each other.
+TRACE_POSITIONS = [[0, 6, 11], [3, 4, 10]]
+
+
+NOISE = {"decoder_norms": 0.1, "coprocessor_matrices": 0.05, "coprocessor_norms": 0.05}
+
+
+ADAM = {"steps": 5, "lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The state: config, weights, tokens
+def golden_config(setup=SETUP):
+    return get_preset(setup["preset"], vocab_size=setup["vocab_size"], d_ff=setup["d_ff"],
+                      init_std=setup["init_std"])
+
+
+def make_state(seed=SETUP["seed"], setup=SETUP):
+    """(cfg, decoder params, coprocessor trainable dict, tokens [B, T], trace positions [B, K]).
+
+    Decoder: init_params(seed) in float64, its RMSNorm weights set to 1 + N(0, 0.1^2) so that a
+    port ignoring norm weights fails. Coprocessor: a COPY of the decoder, every array perturbed
+    (matrices by N(0, (0.05 std(W))^2), norms by N(0, 0.05^2)), so a port that mixes the two up
+    fails. Soft tokens N(0, std(E)) from init_coprocessor.
+    """
+    cfg = golden_config(setup)
+    rng = np.random.default_rng([seed, 1])
+    dec = init_params(cfg, seed=seed, dtype=np.float64)
+    for layer in dec["layers"]:
+        for k in ("input_layernorm", "post_attention_layernorm"):
+            layer[k] = layer[k] + NOISE["decoder_norms"] * rng.standard_normal(layer[k].shape)
+    dec["norm"] = dec["norm"] + NOISE["decoder_norms"] * rng.standard_normal(dec["norm"].shape)
+    trainable = init_coprocessor(dec, cfg, setup["n_latents"], init="copy", seed=seed)
+    for name, w in list(trainable.items()):
+        if name == SOFT_TOKENS:
+            continue
+        scale = NOISE["coprocessor_norms"] if w.ndim == 1 else NOISE["coprocessor_matrices"] * w.std()
+        trainable[name] = w + scale * rng.standard_normal(w.shape)
+    tokens = rng.integers(0, cfg.vocab_size, (setup["batch_size"], setup["seq_len"])).astype(np.int64)
+    return cfg, dec, trainable, tokens, np.array(TRACE_POSITIONS, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every output, computed with the project's own functions
+def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, adam=ADAM):
+    """{name: array} of every output tensor (see `tensor_specs` for the list and meanings)."""
+    out = {}
+    logits, _, cache = forward(dec, cfg, tokens)                            # [B, T, V]
+    out["baseline.logits"] = logits
+    out["decoder_cache.k"] = np.stack(cache.k)                              # [L, B, H, T, Dh]
+    out["decoder_cache.v"] = np.stack(cache.v)
+    layout = build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    out["packed.position_ids"] = layout.packed_positions().astype(np.int64)  # [B, S]
+    out["packed.mask"] = layout.packed_may_attend()                          # [B, S, S]
+
+    def loss_fn(tr):
+        return loss_cached(dec, tr, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)[0]
+
+    loss, res = loss_cached(dec, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    out["latents"] = res["latents"]                                          # [B, K, N_L, D]
+    out["ahead.targets"] = layout.targets.astype(np.int64)                   # [B, K, N_A]
+    out["ahead.logits"] = res["logits"]                                      # [B, K, N_A, V]
+    out["trace_loss"] = res["nll"].mean(-1)                                  # [B, K]
+    out["loss"] = np.asarray(loss, dtype=np.float64)                         # []
+    state, losses, params = adam_init(trainable), [], dict(trainable)
+    for step in range(adam["steps"]):
+        value, grads, _ = value_and_grad(loss_fn, params)
+        if step == 0:
+            out.update({_grad_name(n): g for n, g in grads.items()})
+        losses.append(float(value))
+        params, state = adam_update(params, grads, state, adam["lr"], adam["beta1"], adam["beta2"],
+                                    adam["eps"], adam["weight_decay"])
+    out["adam.losses"] = np.array(losses)                                    # [steps]
+    return out
+
+
+def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, rtol=1e-9):
+    """Raise AssertionError unless packed, cached and sequential forms agree (loss, logits,
+    latents, every gradient). Run at export time; cheap at golden size."""
+    results = {}
+    for name, fn in (("cached", loss_cached), ("packed", loss_packed), ("sequential", loss_sequential)):
+        def loss_fn(tr, fn=fn):
+            loss, res = fn(dec, tr, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+            return loss, {}
+        _, res = fn(dec, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+        loss, grads, _ = value_and_grad(loss_fn, trainable)
+        results[name] = {"loss": loss, "logits": res["logits"], "latents": res["latents"],
+                         **{"grad." + k: g for k, g in grads.items()}}
+    for name in ("packed", "sequential"):
+        for key, ref in results["cached"].items():
+            got = results[name][key]
+            if not np.allclose(got, ref, rtol=rtol, atol=rtol * (np.abs(ref).max() + 1e-30)):
+                raise AssertionError(f"golden export: forms disagree on {key} (cached vs {name}, "
+                                     f"max diff {np.abs(got - ref).max():.3e}): refimpl has a bug; "
+                                     "run tests/test_objective.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, meanings and tolerances
+def _grad_name(name):
+    return "grad.soft_tokens" if name == SOFT_TOKENS else "grad.coprocessor." + name

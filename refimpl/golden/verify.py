@@ -1,0 +1,199 @@
+"""Verify: compare refimpl (recomputed from a golden file's own inputs) or another implementation's
+outputs with a golden set, tensor by tensor, the llm.c `test_gpt2` way: the first values side by
+side, max abs and max rel difference, OK / NOT OK, and PASS or FAIL.
+"""
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..core.coprocessor import SOFT_TOKENS
+from ..core.decoder import unflatten_params
+from ..errors import RefimplError, require
+from .spec import FORMAT_VERSION, MANIFEST, TENSORS
+from .state import ADAM, compute
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+def load(directory):
+    """(manifest, {name: array}) of a golden directory; malformed files raise RefimplError."""
+    directory = Path(directory)
+    mpath, tpath = directory / MANIFEST, directory / TENSORS
+    for p in (mpath, tpath):
+        require(p.is_file(), f"golden file {p} not found: pass a directory written by "
+                             "`refimpl golden export DIR`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RefimplError(f"golden manifest {mpath} is not valid JSON ({e}): regenerate it with "
+                           "`refimpl golden export DIR`") from None
+    require(isinstance(manifest, dict) and isinstance(manifest.get("tensors"), dict)
+            and "config" in manifest, f"golden manifest {mpath} lacks 'tensors' or 'config': "
+            "regenerate it with `refimpl golden export DIR`")
+    version = manifest.get("format_version")
+    require(version == FORMAT_VERSION, f"golden manifest {mpath} has format_version {version!r}, "
+            f"this refimpl reads {FORMAT_VERSION}: use the matching refimpl or regenerate the file")
+    _check_manifest(manifest, mpath)
+    arrays = load_npz(tpath, "golden tensors")
+    specs = manifest["tensors"]
+    missing = [n for n in specs if n not in arrays]
+    extra = [n for n in arrays if n not in specs]
+    require(not missing and not extra, f"golden {directory}: manifest and {TENSORS} disagree "
+            f"(missing in npz {missing[:3]}, not in manifest {extra[:3]}): regenerate both together")
+    for n, spec in specs.items():
+        require(list(arrays[n].shape) == list(spec.get("shape", [])),
+                f"golden {directory}: {n} has shape {list(arrays[n].shape)}, the manifest says "
+                f"{spec.get('shape')}: the files are from different exports; regenerate them")
+    return manifest, arrays
+
+
+def _check_manifest(manifest, mpath):
+    """The fields that verify reads: per-tensor shape and tolerances, config, adam, generator."""
+    fix = "regenerate it with `refimpl golden export DIR`"
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+    bad = [n for n, spec in manifest["tensors"].items() if not (isinstance(spec, dict) and number(
+        spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list))]
+    require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list or "
+                     f"numeric rtol/atol; {fix}")
+    c, adam = manifest["config"], manifest.get("adam")
+    require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
+            and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
+            and isinstance(adam.get("steps"), int) and all(number(adam.get(k)) for k in ADAM)
+            and isinstance(manifest.get("generator", {}), dict),
+            f"golden manifest {mpath} has a malformed config, adam or generator section; {fix}")
+    try:
+        ModelConfig.from_dict(c["model"])
+    except RefimplError as e:
+        raise RefimplError(f"golden manifest {mpath}: {e}; {fix}") from None
+
+
+def load_npz(path, what="tensors"):
+    """{name: array} from an .npz, never unpickling; a one-line RefimplError otherwise."""
+    path = Path(path)
+    require(path.is_file(), f"{what} file {path} not found: check the path")
+    require(zipfile.is_zipfile(path), f"{what} file {path} is not a readable .npz (not a zip "
+                                      "archive): write it with np.savez")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {n: z[n] for n in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise RefimplError(f"{what} file {path} holds object arrays, which are never "
+                               "unpickled: save plain numeric arrays (np.savez)") from None
+        raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
+                           "np.savez") from None
+    except Exception as e:  # OSError, zipfile.BadZipFile, EOFError, zlib.error, ...
+        raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
+                           "np.savez") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+def recompute(manifest, arrays):
+    """Every output tensor, recomputed from the inputs stored in a golden file."""
+    c = manifest["config"]
+    cfg = ModelConfig.from_dict(c["model"])
+    dec_flat = {n[len("decoder."):]: arrays[n] for n in arrays if n.startswith("decoder.")}
+    dec = unflatten_params(dec_flat, cfg.n_layers)
+    require("embed_tokens" in dec, "golden file lacks decoder.model.embed_tokens.weight: "
+            "regenerate it")
+    trainable = {n[len("coprocessor."):]: arrays[n] for n in arrays if n.startswith("coprocessor.")}
+    trainable[SOFT_TOKENS] = arrays["soft_tokens"]
+    return compute(cfg, dec, trainable, arrays["tokens"], arrays["trace_positions"],
+                   c["n_latents"], c["n_ahead"], c.get("ahead_positions", "continue"),
+                   {k: manifest["adam"][k] for k in ADAM})
+
+
+def compare(name, spec, expected, actual):
+    """One comparison -> dict(ok, max_abs, max_rel, line) for the report."""
+    e = np.asarray(expected)
+    if actual is None:
+        status = "MISSING" if spec.get("required") else "missing (optional)"
+        return {"ok": not spec.get("required"), "missing": True,
+                "line": f"{status:<8} {name} {list(e.shape)}"}
+    a = np.asarray(actual)
+    if a.shape != e.shape:
+        return {"ok": False, "missing": False, "max_abs": float("inf"), "max_rel": float("inf"),
+                "line": f"NOT OK   {name}: shape {list(a.shape)}, expected {list(e.shape)}"}
+    if e.dtype.kind in "biu":
+        ok = a.dtype.kind in "biu" and bool(np.array_equal(a, e))
+        diff = np.abs(a.astype(np.int64) - e.astype(np.int64)) if a.dtype.kind in "biu" else np.abs(a - e)
+        max_abs, max_rel = float(diff.max(initial=0)), None
+    else:
+        a64, e64 = a.astype(np.float64), e.astype(np.float64)
+        diff = np.abs(a64 - e64)
+        finite = bool(np.isfinite(a64).all())
+        ok = finite and bool((diff <= spec["atol"] + spec["rtol"] * np.abs(e64)).all())
+        max_abs = float(diff.max(initial=0)) if finite else float("inf")
+        big = np.abs(e64) > max(spec["atol"], 1e-300)
+        max_rel = float((diff[big] / np.abs(e64[big])).max(initial=0)) if finite else float("inf")
+    first = "  ".join(f"{_fmt(x)}|{_fmt(y)}" for x, y in zip(e.ravel()[:3], a.ravel()[:3]))
+    rel = "-" if max_rel is None else f"{max_rel:.2e}"
+    line = (f"{'OK' if ok else 'NOT OK':<8} {name} {list(e.shape)}  max_abs {max_abs:.2e}  "
+            f"max_rel {rel}  (rtol {spec['rtol']:g}, atol {spec['atol']:g})  "
+            f"expected|actual: {first}")
+    return {"ok": ok, "missing": False, "line": line, "max_abs": max_abs, "max_rel": max_rel}
+
+
+def _fmt(x):
+    return str(bool(x)) if isinstance(x, (bool, np.bool_)) else (
+        str(int(x)) if float(x).is_integer() and abs(x) < 1e6 else f"{float(x):.7g}")
+
+
+def verify(directory, actual=None, out=None):
+    """Compare tensor by tensor and print a report; True iff every compared tensor is OK.
+
+    actual None: recompute every output from the golden file's own inputs with refimpl.
+    actual FILE.npz: compare another implementation's tensors (same names). A name absent from
+    FILE is MISSING; it fails only if the manifest lists it in required_for_actual.
+    """
+    out = out or sys.stdout
+    manifest, golden = load(directory)
+    specs = manifest["tensors"]
+    if actual is None:
+        got = recompute(manifest, golden)
+        names = [n for n, s in specs.items() if s.get("role") == "output"]
+        source = "refimpl recomputed from the file's inputs"
+    else:
+        got = load_npz(actual, "actual tensors")
+        names = list(specs)
+        source = str(actual)
+    gen = manifest.get("generator", {})
+    print(f"golden {directory} (format {manifest['format_version']}, refimpl "
+          f"{gen.get('refimpl_version', '?')}) vs {source}", file=out)
+    rows = [compare(n, specs[n], golden[n], got.get(n)) for n in names]
+    for r in rows:
+        print(r["line"], file=out)
+    bad = [n for n, r in zip(names, rows) if not r["ok"]]
+    checked = [r for r in rows if not r["missing"]]
+    n_missing = sum(r["missing"] for r in rows)
+    extra = sorted(set(got) - set(specs)) if actual is not None else []
+    if extra:
+        print(f"note: {len(extra)} names not in the golden file were ignored: {', '.join(extra[:5])}"
+              + (" ..." if len(extra) > 5 else ""), file=out)
+    worst = max((r["max_rel"] for r in checked if r["max_rel"] is not None), default=0.0)
+    n_ok = sum(r["ok"] for r in checked)
+    n_req = sum(r["missing"] and not r["ok"] for r in rows)
+    print(f"{'PASS' if not bad else 'FAIL'}: {n_ok}/{len(checked)} compared tensors OK, "
+          f"{n_missing} missing ({n_req} required), worst max_rel {worst:.2e}"
+          + (f"; NOT OK or MISSING: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}" if bad else ""),
+          file=out)
+    return not bad
+
+
+def verify_all(directory, actual=None, out=None):
+    """`verify` on DIR, or on each convention's set in DIR/*/ (tiny_data/golden holds two)."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file() or not directory.is_dir():
+        return verify(directory, actual, out)
+    sets = sorted(d for d in directory.iterdir() if (d / MANIFEST).is_file())
+    require(sets, f"golden directory {directory} holds no {MANIFEST}, nor subfolders with one: pass a "
+                  "directory written by `refimpl golden export DIR`")
+    require(actual is None or len(sets) == 1, f"{directory} holds {len(sets)} golden sets "
+            f"({', '.join(d.name for d in sets)}): pass --actual with the one your port checks, e.g. "
+            f"{sets[0]}")
+    return all([verify(d, actual, out) for d in sets])

@@ -1,0 +1,51 @@
+"""Held-out measurement of the ahead tokens, used while training and by the evaluation.
+
+`ahead_nll` is the measurement behind the paper's Table 1: the loss of the n-th token after an
+augmentation point, n = 1..N_A, averaged over held-out sequences and sampled points. The same
+fixed points are used for the decoder alone (`trainable=None`) and with augmentation, so the two
+numbers differ only by the latents.
+"""
+import numpy as np
+
+from ..backend import to_numpy
+from ..core.layout import sample_trace_positions
+from ..core.objective import loss_cached
+from ..data.corpus import iter_eval_batches
+
+
+def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234):
+    """Fixed held-out windows and trace positions: a list of (tokens [B, T], positions [B, K])."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for tokens in iter_eval_batches(val_tokens, batch_size, seq_len):
+        if len(out) == n_batches:
+            break
+        out.append((tokens, sample_trace_positions(rng, tokens.shape[0], seq_len, n_traces, n_ahead)))
+    return out
+
+
+def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original"):
+    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
+    total, count = np.zeros(n_ahead), 0
+    for tokens, positions in heldout:
+        _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead, ahead_positions)
+        nll = to_numpy(out["nll"]).astype(np.float64)                       # [B, K, N_A]
+        total += nll.sum((0, 1))
+        count += nll.shape[0] * nll.shape[1]
+    return total / max(count, 1)
+
+
+def relative_ppl_change(base_nll, aug_nll):
+    """Relative perplexity change in %, per position: 100 * (exp(aug - base) - 1)."""
+    return 100.0 * np.expm1(np.asarray(aug_nll) - np.asarray(base_nll))
+
+
+def mean_row_norm(x):
+    """Mean L2 norm of the rows of x [..., D] (latents or token embeddings), a float."""
+    x = to_numpy(x).astype(np.float64)
+    return float(np.sqrt((x * x).sum(-1)).mean())
+
+
+def embedding_norm(dec_params):
+    """Mean L2 norm of the decoder's token embeddings, the scale latents are compared with."""
+    return mean_row_norm(dec_params["embed_tokens"])
