@@ -1,16 +1,22 @@
-"""`refimpl bench`: how fast the reference is, every figure measured side by side in ONE run.
+"""The benchmark harness behind `refimpl bench`: how fast the reference is, every figure measured
+side by side in ONE run.
 
     refimpl bench                        # demo preset, NumPy, float32: a readable table
     refimpl bench --json                 # one JSON object (docs/performance.md lists the fields)
     refimpl bench --preset gpu --backend cupy --json      # the GPU figures
 
-A timing alone says little on a shared machine, so every figure comes with the one it is
+It lives outside the package: `refimpl bench` (refimpl/cli.py, which owns the flags) loads this
+file by path and calls `run_bench(BenchConfig(...))`. Run as a script, `python benchmarks/bench.py
+'<BenchConfig as JSON>'`, it is the memory probe's child: one train step in a fresh process.
+
+A timing alone says little on a busy machine, so every figure comes with the one it is
 compared to, measured in the same process: the training step and the large-GEMM peak and the
 PyTorch step are timed in interleaved rounds, and the ratios are taken round by round (their
 median is reported). The load average before and after is recorded with them.
 
 What is timed (docs/performance.md has the method and the figures):
-- train_step_s: `train.train_step` (form B, `loss_cached` + value_and_grad + clip + Adam), median;
+- train_step_s: `refimpl.training.train.train_step` (form B, `loss_cached` + value_and_grad + clip
+  + Adam), median;
 - sequential_step_s: value_and_grad of form C (`loss_sequential`) at the same K, on a subset of
   the sequences, scaled linearly (its cost is linear in the number of traces), or on all;
 - peak_rss_mb_by_traces: one train step at K = 8, 16, 32, 64, each in a fresh subprocess;
@@ -19,6 +25,8 @@ What is timed (docs/performance.md has the method and the figures):
 - torch_train_step_s: the same step in PyTorch eager (benchmarks/torch_step.py), same weights.
 """
 import ctypes
+import gc
+import importlib.util
 import json
 import os
 import resource
@@ -31,10 +39,21 @@ from pathlib import Path
 
 import numpy as np
 
+import refimpl
 from refimpl.backend import get_dtype, get_xp, to_numpy
+from refimpl.config import get_preset
+from refimpl.core.coprocessor import augment, init_coprocessor
+from refimpl.core.decoder import extend, flatten_params, generate, init_params, prefill, sample_next
+from refimpl.core.layout import sample_trace_positions
+from refimpl.core.objective import loss_sequential
 from refimpl.errors import require
+from refimpl.training.autodiff import value_and_grad
+from refimpl.training.optim import adam_init
+from refimpl.training.train import TrainConfig, train_step
 
-TORCH_STEP = Path(__file__).resolve().parent / "torch_step.py"
+HERE = Path(__file__).resolve()                       # run by the memory probe as a script
+TORCH_STEP = HERE.parent / "torch_step.py"
+REFIMPL_ROOT = Path(refimpl.__file__).resolve().parents[1]  # the child imports this same refimpl
 
 # Targets of issue 7 (demo preset, float32, NumPy, one run); reported as met / missed, never hidden.
 TARGETS = {
@@ -86,12 +105,6 @@ QUICK = dict(batch_size=2, n_traces=4, n_latents=4, n_ahead=4, rounds=2, memory_
 # The case: a random decoder of the preset (timing does not depend on trained weights)
 def make_case(bc, n_traces=None):
     """Everything one train step needs: dict with cfg, dec, trainable, adam, tc, tokens, positions."""
-    from refimpl.config import get_preset
-    from refimpl.core.coprocessor import init_coprocessor
-    from refimpl.core.decoder import init_params
-    from refimpl.core.layout import sample_trace_positions
-    from refimpl.training.optim import adam_init
-    from refimpl.training.train import TrainConfig
     xp, dt = get_xp(bc.backend), get_dtype(bc.dtype)
     cfg = get_preset(bc.preset)
     K = n_traces or bc.n_traces
@@ -109,8 +122,7 @@ def make_case(bc, n_traces=None):
 
 
 def train_step_fn(case, lr=1e-4):
-    """A closure running `train.train_step` on the case (state carried over); returns the loss."""
-    from refimpl.training.train import train_step
+    """A closure running `train_step` on the case (state carried over); returns the loss."""
     tokens = case["xp"].asarray(case["tokens"])
 
     def step():
@@ -216,13 +228,11 @@ def _load():
 def load_torch_step():
     """The benchmarks/torch_step.py module, or (None, why not)."""
     try:
-        import importlib.util
-
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (optional)
     except ImportError:
         return None, "torch is not installed"
     if not TORCH_STEP.is_file():
-        return None, f"{TORCH_STEP} is missing (refimpl is not run from its source tree)"
+        return None, f"{TORCH_STEP} is missing"
     spec = importlib.util.spec_from_file_location("refimpl_bench_torch_step", TORCH_STEP)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -234,9 +244,7 @@ def make_torch_step(case, bc, threads):
     module, why = load_torch_step()
     if module is None:
         return None, why
-    import torch
-
-    from refimpl.core.decoder import flatten_params
+    import torch  # optional: load_torch_step found it
     device = "cpu"
     if bc.backend == "cupy":
         if not torch.cuda.is_available():
@@ -246,7 +254,8 @@ def make_torch_step(case, bc, threads):
         torch.set_num_threads(threads)                                     # the same count as BLAS
     host = lambda tree: {k: to_numpy(v) for k, v in tree.items()}  # noqa: E731
     step = module.TorchStep(host(flatten_params(case["dec"])), host(case["trainable"]),
-                            case["cfg"].to_dict(), bc.n_latents, bc.n_ahead, device=device)
+                            case["cfg"].to_dict(), bc.n_latents, bc.n_ahead, device=device,
+                            ahead_positions=case["tc"].ahead_positions)
     return step, None
 
 
@@ -291,8 +300,6 @@ def measure_train_steps(bc, threads, log):
 
 def measure_sequential(bc, log):
     """Form C's value_and_grad at the same K on `sequential_sequences` sequences, scaled to B."""
-    from refimpl.core.objective import loss_sequential
-    from refimpl.training.autodiff import value_and_grad
     case = make_case(bc)
     n = bc.batch_size if bc.sequential_sequences <= 0 else min(bc.sequential_sequences, bc.batch_size)
     xp = case["xp"]
@@ -315,8 +322,6 @@ def measure_sequential(bc, log):
 
 def measure_latency(bc, log):
     """Augment (coprocessor + decoder over N_L latents) vs N_L decode steps, after one prompt."""
-    from refimpl.core.coprocessor import augment
-    from refimpl.core.decoder import extend, generate, prefill, sample_next
     case = make_case(bc)
     cfg, dec, trainable, xp = case["cfg"], case["dec"], case["trainable"], case["xp"]
     prompt_len = max(1, cfg.max_seq_len - bc.n_latents - 1)
@@ -345,13 +350,14 @@ def measure_latency(bc, log):
 
 def measure_memory(bc, threads, log):
     """Peak memory of one train step at each K in memory_traces, each in a fresh subprocess."""
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REFIMPL_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     if threads:
         env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     by_k = {}
     for k in bc.memory_traces:
         conf = json.dumps({**asdict(replace(bc, n_traces=k)), "memory_traces": []})
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), conf], env=env,
+        proc = subprocess.run([sys.executable, str(HERE), conf], env=env,
                               capture_output=True, text=True)
         require(proc.returncode == 0, f"the memory probe at K={k} failed: {proc.stderr.strip()[-500:]}")
         by_k[str(k)] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -371,7 +377,6 @@ def _memory_probe(conf):
     bc = BenchConfig(**{**conf, "memory_traces": tuple(conf["memory_traces"])})
     case = make_case(bc)
     step = train_step_fn(case)
-    import gc
     gc.collect()
     reset = _reset_peak_rss()
     baseline = _proc_status_mb("VmRSS")
@@ -414,7 +419,6 @@ def run_bench(bc, log=lambda m: None):
               "batch_size": bc.batch_size, "n_latents": bc.n_latents, "n_ahead": bc.n_ahead,
               "blas_threads": threads, "cpu_count": os.cpu_count(), "load_average_start": _load(),
               "bench_config": asdict(bc)}
-    from refimpl.config import get_preset
     result["seq_len"] = get_preset(bc.preset).max_seq_len
     result.update(measure_train_steps(bc, threads or bc.threads, log))
     result.update(measure_sequential(bc, log))
@@ -484,48 +488,8 @@ def _verdict(met):
     return "n/a" if met is None else ("met" if met else "MISSED")
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-def add_arguments(p):
-    from refimpl.backend import BACKENDS
-    from refimpl.cli import nonneg_int, positive_int
-    from refimpl.config import PRESETS
-    d = BenchConfig()
-    p.add_argument("--preset", choices=list(PRESETS), default=d.preset)
-    p.add_argument("--backend", choices=list(BACKENDS), default=d.backend)
-    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    p.add_argument("--traces", type=positive_int, default=None,
-                   help=f"K for the step timing (default {d.n_traces})")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"B (default {d.batch_size})")
-    p.add_argument("--rounds", type=positive_int, default=None, help=f"timed rounds (default {d.rounds})")
-    p.add_argument("--memory-traces", type=positive_int, nargs="*", default=None,
-                   help="K values of the memory probe (default 8 16 32 64; none to skip)")
-    p.add_argument("--sequential-sequences", type=nonneg_int, default=None,
-                   help="time form C on this many sequences and scale (default 1; 0: all)")
-    p.add_argument("--threads", type=nonneg_int, default=0, help="BLAS and torch threads (default: as is)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def config_from_args(args):
-    bc = BenchConfig(preset=args.preset, backend=args.backend, dtype=args.dtype, threads=args.threads,
-                     torch=not args.no_torch)
-    if args.quick:
-        bc = replace(bc, **QUICK)
-    given = {"n_traces": args.traces, "batch_size": args.batch_size, "rounds": args.rounds,
-             "sequential_sequences": args.sequential_sequences,
-             "memory_traces": None if args.memory_traces is None else tuple(args.memory_traces)}
-    return replace(bc, **{k: v for k, v in given.items() if v is not None})
-
-
-def run(args):
-    bc = config_from_args(args)
-    log = (lambda m: None) if args.json else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
-    result = run_bench(bc, log)
-    print(json.dumps(result) if args.json else render_table(result))
-    return 0
-
-
 if __name__ == "__main__":                                                 # the memory probe's child
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/bench.py '<BenchConfig as JSON>' (the memory probe's child); "
+                 "to benchmark, run `refimpl bench`")
     _memory_probe(json.loads(sys.argv[1]))

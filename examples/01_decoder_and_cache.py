@@ -1,4 +1,4 @@
-"""The decoder and its explicit kv-cache (SPEC §3).
+"""The decoder and its explicit kv-cache (docs/method.md §1).
 
 Runs a prompt through the decoder in one call, then again in chunks through the cache, and shows
 that both give the same logits: the cached == uncached invariant. Prints the cache's layout.
@@ -12,7 +12,7 @@ import numpy as np
 
 from refimpl.config import get_preset
 from refimpl.core import decoder as dec
-from refimpl.data.corpus import TINY_DATA
+from refimpl.data.corpus import SHIPPED_DECODER
 from refimpl.data.tokenizer import load_tokenizer
 from refimpl.training.checkpoint import load_decoder
 
@@ -23,7 +23,7 @@ def main(small):
         cfg = get_preset("nano", vocab_size=tok.n_vocab)
         params = dec.init_params(cfg, seed=0)
     else:
-        params, cfg, _ = load_decoder(TINY_DATA / "checkpoints" / "decoder-demo.npz")
+        params, cfg, _ = load_decoder(SHIPPED_DECODER)
     tokens = np.array([[tok.eot_id] + tok.encode("Q: 348+275=? A: 623")])      # [1, T]
     T = tokens.shape[1]
     logits, h, cache = dec.forward(params, cfg, tokens)                        # one call

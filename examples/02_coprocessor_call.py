@@ -1,6 +1,14 @@
-"""One coprocessor call (SPEC §4-5): decoder cache + soft tokens -> N_L latents, appended.
+"""One coprocessor call (docs/method.md §2-3): decoder cache + soft tokens -> N_L latents, appended.
 
-    python examples/02_coprocessor_call.py [--coprocessor runs/demo/copy-nl16/coprocessor.npz] [--small]
+Prefills a prompt, calls the coprocessor ONCE on its cache, appends the latents, then decodes the
+prompt with and without them through evaluation.generate.complete, the one implementation of
+augmented decoding, under the position convention read from the checkpoint: the "augmented"
+completion is what `refimpl generate` prints after the same prompt.
+
+    refimpl demo --quick                                                  # writes runs/demo/runs/copy-nl8/
+    python examples/02_coprocessor_call.py --coprocessor runs/demo/runs/copy-nl8
+    python examples/02_coprocessor_call.py            # the shipped decoder, an untrained coprocessor
+    python examples/02_coprocessor_call.py --small    # a random nano decoder (seconds)
 """
 import argparse
 
@@ -9,39 +17,55 @@ import numpy as np
 from refimpl.config import get_preset
 from refimpl.core import decoder as dec
 from refimpl.core.coprocessor import augment, init_coprocessor
-from refimpl.data.corpus import TINY_DATA
+from refimpl.data.corpus import SHIPPED_DECODER
 from refimpl.data.tokenizer import load_tokenizer
-from refimpl.training.checkpoint import load_coprocessor, load_decoder
+from refimpl.evaluation.generate import DEFAULT_CONVENTION, complete, trained_convention
+from refimpl.training.checkpoint import coprocessor_file, load_coprocessor, load_decoder
 from refimpl.training.heldout import embedding_norm, mean_row_norm
 
+PROMPT, NEW_TOKENS = "Q: 348+275=? A:", 5
 
-def main(small, coprocessor, n_latents=8):
-    tok = load_tokenizer()
+
+def load(small, coprocessor, n_latents=8):
+    """(decoder params, cfg, trainable, ahead_positions): the coprocessor trained against the shipped
+    decoder, or an untrained one (a copy of the decoder plus random soft tokens) under the default."""
     if small:
-        cfg = get_preset("nano", vocab_size=tok.n_vocab)
-        params, dec_hash = dec.init_params(cfg, seed=0), None
-    else:
-        params, cfg, meta = load_decoder(TINY_DATA / "checkpoints" / "decoder-demo.npz")
-        dec_hash = meta["decoder_hash"]
-    if coprocessor:
-        trainable, _, _ = load_coprocessor(coprocessor, dec_hash)
-    else:   # an untrained coprocessor: a copy of the decoder plus random soft tokens
-        trainable = init_coprocessor(params, cfg, n_latents)
-    prompt = np.array([[tok.eot_id] + tok.encode("Q: 348+275=? A:")])           # [1, p+1]
-    logits, cache = dec.prefill(params, cfg, prompt)                            # C_p
-    z = augment(trainable, cfg, cache)                                          # [1, N_L, D], ONE call
-    print(f"prompt of {prompt.shape[1]} tokens -> latents z {z.shape}")
+        cfg = get_preset("nano", vocab_size=load_tokenizer().n_vocab)
+        params = dec.init_params(cfg, seed=0)
+        return params, cfg, init_coprocessor(params, cfg, n_latents), DEFAULT_CONVENTION
+    params, cfg, meta = load_decoder(SHIPPED_DECODER)
+    if not coprocessor:
+        return params, cfg, init_coprocessor(params, cfg, n_latents), DEFAULT_CONVENTION
+    trainable, _, cop_meta = load_coprocessor(coprocessor_file(coprocessor), meta["decoder_hash"])
+    return params, cfg, trainable, trained_convention(cop_meta)
+
+
+def main(small, coprocessor):
+    tok = load_tokenizer()
+    params, cfg, trainable, ahead = load(small, coprocessor)
+    prompt = np.array([[tok.eot_id] + tok.encode(PROMPT)])                    # [1, p+1]
+    p = prompt.shape[1] - 1
+    _, cache = dec.prefill(params, cfg, prompt)                               # C_p
+    z = augment(trainable, cfg, cache)                                        # [1, N_L, D], ONE call
+    print(f"prompt of {p + 1} tokens -> latents z {z.shape}")
     print(f"latent norm {mean_row_norm(z):.2f} vs token-embedding norm {embedding_norm(params):.2f}")
-    lat_logits, aug_cache = dec.extend(params, cfg, cache, z)                   # positions p+1..p+N_L
+    _, aug_cache = dec.extend(params, cfg, cache, z)                          # positions p+1..p+N_L
     print(f"cache {cache.length} -> {aug_cache.length} slots; positions {aug_cache.positions[0].tolist()}")
-    for name, c, last in (("plain", cache, logits[:, -1]), ("augmented", aug_cache, lat_logits[:, -1])):
-        new, _ = dec.generate(params, cfg, c, last, n_new=5)
-        print(f"{name:>9}: {tok.decode(prompt[0, 1:])!r} -> {tok.decode(new[0])!r}")
+    first = p + 1 if ahead == "original" else p + 1 + z.shape[1]
+    print(f"tokens after the latents: ahead_positions={ahead!r}, the first at position {first}")
+    for name, t in (("plain", None), ("augmented", trainable)):
+        texts, _ = complete(params, cfg, tok, [PROMPT], t, max_new_tokens=NEW_TOKENS, ahead_positions=ahead)
+        print(f"{name:>9}: {PROMPT!r} -> {texts[0]!r}")
+    if coprocessor:
+        print(f"the augmented completion is what this prints after the prompt: refimpl generate "
+              f"--coprocessor {coprocessor} --prompt '{PROMPT}' --max-new-tokens {NEW_TOKENS}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="random nano decoder instead of the shipped one")
-    ap.add_argument("--coprocessor", default=None, help="a coprocessor.npz from `refimpl train`")
+    ap.add_argument("--coprocessor", default=None, help="a run folder or coprocessor.npz from `refimpl train`")
     a = ap.parse_args()
+    if a.small and a.coprocessor:
+        ap.error("--coprocessor needs the shipped decoder it was trained against: drop --small")
     main(a.small, a.coprocessor)

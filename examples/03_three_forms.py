@@ -1,7 +1,7 @@
-"""One training step's loss and gradients in the three forms of SPEC §6, which must agree.
+"""One training step's loss and gradients in the three forms of docs/method.md §4, which must agree.
 
 A: one decoder pass with the packed multi-trace mask (the paper's Fig. 2b);
-B: the cached three-pass form that training uses;
+B: the cached form that training uses (one prefill, then the soft slots and the groups against it);
 C: a per-trace loop through the inference API (prefill, augment, extend) - the ground truth.
 
     python examples/03_three_forms.py
@@ -25,7 +25,7 @@ def main(n_latents=2, n_ahead=3, n_traces=3):
     positions = sample_trace_positions(rng, 2, 12, n_traces, n_ahead)     # [B, K]
     print("trace positions (insert after token index):", positions.tolist())
     layout = build_layout(tokens, positions, n_latents, n_ahead)
-    print("packed mask of sequence 0 ('#' = may attend; z = latent slot):")
+    print("packed mask of sequence 0 ('#' = may attend; zk, ak = latent, ahead slots of trace k):")
     labels = [f"x{i}" for i in range(12)] + [f"z{k}" if j < n_latents else f"a{k}"
                                              for k in range(n_traces) for j in range(layout.group_len)]
     print(format_mask(layout.packed_may_attend()[0], labels=labels))

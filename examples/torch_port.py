@@ -1,22 +1,25 @@
 """An independent PyTorch port of the cache-augmentation training loss, checked by golden vectors.
 
-    python examples/torch_port.py tiny_data/golden /tmp/port.npz [--dtype float32]
-    refimpl golden verify tiny_data/golden --actual /tmp/port.npz
+    python examples/torch_port.py tiny_data/golden/original /tmp/port.npz [--dtype float32]
+    refimpl golden verify tiny_data/golden/original --actual /tmp/port.npz
 
-It reads ONLY the golden files (manifest.json for the config and Adam settings; tensors.npz for
-the weights, tokens, trace positions and soft tokens) and never imports refimpl. It is written
-from the conventions in docs/golden.md, in plain torch (a ~60-line Llama), and computes the loss
-a different way from refimpl's training code: the decoder runs the packed one-pass form (the
-paper's Fig. 2: original tokens followed by all K trace groups, one [S, S] mask, built here by
-explicit loops), while refimpl's golden outputs come from its cached three-pass form. Gradients
-are torch autograd's, and the 5 steps use torch.optim.AdamW. It writes every tensor under the
-golden names.
+It reads ONLY the golden files (manifest.json for the config, the position convention
+config.ahead_positions and the Adam settings; tensors.npz for the weights, tokens, trace
+positions and soft tokens) and never imports refimpl. It is written from the conventions in
+docs/golden.md, in plain torch (a ~60-line Llama), and computes the loss a different way from
+refimpl's training code: the decoder runs the packed one-pass form (the paper's Fig. 2: original
+tokens followed by all K trace groups, one [S, S] mask, built here by explicit loops), while
+refimpl's golden outputs come from its cached three-pass form. Gradients are torch autograd's,
+and the 5 steps use torch.optim.AdamW. It writes every tensor under the golden names.
 
---bug NAME plants one classic porting mistake, to show that the golden file catches it:
+--bug NAME plants one classic porting mistake, to show that the golden set catches it:
   rope-interleaved   pair dims (2i, 2i+1) instead of (i, i + Dh/2) (the GPT-NeoX/GPT-J mix-up)
   latent-positions   give latents the position ids p+j instead of p+1+j
   coprocessor-is-decoder  run the coprocessor with the decoder's weights
   no-final-norm      read the latents before the coprocessor's final RMSNorm
+  ahead-positions    number the ahead tokens by the other set's convention
+  gqa-tiled          grouped-query attention with the key/value heads tiled [a, b, a, b] instead of
+                     repeated in place [a, a, b, b] (only the grouped-query set, tiny_data/golden/gqa)
 """
 import argparse
 import json
@@ -26,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUGS = ("rope-interleaved", "latent-positions", "coprocessor-is-decoder", "no-final-norm")
+BUGS = ("rope-interleaved", "latent-positions", "coprocessor-is-decoder", "no-final-norm", "ahead-positions",
+        "gqa-tiled")
+CONVENTIONS = ("original", "continue")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,25 +54,34 @@ def rope(x, pos, theta, bug=None):
     return x * ang.cos().to(x.dtype) + torch.cat([-x2, x1], -1) * ang.sin().to(x.dtype)
 
 
+def repeat_kv(x, rep, bug=None):
+    # grouped-query attention: [B, Hkv, S, Dh] -> [B, Hkv*rep, S, Dh], query head i reads kv head i // rep
+    if bug == "gqa-tiled":
+        return x.repeat(1, rep, 1, 1)                                          # kv heads [a, b, a, b]: wrong
+    return x.repeat_interleave(rep, dim=1)                                     # [a, a, b, b]
+
+
 def llama(w, x, pos, may_attend, cfg, past=None, final_norm=True, bug=None):
     """Embeddings x [B, S, D] -> hidden states [B, S, D] (after model.norm), and per layer the
-    new keys (after RoPE) and values [B, H, S, Dh]. past: per layer (k, v) [B, H, Tc, Dh] placed
-    before the new slots; may_attend bool [B, S, Tc + S]."""
+    new keys (after RoPE) and values [B, Hkv, S, Dh] (Hkv = n_kv_heads, or H without one).
+    past: per layer (k, v) [B, Hkv, Tc, Dh] placed before the new slots; may_attend bool [B, S, Tc + S]."""
     B, S, D = x.shape
     H, eps = cfg["n_heads"], cfg["norm_eps"]
+    Hkv = cfg.get("n_kv_heads") or H
     dh = D // H
-    split = lambda t: t.view(B, S, H, dh).transpose(1, 2)                      # [B, H, S, Dh]
+    split = lambda t, heads: t.view(B, S, heads, dh).transpose(1, 2)           # [B, heads, S, Dh]
     bias = torch.zeros(may_attend.shape, dtype=x.dtype).masked_fill(~may_attend, -math.inf)[:, None]
     new_kv = []
     for i in range(cfg["n_layers"]):
         p = f"model.layers.{i}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        q = rope(split(h @ w[p + "self_attn.q_proj.weight"].T), pos, cfg["rope_theta"], bug)
-        k = rope(split(h @ w[p + "self_attn.k_proj.weight"].T), pos, cfg["rope_theta"], bug)
-        v = split(h @ w[p + "self_attn.v_proj.weight"].T)
+        q = rope(split(h @ w[p + "self_attn.q_proj.weight"].T, H), pos, cfg["rope_theta"], bug)
+        k = rope(split(h @ w[p + "self_attn.k_proj.weight"].T, Hkv), pos, cfg["rope_theta"], bug)
+        v = split(h @ w[p + "self_attn.v_proj.weight"].T, Hkv)
         new_kv.append((k, v))
         if past is not None:
             k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        k, v = repeat_kv(k, H // Hkv, bug), repeat_kv(v, H // Hkv, bug)          # [B, H, Tc + S, Dh]
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + bias, -1) @ v
         x = x + att.transpose(1, 2).reshape(B, S, D) @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
@@ -78,9 +92,12 @@ def llama(w, x, pos, may_attend, cfg, past=None, final_norm=True, bug=None):
 
 # ---------------------------------------------------------------------------------------------
 # The trace layout, written out element by element
-def trace_masks(trace_positions, T, n_latents, n_ahead):
+def trace_masks(trace_positions, T, n_latents, n_ahead, ahead_positions):
     """(packed positions int [B, S], packed mask bool [B, S, S], coprocessor positions [B, K*N_L],
-    coprocessor mask bool [B, K*N_L, T + K*N_L], read-out slots [K*N_A])."""
+    coprocessor mask bool [B, K*N_L, T + K*N_L], read-out slots [K*N_A]).
+
+    ahead_positions: "original" gives ahead token x_{p+1+a} its own position p+1+a; "continue"
+    counts on after the latents, p+N_L+1+a."""
     B, K = trace_positions.shape
     G = n_latents + n_ahead - 1
     S = T + K * G
@@ -94,9 +111,12 @@ def trace_masks(trace_positions, T, n_latents, n_ahead):
             mask[b, t, :t + 1] = True                          # originals: causal
         for k in range(K):
             p = int(trace_positions[b, k])
-            for j in range(G):                                 # latents p+1.., ahead p+N_L+1..
+            for j in range(G):                                 # latents j < N_L, then ahead tokens
                 s = T + k * G + j
-                pos[b, s] = p + 1 + j
+                if j < n_latents or ahead_positions == "continue":
+                    pos[b, s] = p + 1 + j                      # latents p+1..; continue: ahead p+N_L+1..
+                else:
+                    pos[b, s] = p + 1 + j - n_latents          # original: ahead x_{p+1+a} at p+1+a
                 mask[b, s, :p + 1] = True                      # x_0..x_p
                 mask[b, s, T + k * G:s + 1] = True             # own group, causally
             for j in range(n_latents):
@@ -116,7 +136,10 @@ def training_loss(dec, cop, soft, tokens, trace_positions, cfg, bug=None):
     K = trace_positions.shape[1]
     NL, NA, D = cfg["n_latents"], cfg["n_ahead"], cfg["d_model"]
     E = dec["model.embed_tokens.weight"]
-    pos, mask, cpos, cmask, readout = trace_masks(trace_positions.numpy(), T, NL, NA)
+    ahead = cfg["ahead_positions"]
+    if bug == "ahead-positions":
+        ahead = CONVENTIONS[1 - CONVENTIONS.index(ahead)]
+    pos, mask, cpos, cmask, readout = trace_masks(trace_positions.numpy(), T, NL, NA, ahead)
     if bug == "latent-positions":
         cpos = cpos - 1
     causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
@@ -143,7 +166,7 @@ def training_loss(dec, cop, soft, tokens, trace_positions, cfg, bug=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("golden", help="golden directory (manifest.json, tensors.npz)")
+    ap.add_argument("golden", help="one golden set (manifest.json, tensors.npz): tiny_data/golden/original")
     ap.add_argument("out", help="where to write the port's tensors (.npz)")
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--bug", choices=BUGS, help="plant one porting mistake (see the docstring)")
@@ -151,7 +174,10 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     manifest = json.loads((Path(args.golden) / "manifest.json").read_text())
     c = manifest["config"]
-    cfg = {**c["model"], "n_latents": c["n_latents"], "n_ahead": c["n_ahead"]}
+    cfg = {**c["model"], "n_latents": c["n_latents"], "n_ahead": c["n_ahead"],
+           "ahead_positions": c.get("ahead_positions", "continue")}     # older manifests: continue
+    if cfg["ahead_positions"] not in CONVENTIONS:
+        ap.error(f"config.ahead_positions {cfg['ahead_positions']!r} is not one of {CONVENTIONS}")
     with np.load(Path(args.golden) / "tensors.npz", allow_pickle=False) as z:
         g = {n: z[n] for n in z.files}
     dec = {n[len("decoder."):]: torch.tensor(a, dtype=dtype) for n, a in g.items() if n.startswith("decoder.")}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .backend import BACKENDS, DTYPES
-from .config import PRESETS
+from .config import PRESETS, get_preset
 from .errors import RefimplError, require
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -69,9 +69,36 @@ def _dataclass_args(p, config, kinds, helps=None):
         p.add_argument(_flag(name), type=kind, default=defaults[name], help=(helps or {}).get(name))
 
 
+def _force_arg(p):
+    p.add_argument("--force", action="store_true", help="skip the memory pre-flight: run even when the "
+                   "estimated peak memory exceeds what is available (the kernel may then kill the run)")
+
+
+def _itemsize(args):
+    return 8 if getattr(args, "dtype", None) == "float64" else 4
+
+
+def _stored_config(path):
+    """The ModelConfig in a checkpoint's JSON sidecar, read without loading its arrays (None if unreadable:
+    loading the checkpoint then reports the problem)."""
+    from .config import ModelConfig
+    from .training.checkpoint import checkpoint_paths
+    try:
+        return ModelConfig.from_dict(json.loads(checkpoint_paths(path)[1].read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, RefimplError):
+        return None
+
+
+def _preflight(estimate_of, sizes, adjustable, args):
+    """Refuse, before anything is allocated or written, a run whose estimated peak memory cannot fit."""
+    from .memory import check_fits
+    check_fits(estimate_of, sizes, adjustable, getattr(args, "backend", "numpy"), args.force)
+
+
 def _decoder_path(args):
     from .data.corpus import SHIPPED_DECODER
-    return args.decoder or SHIPPED_DECODER
+    from .data.pretrained import decoder_file
+    return decoder_file(args.decoder) if args.decoder else SHIPPED_DECODER  # a name: the fetched model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,10 +107,18 @@ def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller version that takes under a minute")
     _model_args(p, dtype=False)
+    _force_arg(p)
 
 
 def _demo(args):
-    from .demo import run_demo
+    from .demo import plan, run_demo
+    from .memory import train_step
+    cfg = _stored_config(_decoder_path(args))
+    if cfg is not None:
+        largest = max((tc for _, tc in plan(args.quick, args.backend)),
+                      key=lambda tc: tc.n_latents * tc.n_traces * tc.batch_size)
+        _preflight(lambda **k: train_step(cfg, **k), dict(batch_size=largest.batch_size, seq_len=cfg.max_seq_len,
+                   n_traces=largest.n_traces, n_latents=largest.n_latents, n_ahead=largest.n_ahead), [], args)
     run_demo(args.out, args.quick, args.decoder, args.backend)
 
 
@@ -114,12 +149,20 @@ def _pretrain_args(p):
     p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (GPU)")
     p.add_argument("--out", default=None, help="output directory (default runs/pretrain-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    _force_arg(p)
 
 
 def _pretrain(args):
+    from .config import get_preset
+    from .memory import pretrain_step
     from .training.checkpoint import run_lock
     from .training.pretrain import DEFAULTS, pretrain
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    cfg = get_preset(given.get("preset", DEFAULTS["preset"]))
+    sizes = dict(batch_size=given.get("batch_size", DEFAULTS["batch_size"]),
+                 seq_len=given.get("seq_len") or cfg.max_seq_len)
+    _preflight(lambda **k: pretrain_step(cfg, itemsize=8 if given.get("dtype") == "float64" else 4, **k), sizes,
+               ["batch_size", "seq_len"], args)
     out = args.out or f"runs/pretrain-{given.get('preset', DEFAULTS['preset'])}"
     with run_lock(out):  # a second run into the same --out is refused
         pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
@@ -129,8 +172,8 @@ def _pretrain(args):
 # train
 def _train_args(p):
     from .core.coprocessor import INITS, MODES
-    from .core.layout import AHEAD_POSITIONS
-    from .training.train import TrainConfig
+    from .core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
+    from .training.train import SOFT_INITS, TrainConfig
     p.add_argument("--out", required=True, help="output directory")
     _dataclass_args(p, TrainConfig, {
         **dict.fromkeys(("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"), positive_int),
@@ -142,17 +185,31 @@ def _train_args(p):
     p.add_argument("--ahead-positions", choices=AHEAD_POSITIONS, default=d.ahead_positions,
                    help="position ids of the tokens after the latents: their original positions (default) "
                         "or counting on after the latents (docs/choices.md)")
+    p.add_argument("--latent-positions", choices=LATENT_POSITIONS, default=d.latent_positions,
+                   help=f"position ids of the latents (default {d.latent_positions}): behind the augmentation point "
+                        "(p-N_L+1..p, the last latent where the decoder predicts x_{p+1}) or after it (p+1..p+N_L); "
+                        "docs/results.md")
+    p.add_argument("--soft-init", choices=SOFT_INITS, default=d.soft_init,
+                   help="soft-token init: N(0, std of the token embeddings), rows of the token embeddings, or zero")
     _model_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
                    help="stop (and save) after this step, keeping the schedule of --steps")
     p.add_argument("--quiet", action="store_true")
+    _force_arg(p)
 
 
 def _train(args):
+    from .memory import train_step
     from .training.checkpoint import run_lock
     from .training.train import TrainConfig, train
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    cfg = _stored_config(_decoder_path(args))
+    if cfg is not None:
+        sizes = dict(batch_size=tc.batch_size, seq_len=tc.seq_len or cfg.max_seq_len, n_traces=tc.n_traces,
+                     n_latents=tc.n_latents, n_ahead=tc.n_ahead)
+        _preflight(lambda **k: train_step(cfg, mode=tc.mode, itemsize=_itemsize(args), **k), sizes,
+                   ["n_latents", "batch_size", "n_traces", "n_ahead", "seq_len"], args)
     with run_lock(args.out):  # a second run into the same --out is refused
         m = train(_decoder_path(args), tc, args.out, args.backend, args.dtype, args.resume, args.quiet,
                   args.stop_after)
@@ -175,6 +232,9 @@ def _golden_args(parser):
                    help=f"seed of the golden state (default {SETUP['seed']}, the committed sets)")
     p.add_argument("--ahead-positions", choices=("original", "continue"), default="original",
                    help="the position convention of the set (default original)")
+    p.add_argument("--gqa", action="store_true", help="the grouped-query state (4 query heads, 2 key/value "
+                   "heads; the committed set tiny_data/golden/gqa) instead of the multi-head one")
+    _force_arg(p)
     p = sub.add_parser("verify", help="check refimpl (or another implementation) against DIR",
                        description="Recompute every output from DIR's inputs and compare, or with --actual "
                                    "compare another implementation's tensors. DIR may hold one set or one "
@@ -191,7 +251,7 @@ def _golden(args):
             "or `refimpl golden verify DIR [--actual FILE.npz]`")
     if command == "verify":
         return 0 if verify_all(args.dir, args.actual) else 1
-    manifest = export(args.dir, seed=args.seed, ahead_positions=args.ahead_positions)
+    manifest = export(args.dir, seed=args.seed, ahead_positions=args.ahead_positions, gqa=args.gqa)
     size = sum((Path(args.dir) / f).stat().st_size for f in (MANIFEST, TENSORS))
     print(f"wrote {len(manifest['tensors'])} tensors to {args.dir}/{TENSORS} and {args.dir}/{MANIFEST} "
           f"({size / 1024:.0f} KiB)")
@@ -209,13 +269,15 @@ def _eval_args(p):
     _dataclass_args(p, EvalConfig, {
         **dict.fromkeys(("eval_batches", "batch_size", "n_traces", "prompt_batch", "max_new_tokens",
                          "latency_repeats"), positive_int),
-        **dict.fromkeys(("seq_len", "horizon", "limit", "seed"), nonneg_int)},
+        **dict.fromkeys(("seq_len", "horizon", "limit", "seed", "skip_windows"), nonneg_int)},
         {"seq_len": "0: max_seq_len", "horizon": "0: 2 x the largest N_A", "limit": "0: all prompts",
          "seed": "of the held-out points"})
-    p.add_argument("--split", choices=("val", "test"), default=EvalConfig.split, help="reasoning prompts")
+    p.add_argument("--split", choices=("val", "test", "long"), default=EvalConfig.split,
+                   help="reasoning prompts ('long': 3..5-digit answers only)")
     p.add_argument("--delays", type=nonneg_int, nargs="+", default=list(EvalConfig.delays), help="Table 8 delays")
     _model_args(p)
     p.add_argument("--quiet", action="store_true")
+    _force_arg(p)
 
 
 def _eval(args):
@@ -224,6 +286,12 @@ def _eval(args):
     from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
     ec = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name != "delays"},
                     delays=tuple(args.delays))
+    cfg = _stored_config(_decoder_path(args))
+    if cfg is not None:
+        from .memory import evaluation
+        sizes = dict(batch_size=ec.batch_size, seq_len=ec.seq_len or cfg.max_seq_len, n_traces=ec.n_traces,
+                     n_latents=64, horizon=ec.horizon or 32)
+        _preflight(lambda **k: evaluation(cfg, itemsize=_itemsize(args), **k), sizes, ["batch_size", "n_traces"], args)
     log = (lambda m: None) if args.quiet else (lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
     report, runs = evaluate_runs(_decoder_path(args), run_paths(args.coprocessor, args.runs), ec,
                                  args.backend, args.dtype, log)
@@ -250,10 +318,17 @@ def _generate_args(p):
                    "background thread and its latents are appended after N new tokens")
     p.add_argument("--stop-at-newline", action="store_true", help="end each completion at a newline")
     _model_args(p)
+    _force_arg(p)
 
 
 def _generate(args):
     from .evaluation.generate import generate_from_files
+    from .memory import generation
+    cfg = _stored_config(_decoder_path(args))
+    if cfg is not None:                                      # a prompt has at most one token per byte, + eot
+        sizes = dict(batch_size=len(args.prompt), prompt_len=1 + max(len(p.encode()) for p in args.prompt),
+                     max_new_tokens=args.max_new_tokens, n_latents=64)
+        _preflight(lambda **k: generation(cfg, itemsize=_itemsize(args), **k), sizes, ["max_new_tokens"], args)
     texts = generate_from_files(_decoder_path(args), args.coprocessor, args.prompt, args.backend, args.dtype,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 seed=args.seed, delay=args.delay, stop_at_newline=args.stop_at_newline)
@@ -277,6 +352,7 @@ def _bench_args(p):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _force_arg(p)
 
 
 def load_bench():
@@ -298,9 +374,28 @@ def _bench(args):
              "sequential_sequences": args.sequential_sequences,
              "memory_traces": None if args.memory_traces is None else tuple(args.memory_traces)}
     bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
+    from .memory import train_step
+    cfg = get_preset(bc.preset)
+    sizes = dict(batch_size=bc.batch_size, seq_len=cfg.max_seq_len, n_latents=bc.n_latents, n_ahead=bc.n_ahead,
+                 n_traces=max((bc.n_traces, *bc.memory_traces)))
+    _preflight(lambda **k: train_step(cfg, itemsize=_itemsize(args), **k), sizes, ["batch_size", "n_traces"], args)
     log = (lambda m: None) if args.json else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
     result = bench.run_bench(bc, log)
     print(json.dumps(result) if args.json else bench.render_table(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# fetch
+def _fetch_args(p):
+    from .data.pretrained import CACHE_ENV, MODELS
+    p.add_argument("name", choices=list(MODELS), help=f"the model; it is cached in ${CACHE_ENV} "
+                   "(default ~/.cache/refimpl) and then usable as --decoder NAME")
+
+
+def _fetch(args):
+    from .llm.fetch import fetch
+    path = fetch(args.name, log=lambda m: print(f"fetch: {m}", file=sys.stderr, flush=True))
+    print(f"{args.name}: {path} (use it with --decoder {args.name})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +406,8 @@ COMMANDS = {  # name: (help, declare flags, run)
     "golden": ("export or verify golden vectors for other implementations", _golden_args, _golden),
     "eval": ("the paper's tables on held-out data for a decoder and coprocessor runs", _eval_args, _eval),
     "generate": ("complete prompts, optionally with a coprocessor (and --delay)", _generate_args, _generate),
+    "fetch": ("download a pretrained LLM (smollm2-135m) and convert it once into a frozen decoder", _fetch_args,
+              _fetch),
     "bench": ("time the training step, form C, memory and latency, side by side with PyTorch", _bench_args,
               _bench),
 }
@@ -330,8 +427,11 @@ def build_parser():
 
 def flag_names(message, parser):
     """'seq_len=999 exceeds ...' -> '--seq-len 999 exceeds ...' for every flag of this command."""
-    for dest in {a.dest for a in getattr(parser, "_actions", []) if a.option_strings}:
-        message = re.sub(rf"(?<![\w-]){dest}=", _flag(dest) + " ", message)
+    for action in getattr(parser, "_actions", []):
+        if action.option_strings and action.nargs == 0:                  # force=True -> --force
+            message = message.replace(f"{action.dest}=True", _flag(action.dest))
+        elif action.option_strings:
+            message = re.sub(rf"(?<![\w-]){action.dest}=", _flag(action.dest) + " ", message)
     return message
 
 

@@ -20,10 +20,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    n_kv_heads: int = None      # grouped-query attention: key/value heads; None = n_heads (multi-head)
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -33,6 +38,10 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise RefimplError(f"config d_model={self.d_model} is not divisible by n_heads="
                                f"{self.n_heads}: pick n_heads that divides d_model")
+        kv = self.n_kv_heads
+        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or self.n_heads % kv):
+            raise RefimplError(f"config n_kv_heads={kv!r} does not divide n_heads={self.n_heads}: pick a positive "
+                               "divisor of n_heads (query head i reads key/value head i // (n_heads/n_kv_heads))")
         if self.head_dim % 2:
             raise RefimplError(f"config head_dim={self.head_dim} is odd: RoPE pairs dimensions, "
                                "so d_model/n_heads must be even")
@@ -44,7 +53,7 @@ class ModelConfig:
                                "norm_eps and init_std numbers > 0")
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k == "n_kv_heads" and v is None)}
 
     @classmethod
     def from_dict(cls, d):

@@ -1,4 +1,4 @@
-"""Shared test setup: a deterministic hypothesis profile and small float64 models.
+"""Setup for every test file: a deterministic hypothesis profile and small float64 models.
 
 The "ci" profile (the default) is derandomized, so a CI run draws the same examples every
 time; HYPOTHESIS_PROFILE=dev draws fresh examples and more of them, for hunting bugs locally.
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# test the working tree's refimpl even when the package is not pip-installed
+# test the working tree's refimpl (and benchmarks/, imported as a package) even when refimpl is not
+# pip-installed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refimpl.config import get_preset  # noqa: E402

@@ -1,5 +1,5 @@
 """refimpl.autodiff.value_and_grad: same gradients as autograd.grad, None off the path, and
-frozen arrays never boxed, so no VJP is ever asked for them (SPEC §7.2)."""
+frozen arrays never boxed, so no VJP is ever asked for them (docs/method.md §6, invariant 2)."""
 import autograd
 import numpy as np
 import pytest

@@ -28,13 +28,15 @@ from hypothesis import strategies as st
 
 import refimpl
 from refimpl.cli import main
+from refimpl.core.decoder import init_params
 from refimpl.data import corpus as data_module
 from refimpl.data import tokenizer as tokenizer_module
 from refimpl.training import pretrain as pretrain_module
 from refimpl.training.checkpoint import TEST_HOOK_SAVE_PAUSE, meta_sha256, run_lock
 
 ROOT = Path(refimpl.__file__).resolve().parents[1]
-GOLDEN = ROOT / "tiny_data" / "golden"
+GOLDEN = ROOT / "tiny_data" / "golden"                # one set per position convention
+GOLDEN_SET = GOLDEN / "original"
 TINY = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
 EVAL_TINY = ["--limit", "1", "--eval-batches", "1", "--batch-size", "1", "--seq-len", "24", "--n-traces", "2",
              "--horizon", "4", "--latency-repeats", "1", "--delays", "0", "--max-new-tokens", "1", "--quiet"]
@@ -123,11 +125,11 @@ def build_world(root):
                                  k: {kk: vv for kk, vv in v.items() if kk != "atol"}
                                  for k, v in m["tensors"].items()}})),
                              ("v99", lambda m: json.dumps({**m, "format_version": 99}))):
-            shutil.copytree(GOLDEN, golden / name)
-            m = json.loads((GOLDEN / "manifest.json").read_text())
+            shutil.copytree(GOLDEN_SET, golden / name)
+            m = json.loads((GOLDEN_SET / "manifest.json").read_text())
             (golden / name / "manifest.json").write_text(damage(m))
-        shutil.copytree(GOLDEN, golden / "truncnpz")
-        t = (GOLDEN / "tensors.npz").read_bytes()
+        shutil.copytree(GOLDEN_SET, golden / "truncnpz")
+        t = (GOLDEN_SET / "tensors.npz").read_bytes()
         (golden / "truncnpz" / "tensors.npz").write_bytes(t[: len(t) // 3])
         shutil.copytree(ROOT / "tiny_data", "data", ignore=shutil.ignore_patterns("golden", "checkpoints"))
     return root
@@ -204,11 +206,11 @@ CASES = [
     ("golden without action", ["golden"], "golden needs an action", None),
     ("unknown preset", ["pretrain", "--preset", "huge"], "invalid choice: 'huge'", None),
     ("unknown backend", ["train", "--decoder", "dec/ckpt.npz", "--out", "t", "--backend", "tpu"],
-     "unknown backend 'tpu'", None),
+     "argument --backend: invalid choice: 'tpu' (choose from 'numpy', 'cupy')", None),
     ("backend cupy without CuPy", ["generate", *GEN, "--decoder", "dec/ckpt.npz", "--backend", "cupy"],
      "backend 'cupy' needs CuPy", None),
     ("unknown dtype", ["generate", *GEN, "--decoder", "dec/ckpt.npz", "--dtype", "float16"],
-     "unknown dtype 'float16'", None),
+     "argument --dtype: invalid choice: 'float16' (choose from 'float32', 'float64')", None),
     # numbers
     ("zero steps", ["pretrain", "--steps", "0"], "--steps: must be a positive integer, got '0'", None),
     ("negative batch size", ["pretrain", "--batch-size", "-1"], "must be a positive integer, got '-1'", None),
@@ -223,9 +225,9 @@ CASES = [
     ("train seq-len > max_seq_len", ["train", "--decoder", "dec/ckpt.npz", "--out", "t", "--seq-len", "999"],
      "--seq-len 999 exceeds the decoder's max_seq_len=64", None),
     ("no room for N_A targets", ["train", "--decoder", "dec/ckpt.npz", "--out", "t", "--seq-len", "16",
-                                 "--n-ahead", "16"], "n_ahead=16 leaves no augmentation point", None),
+                                 "--n-ahead", "16"], "--n-ahead 16 leaves no augmentation point", None),
     ("too many traces", ["train", "--decoder", "dec/ckpt.npz", "--out", "t", "--n-traces", "100"],
-     "n_traces=100 does not fit", None),
+     "--n-traces 100 does not fit: a sequence of 64 tokens with --n-ahead 16", None),
     ("negative max-new-tokens", ["generate", "--prompt", "x", "--max-new-tokens", "-1"],
      "--max-new-tokens: must be an integer >= 0", None),
     ("generate past max_seq_len", ["generate", "--prompt", "x", "--decoder", "dec/ckpt.npz", "--max-new-tokens",
@@ -270,8 +272,12 @@ CASES = [
     ("golden: manifest without tolerances", ["golden", "verify", "golden/noatol"], "numeric rtol/atol", None),
     ("golden: unknown format_version", ["golden", "verify", "golden/v99"], "format_version 99", None),
     ("golden: truncated tensors", ["golden", "verify", "golden/truncnpz"], "not a readable .npz", None),
-    ("golden: --actual not a zip", ["golden", "verify", str(GOLDEN), "--actual", "bad/random.npz"],
+    ("golden: --actual not a zip", ["golden", "verify", str(GOLDEN_SET), "--actual", "bad/random.npz"],
      "not a readable .npz (not a zip", None),
+    ("golden: --actual against both sets", ["golden", "verify", str(GOLDEN), "--actual", "bad/random.npz"],
+     "holds 3 golden sets (continue, gqa, original): compare the outputs with the one set", None),
+    ("golden: directory without a set", ["golden", "verify", "emptyruns"],
+     "holds no manifest.json, nor subfolders", None),
     # data and tokenizer files (tiny_data copied to ./data and damaged)
     ("tokenizer file modified", ["pretrain", "--preset", "nano", "--out", "t"],
      "has sha256", lambda: damaged_data("tokenizer/bpe.tiktoken", lambda b: b + b"QQ== 9999\n")),
@@ -296,7 +302,7 @@ CASES = [
                                              *TRAIN_OK],
      "no coprocessor checkpoint in fresh to resume", None),
     ("train --resume with other options", ["train", "--decoder", "dec/ckpt.npz", "--out", "run", "--resume",
-                                           *TRAIN_OK, "--lr", "0.5"], "--resume with other options", None),
+                                           *TRAIN_OK, "--lr", "0.5"], "--lr 0.5 differs from the resumed run's 0.001", None),
     ("train --resume against another decoder", ["train", "--decoder", "dec2/ckpt.npz", "--out", "run", "--resume",
                                                 *TRAIN_OK], "trained against another decoder", None),
     ("train --resume with other data", ["train", "--decoder", "dec/ckpt.npz", "--out", "bad/datarun", "--resume",
@@ -343,6 +349,18 @@ def test_bad_input_exits_2_with_one_line(name, argv, words, setup):
     status, _, err = run_case(argv, setup)
     assert_one_error_line(status, err, argv)
     assert status == 2 and words in err, err
+
+
+@pytest.mark.parametrize("command", ["demo", "pretrain", "train", "eval", "generate", "bench"])
+def test_backend_and_dtype_are_choices_in_every_command(command):
+    """argparse refuses an unknown --backend (and --dtype) the same way in every command."""
+    for flag, bad, choices in (("--backend", "tpu", "'numpy', 'cupy'"),
+                               ("--dtype", "float16", "'float32', 'float64'")):
+        if command == "demo" and flag == "--dtype":
+            continue                                                        # demo has no --dtype
+        status, _, err = cli([command, flag, bad])
+        assert_one_error_line(status, err, [command, flag, bad])
+        assert f"argument {flag}: invalid choice: '{bad}' (choose from {choices})" in err, err
 
 
 @pytest.mark.parametrize("name, argv, words", WARN_CASES, ids=[c[0] for c in WARN_CASES])
@@ -443,7 +461,7 @@ def test_sweep_damaged_files(data):
     target = data.draw(st.sampled_from(sorted(TARGETS) + ["golden"]), label="target")
     d = Path("fuzz") / str(next(_fresh))
     if target == "golden":
-        shutil.copytree(GOLDEN, d)
+        shutil.copytree(GOLDEN / data.draw(st.sampled_from(["original", "continue"]), label="set"), d)
         stem, argv = d / "tensors", ["golden", "verify", str(d)]
     else:
         src, make_argv, read_fields = TARGETS[target]
@@ -511,10 +529,7 @@ def test_python_dash_m_refimpl_prints_one_line(world):
 # ---------------------------------------------------------------------------------------------
 # docs/robustness.md: the table of every case above and its message, generated by running them
 def markdown_table(world):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_robustness import NANO, api_cases
-
-    from refimpl.core.decoder import init_params
+    from test_robustness import NANO, api_cases  # the Python API's cases: only the doc needs them
     rows = ["| bad input | command (run in a scratch dir) | exit | message (stderr) |", "|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace(str(ROOT) + "/", "")
     code = lambda s: f"`` {esc(s)} ``"  # double backticks: messages quote commands in single ones

@@ -166,7 +166,7 @@ def test_builder_reproduces_shipped_files():
 
 
 def test_refimpl_data_env_var(tmp_path):
-    code = "import refimpl.data as d; print(d.TINY_DATA)"
+    code = "import refimpl.data.corpus as d; print(d.TINY_DATA)"
     env = dict(os.environ, REFIMPL_DATA=str(tmp_path), PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)

@@ -1,4 +1,4 @@
-"""The decoder and its kv-cache (SPEC §3, §7.3).
+"""The decoder and its kv-cache (paper §3; docs/method.md §1, cached == uncached).
 
 The key property is "cached == uncached": any chunking of a sequence through the cache gives the
 full forward's logits, hidden states and cache, and cached greedy generation gives the tokens of
@@ -185,7 +185,7 @@ def test_float32_forward_stays_float32(nano_cfg, params32, params64):
 
 
 def spec_names(n_layers):
-    """SPEC §3, written out."""
+    """The architecture of docs/method.md §1, written out."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(n_layers):
         names += [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkvo"]

@@ -8,12 +8,12 @@ import pytest
 from refimpl.cli import main
 from refimpl.config import get_preset
 from refimpl.core.coprocessor import augment
-from refimpl.core.decoder import extend, generate, init_params, prefill
+from refimpl.core.decoder import extend, init_params, prefill
 from refimpl.data.corpus import load_reasoning_eval, load_tokens
 from refimpl.data.tokenizer import load_tokenizer
 from refimpl.errors import RefimplError
 from refimpl.evaluation.metrics import _accuracy, check_horizon, reasoning_accuracy
-from refimpl.evaluation.report import NOT_RUN, TABLES, render_markdown
+from refimpl.evaluation.report import NOT_RUN, TABLES, copy_runs, render_markdown, table_positions
 from refimpl.evaluation.runner import Run, load_runs
 from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
 from refimpl.training.heldout import ahead_nll, heldout_set, relative_ppl_change
@@ -32,8 +32,9 @@ def setup(tmp_path_factory):
     dec = root / "dec" / "ckpt.npz"
     cfg = get_preset("nano", init_std=0.2)
     save_decoder(dec, init_params(cfg, seed=0), cfg)
-    for name, n_latents in (("copy2", 2), ("copy4", 4)):
-        train(dec, TrainConfig(n_latents=n_latents, **SMALL), root / "runs" / name, quiet=True)
+    for name, n_latents, every in (("copy2", 2, 0), ("copy4", 4, 1)):     # copy4 evaluates every step: a curve
+        train(dec, TrainConfig(n_latents=n_latents, **{**SMALL, "eval_every": every}), root / "runs" / name,
+              quiet=True)
     assert main(["eval", "--decoder", str(dec), "--runs", str(root / "runs"), "--out", str(root / "out")] + EVAL) == 0
     report = json.loads((root / "out" / "report.json").read_text())
     return dict(root=root, dec=dec, report=report, tables={t["id"]: t for t in report["tables"]})
@@ -43,6 +44,7 @@ def test_report_has_the_tables_of_the_runs_given(setup):
     t, report = setup["tables"], setup["report"]
     assert [r["name"] for r in report["runs"]] == ["copy2", "copy4"]
     assert t["table1"]["status"] == t["table2"]["status"] == t["table8"]["status"] == t["latency"]["status"] == "ok"
+    assert t["breakeven"]["status"] == "ok" and list(t["breakeven"]["curves"]) == ["copy4"]
     assert t["table1"]["header"][1:3] == ["N_L=2 (copy2)", "N_L=4 (copy4)"]
     assert [row[0] for row in t["table1"]["rows"]] == [1, 2, 3, 4, 6]       # paper's 1,2,4 + N_A=3 + 2*N_A
     assert t["table1"]["sources"]["N_L=4 (copy4)"].endswith("copy4/coprocessor.npz")
@@ -59,6 +61,8 @@ def test_report_has_the_tables_of_the_runs_given(setup):
         assert t[tid]["status"] == NOT_RUN and t[tid]["missing"]
     md = (setup["root"] / "out" / "report.md").read_text()
     assert "## Table 1" in md and md.count(f"*{NOT_RUN}*") == 4 and "copy4" in md and "-1.53" in md
+    assert "arXiv 2412.17747" in md and "docs/method.md" in md and "SPEC" not in md
+    assert "Liu et al. 2025, Table 1 (" in t["table1"]["note"] and "Table 8 (" in t["table8"]["note"]
 
 
 def test_every_run_scored_on_the_same_heldout_points(setup):
@@ -66,29 +70,34 @@ def test_every_run_scored_on_the_same_heldout_points(setup):
     heldout = heldout_set(load_tokens("val", load_tokenizer()), 1, 2, 24, 4, 6)
     base = ahead_nll(params, None, cfg, heldout, 0, 6)
     trainable = load_coprocessor(setup["root"] / "runs" / "copy2" / "coprocessor.npz", meta["decoder_hash"])[0]
-    want = relative_ppl_change(base, ahead_nll(params, trainable, cfg, heldout, 2, 6))
+    want = relative_ppl_change(base, ahead_nll(params, trainable, cfg, heldout, 2, 6, "original", "behind"))
     got = setup["report"]["measurements"]["runs"]["copy2"]["relative_ppl_change_pct"]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_plots_are_nonempty_pngs(setup):
     paths = setup["report"]["plots"]
-    assert len(paths) == 5
+    assert len(paths) == 6 and any(p.endswith("breakeven.png") for p in paths)
     for p in paths:
         blob = open(p, "rb").read()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
 
 
 def by_hand(params, cfg, tok, trainable, prompt, n_new=10):
-    """docs/data.md with SPEC §5: [eot]+prompt, augment once, greedy, first line, stripped."""
-    logits, cache = prefill(params, cfg, np.array([[tok.eot_id] + tok.encode(prompt)]))
+    """docs/data.md with docs/method.md §3: [eot]+prompt, augment once with the latents behind the last
+    prompt token (the default), greedy with the tokens after the latents at their original positions,
+    first line, stripped."""
+    ids = [tok.eot_id] + tok.encode(prompt)
+    logits, cache = prefill(params, cfg, np.array([ids]))
     if trainable is not None:
-        z = augment(trainable, cfg, cache)
-        lg, cache = extend(params, cfg, cache, z)
-        logits = lg
-    ids = generate(params, cfg, cache, logits[:, -1], n_new)[0][0].tolist()
-    ids = ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids
-    return tok.decode(ids).split("\n")[0].strip()
+        z, p = augment(trainable, cfg, cache, "behind"), len(ids) - 1
+        logits, cache = extend(params, cfg, cache, z, np.maximum(np.arange(p - z.shape[1] + 1, p + 1), 0)[None])
+    out = []
+    for pos in range(len(ids), len(ids) + n_new):
+        out.append(int(np.argmax(logits[0, -1])))
+        logits, cache = extend(params, cfg, cache, np.array([[out[-1]]]), np.array([[pos]]))
+    out = out[:out.index(tok.eot_id)] if tok.eot_id in out else out
+    return tok.decode(out).split("\n")[0].strip()
 
 
 def test_batched_accuracy_equals_per_prompt_decoding(setup):
@@ -124,6 +133,7 @@ def test_tables_say_not_run_without_runs_and_fill_in_with_them(setup):
     t3, t5, t6 = (table(m, runs) for table in TABLES[2:5])
     assert t3["status"] == t5["status"] == t6["status"] == "ok"
     assert [row[0] for row in t3["rows"]] == ["decoder alone", "pause tokens (p)", "cache augmentation (copy2)"]
+    assert "do NOT depend on the input" in t3["note"]
     assert [row[0] for row in t5["rows"]] == ["decoder alone", "random (r)", "copy (copy2)"]
     assert [row[0] for row in t6["rows"]] == ["3 (copy2)", "5 (a5)"] and set(t6["sources"]) == {"copy2", "a5"}
 
@@ -142,20 +152,89 @@ def test_horizon_that_does_not_fit_is_refused(setup, capsys):
     with pytest.raises(RefimplError, match="does not fit"):
         check_horizon(22, 24, 4, 64)
     assert main(["eval", "--decoder", str(setup["dec"]), "--horizon", "30"] + EVAL) == 2
-    assert "horizon 30 does not fit seq_len 24" in capsys.readouterr().err
+    assert "--horizon 30 does not fit --seq-len 24" in capsys.readouterr().err
 
 
-def test_table_positions_pairs_runs_that_differ_only_in_ahead_positions():
-    from refimpl.evaluation.report import copy_runs, table_positions
-    from refimpl.evaluation.runner import Run
-    def run(name, ahead, n_latents=4):
-        meta = {"mode": "coprocessor", "init": "copy", "n_latents": n_latents, "n_ahead": 8,
-                "train_config": {"ahead_positions": ahead}}
+def test_table_positions_pairs_runs_that_differ_only_in_a_position_convention():
+    def run(name, ahead, n_latents=4, latents=None, lr=1e-3):
+        tc = {"ahead_positions": ahead, "lr": lr, **({"latent_positions": latents} if latents else {})}
+        meta = {"mode": "coprocessor", "init": "copy", "n_latents": n_latents, "n_ahead": 8, "train_config": tc}
         return Run(name, f"/x/{name}", meta, {})
-    runs = [run("c4", "continue"), run("o4", "original"), run("o8", "original", 8)]
-    m = {"horizon": 3, "runs": {r.name: {"relative_ppl_change_pct": [1.0, 2.0, 3.0],
+    runs = [run("c4", "continue"), run("o4", "original"), run("o8", "original", 8), run("b4", "original",
+            latents="behind"), run("b4-lr", "original", latents="behind", lr=3e-3)]
+    m = {"horizon": 3, "runs": {r.name: {"relative_ppl_change_pct": [1.0, 2.0, 4.0],
                                          "accuracy": {"overall": 5.0}} for r in runs}}
     t = table_positions(m, runs)
-    assert t["status"] == "ok" and [row[:2] for row in t["rows"]] == [["continue", "c4"], ["original", "o4"]]
-    assert [r.name for r in copy_runs(runs)] == ["o4", "o8"]      # the main convention's runs only
-    assert table_positions(m, runs[1:])["status"] == NOT_RUN
+    assert t["status"] == "ok"
+    assert [row[:3] for row in t["rows"]] == [["original", "behind", "b4"], ["continue", "after", "c4"],
+                                              ["original", "after", "o4"]]    # b4-lr differs in lr too
+    assert t["rows"][0][4:8] == [1.0, 2.0, 3.0, 7 / 3]     # n=1, n=2, mean of 2..N_A (H=3 here), mean of 1..H
+    assert "'original' (the default)" in t["note"] and "'behind' at p-N_L+1..p" in t["note"]
+    assert [r.name for r in copy_runs(runs)] == ["b4", "b4-lr"]   # the main conventions (tie: the defaults)
+    assert [r.name for r in copy_runs(runs[:3])] == ["o4", "o8"]  # else the conventions most runs share
+    assert table_positions(m, runs[2:3] + runs[4:])["status"] == NOT_RUN
+
+
+def test_breakeven_curve_is_the_runs_own_heldout_gap(setup):
+    """The curve: step x B x K traces, and the gap of each training-time evaluation to the decoder alone
+    on the same held-out points (the baseline metrics.json records)."""
+    metrics = json.loads((setup["root"] / "runs" / "copy4" / "metrics.json").read_text())
+    curve = setup["tables"]["breakeven"]["curves"]["copy4"]
+    assert curve["steps"] == [1, 2] and curve["traces"] == [2 * 4, 4 * 4] and curve["traces_per_step"] == 8
+    for i, e in enumerate(metrics["evals"]):
+        change = relative_ppl_change(metrics["baseline_ahead_loss"], e["ahead_loss"])
+        assert curve["position_1"][i] == pytest.approx(change[0])
+        assert curve["positions_2_on"][i] == pytest.approx(np.mean(change[1:]))
+    rows = setup["tables"]["breakeven"]["rows"]
+    assert [r[:3] for r in rows] == [["copy4", 1, 8], ["copy4", 2, 16]]
+
+
+def test_breakeven_baseline_recomputed_for_runs_that_did_not_record_it(setup, tmp_path):
+    """A run trained before metrics.json held the baseline gets it from its own held-out set."""
+    from refimpl.evaluation.runner import _measure_curves
+    params, cfg, meta = load_decoder(setup["dec"])
+    run = load_runs([setup["root"] / "runs" / "copy4" / "coprocessor.npz"], meta["decoder_hash"])[0]
+    old = {k: v for k, v in run.metrics.items() if k != "baseline_ahead_loss"}
+    old_run = Run(run.name, run.path, run.meta, run.trainable, old)
+    got = _measure_curves(params, cfg, [old_run], load_tokens("val", load_tokenizer()), lambda m: None)
+    want = setup["tables"]["breakeven"]["curves"]["copy4"]
+    np.testing.assert_allclose(got["copy4"]["position_1"], want["position_1"], rtol=1e-9)
+
+
+def test_log_spaced_rows():
+    from refimpl.evaluation.report import log_spaced
+    xs = list(range(100, 10001, 100))
+    picked = [xs[i] for i in log_spaced(xs)]
+    assert picked == [100, 300, 500, 1000, 2200, 4700, 10000]       # at or past 100 * 10^(k/3)
+    assert log_spaced([]) == [] and log_spaced([5]) == [0]
+
+
+def test_long_split_holds_multi_digit_answers_only():
+    """The long split: 3..5-digit answers, correct, held out from every other split."""
+    long = load_reasoning_eval("long")
+    others = {p["prompt"] for split in ("val", "test") for p in load_reasoning_eval(split)}
+    assert len(long) == 300 and not {p["prompt"] for p in long} & others
+    assert {p["task"] for p in long} == {"add", "mul"}
+    for p in long:
+        expr = p["prompt"].removeprefix("Q: ").removesuffix("=? A:")
+        assert eval(expr) == int(p["answer"]) and 3 <= len(p["answer"].strip()) <= 5
+
+
+def test_headline_says_where_augmentation_helps_and_where_not_yet():
+    """The report's first sentence: from the least- and the most-trained largest-N_L runs."""
+    from refimpl.evaluation.report import headline
+    def run(name, steps):
+        meta = {"mode": "coprocessor", "init": "copy", "n_latents": 8, "n_ahead": 3, "step": steps,
+                "train_config": {"batch_size": 4, "n_traces": 16}}
+        return Run(name, f"/x/{name}", meta, {})
+    runs = [run("demo", 600), run("long", 10000)]
+    m = {"runs": {"demo": {"relative_ppl_change_pct": [5.0, -0.1, 0.3, 9.0]},
+                  "long": {"relative_ppl_change_pct": [2.0, -0.5, -0.7, 9.0]}}}
+    said = headline(m, runs)
+    assert said.startswith("At this scale, augmentation helps at ahead positions 2..3 and does not yet help at "
+                           "ahead position 1 (the token read at the last latent) (demo after 38,400 training "
+                           "traces: position 1 +5.0%, positions 2..3 +0.10%; long after 640,000 training traces: "
+                           "position 1 +2.0%, positions 2..3 -0.60%")
+    m["runs"]["long"]["relative_ppl_change_pct"][0] = -1.0
+    assert "helps at ahead positions 2..3 and ahead position 1" in headline(m, runs)
+    assert headline(m, []) is None

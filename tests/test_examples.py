@@ -1,9 +1,13 @@
 """Every script in examples/ runs, with a small setting, and prints what it promises."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from refimpl.data.corpus import SHIPPED_DECODER
+from refimpl.training.train import TrainConfig, train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -34,3 +38,16 @@ def test_three_forms_agree_in_the_example(tmp_path):
     out = _run(EXAMPLES / "03_three_forms.py", cwd=tmp_path)
     losses = {line.split("loss")[1].strip() for line in out.splitlines() if line.startswith("form")}
     assert len(losses) == 1                                  # packed, cached, sequential: one number
+
+
+def test_coprocessor_call_decodes_as_refimpl_generate(tmp_path):
+    """examples/02 on a trained run prints the completion `refimpl generate` prints for its prompt."""
+    train(SHIPPED_DECODER, TrainConfig(n_latents=2, n_ahead=2, n_traces=2, batch_size=1, seq_len=32, steps=1,
+                                       eval_every=0, eval_batches=1), tmp_path / "run", quiet=True)
+    out = _run(EXAMPLES / "02_coprocessor_call.py", "--coprocessor", tmp_path / "run", cwd=tmp_path)
+    line = next(x for x in out.splitlines() if x.startswith("augmented:"))
+    prompt, completion = (ast.literal_eval(part) for part in line.split(": ", 1)[1].split(" -> "))
+    assert "ahead_positions='original'" in out
+    cli = _run("-m", "refimpl", "generate", "--coprocessor", tmp_path / "run", "--prompt", prompt,
+               "--max-new-tokens", "5", cwd=tmp_path)
+    assert cli == prompt + completion + "\n"

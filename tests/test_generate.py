@@ -1,14 +1,24 @@
-"""Augmented decoding (SPEC §5): equal to the hand-written sequence, batched = unbatched, delays
-append the latents where they should, and a missing or broken coprocessor falls back cleanly."""
+"""Augmented decoding (docs/method.md §3): equal to the hand-written sequence under every position
+convention (ahead tokens original/continue, latents after/behind), batched = unbatched, delays append the latents where they should, the CLI decodes under
+the convention the checkpoint was trained with, and a missing or broken coprocessor falls back cleanly."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from refimpl.cli import main
 from refimpl.config import get_preset
-from refimpl.core.coprocessor import augment
+from refimpl.core.coprocessor import augment, latent_ids
 from refimpl.core.decoder import extend, generate, init_params, prefill
 from refimpl.data.tokenizer import load_tokenizer
-from refimpl.evaluation.generate import generate_ids, generate_text, left_pad, load_or_fallback
+from refimpl.evaluation.generate import (
+    generate_ids,
+    generate_text,
+    left_pad,
+    load_or_fallback,
+    trained_convention,
+    trained_latent_positions,
+)
 from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
 from refimpl.training.train import TrainConfig, train
 
@@ -24,8 +34,13 @@ def setup(tmp_path_factory):
     dec_path = root / "dec" / "ckpt.npz"
     cfg = get_preset("nano", init_std=0.2)
     save_decoder(dec_path, init_params(cfg, seed=0), cfg)
-    train(dec_path, TrainConfig(n_latents=N_L, n_ahead=3, n_traces=4, batch_size=2, seq_len=24, steps=2,
-                                eval_every=0, eval_batches=1), root / "run", quiet=True)
+    small = TrainConfig(n_latents=N_L, n_ahead=3, n_traces=4, batch_size=2, seq_len=24, steps=2, eval_every=0,
+                        eval_batches=1)
+    train(dec_path, small, root / "run", quiet=True)                      # "original", "behind": the defaults
+    train(dec_path, replace(small, latent_positions="after"), root / "run-after", quiet=True)
+    # behind the point, the latents end at p: both ahead conventions then number x_{p+1} p+1
+    train(dec_path, replace(small, ahead_positions="continue", latent_positions="after"), root / "run-continue",
+          quiet=True)
     params, cfg, meta = load_decoder(dec_path, np.float64)
     trainable = load_coprocessor(root / "run" / "coprocessor.npz", meta["decoder_hash"], np.float64)[0]
     tok = load_tokenizer()
@@ -34,26 +49,38 @@ def setup(tmp_path_factory):
                 tok=tok, ids=ids)
 
 
-def by_hand(s, ids, n_new, delay=0):
-    """§5 with the inference API only: prefill, decode `delay` plain tokens, augment on the PROMPT's
-    cache, extend by the latents, decode greedily from the last latent's logits."""
+def by_hand(s, ids, n_new, delay=0, ahead="original", latents="after"):
+    """docs/method.md §3 with the inference API only: prefill, decode `delay` plain tokens, augment on
+    the PROMPT's cache, extend by the latents (at the next N_L ids, or at the N_L ids up to the last
+    token's), then decode greedily from the last latent's logits, the tokens after the latents at
+    their original positions or counting on after the latents."""
     params, cfg = s["params"], s["cfg"]
     logits, prompt_cache = prefill(params, cfg, np.array([ids]))
     first, cache = np.zeros((1, 0), dtype=np.int64), prompt_cache
     if delay:
         first, cache = generate(params, cfg, prompt_cache, logits[:, -1], delay)   # no latents yet
-    z = augment(s["trainable"], cfg, prompt_cache)                            # [1, N_L, D]
-    lg, cache = extend(params, cfg, cache, z)
-    rest, _ = generate(params, cfg, cache, lg[:, -1], n_new - delay)
-    return np.concatenate([first, rest], 1)[0].tolist()
+    z = augment(s["trainable"], cfg, prompt_cache, latents)                   # [1, N_L, D]
+    q = len(ids) - 1 + delay                                                  # the last token's position
+    ids_z = np.arange(q + 1, q + 1 + N_L) if latents == "after" else np.maximum(np.arange(q - N_L + 1, q + 1), 0)
+    lg, cache = extend(params, cfg, cache, z, ids_z[None])
+    out, pos = first[0].tolist(), len(ids) + delay + (N_L if ahead == "continue" and latents == "after" else 0)
+    for _ in range(n_new - delay):
+        out.append(int(np.argmax(lg[0, -1])))
+        lg, cache = extend(params, cfg, cache, np.array([[out[-1]]]), np.array([[pos]]))
+        pos += 1
+    return out
 
 
-def test_augmented_generation_equals_the_section5_sequence(setup):
-    dec = generate_ids(setup["params"], setup["cfg"], setup["ids"], setup["trainable"], max_new_tokens=6)
-    for ids, got in zip(setup["ids"], dec.tokens):       # batched, left-padded, vs one by one
-        assert got == by_hand(setup, ids, 6)
-    assert dec.latents.shape == (len(PROMPTS), N_L, setup["cfg"].d_model) and dec.latents_at == 0
-    plain = generate_ids(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=6)
+@pytest.mark.parametrize("ahead, latents", [("original", "after"), ("continue", "after"), ("original", "behind"),
+                                            ("continue", "behind")])
+def test_augmented_generation_equals_decoding_by_hand(setup, ahead, latents):
+    prompts = setup["ids"] + [setup["ids"][0][:2]]       # a 2-token prompt: "behind" ids clamp at 0
+    dec = generate_ids(setup["params"], setup["cfg"], prompts, setup["trainable"], max_new_tokens=6,
+                       ahead_positions=ahead, latent_positions=latents)
+    for ids, got in zip(prompts, dec.tokens):            # batched, left-padded, vs one by one
+        assert got == by_hand(setup, ids, 6, ahead=ahead, latents=latents)
+    assert dec.latents.shape == (len(prompts), N_L, setup["cfg"].d_model) and dec.latents_at == 0
+    plain = generate_ids(setup["params"], setup["cfg"], prompts, max_new_tokens=6)
     assert plain.tokens != dec.tokens                     # the latents matter, so the test can fail
 
 
@@ -74,7 +101,7 @@ def test_background_thread_equals_synchronous(setup, delay):
 def test_delay_appends_latents_after_n_tokens(setup):
     delay, n_new = 2, 5
     dec = generate_ids(setup["params"], setup["cfg"], setup["ids"], setup["trainable"], max_new_tokens=n_new,
-                       delay=delay)
+                       delay=delay, latent_positions="after")
     plain = generate_ids(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=n_new)
     T = dec.prompt_len
     assert dec.latents_at == delay
@@ -90,8 +117,9 @@ def test_delay_appends_latents_after_n_tokens(setup):
 
 def test_missing_coprocessor_falls_back_with_a_warning(setup, capsys, tmp_path):
     warnings = []
-    assert load_or_fallback(tmp_path / "nope.npz", setup["meta"]["decoder_hash"], warn=warnings.append) is None
-    assert load_or_fallback(setup["root"] / "run", "0" * 64, warn=warnings.append) is None  # another decoder
+    assert load_or_fallback(tmp_path / "nope.npz", setup["meta"]["decoder_hash"], warn=warnings.append) == \
+        (None, {"ahead_positions": "original", "latent_positions": "behind"})
+    assert load_or_fallback(setup["root"] / "run", "0" * 64, warn=warnings.append)[0] is None  # another decoder
     assert len(warnings) == 2 and "another decoder" in warnings[1]
     common = ["generate", "--decoder", str(setup["dec_path"]), "--max-new-tokens", "4"] + \
         [a for p in PROMPTS[:2] for a in ("--prompt", p)]
@@ -113,15 +141,40 @@ def test_raising_coprocessor_falls_back_to_plain_decoding(setup):
     assert len(warnings) == 2 and all("coprocessor failed" in w for w in warnings)
 
 
-def test_cli_with_coprocessor_and_delay_matches_python_api(setup, capsys):
+@pytest.mark.parametrize("run, ahead", [("run-after", "original"), ("run-continue", "continue")])
+def test_cli_decodes_under_the_convention_the_coprocessor_was_trained_with(setup, capsys, run, ahead):
     s = setup
-    assert main(["generate", "--decoder", str(s["dec_path"]), "--coprocessor", str(s["root"] / "run"),
-                 "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--delay", "1"]) == 0
+    assert main(["generate", "--decoder", str(s["dec_path"]), "--coprocessor", str(s["root"] / run),
+                 "--prompt", PROMPTS[0], "--max-new-tokens", "6", "--delay", "1"]) == 0
     out = capsys.readouterr()
     params, cfg, meta = load_decoder(s["dec_path"])
-    trainable = load_coprocessor(s["root"] / "run" / "coprocessor.npz", meta["decoder_hash"])[0]
-    want = generate_text(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=4, delay=1)
-    assert out.out == PROMPTS[0] + want[0] + "\n" and out.err == ""
+    trainable, _, cop_meta = load_coprocessor(s["root"] / run / "coprocessor.npz", meta["decoder_hash"])
+    assert trained_convention(cop_meta) == ahead
+    want = {a: generate_text(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=6, delay=1,
+                             ahead_positions=a, latent_positions="after")[0] for a in ("original", "continue")}
+    assert want["original"] != want["continue"]           # so the test can fail
+    assert out.out == PROMPTS[0] + want[ahead] + "\n" and out.err == ""
+
+
+@pytest.mark.parametrize("run, latents", [("run", "behind"), ("run-after", "after")])
+def test_cli_decodes_the_latents_where_they_were_trained(setup, capsys, run, latents):
+    s = setup
+    assert main(["generate", "--decoder", str(s["dec_path"]), "--coprocessor", str(s["root"] / run),
+                 "--prompt", PROMPTS[0], "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    params, cfg, meta = load_decoder(s["dec_path"])
+    trainable, _, cop_meta = load_coprocessor(s["root"] / run / "coprocessor.npz", meta["decoder_hash"])
+    assert trained_latent_positions(cop_meta) == latents
+    want = {lp: generate_text(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=6,
+                              latent_positions=lp)[0] for lp in ("after", "behind")}
+    assert want["after"] != want["behind"]               # so the test can fail
+    assert out.out == PROMPTS[0] + want[latents] + "\n" and out.err == ""
+
+
+def test_checkpoints_without_a_convention_were_trained_with_continue():
+    assert trained_convention({"train_config": {}}) == "continue"     # saved before the option existed
+    assert trained_convention({"train_config": {"ahead_positions": "original"}}) == "original"
+    assert trained_latent_positions({"train_config": {}}) == "after"  # saved before latent_positions existed
 
 
 def test_sampling_is_seeded(setup):
@@ -130,14 +183,18 @@ def test_sampling_is_seeded(setup):
     assert run(3) == run(3)
 
 
-@pytest.mark.parametrize("ahead, delay", [("continue", 0), ("original", 0), ("original", 2)])
-def test_token_positions_after_latents(setup, ahead, delay):
-    """SPEC §5: after the latents, tokens keep counting after them, or go on from the last token."""
+@pytest.mark.parametrize("ahead, latents, delay", [("continue", "after", 0), ("original", "after", 0),
+                                                   ("original", "after", 2), ("original", "behind", 0),
+                                                   ("continue", "behind", 2)])
+def test_token_positions_after_latents(setup, ahead, latents, delay):
+    """The latents sit after the last token (p+1..p+N_L) or behind it (p-N_L+1..p); after them, tokens
+    go on from the last token's position ("original") or count on after the latents ("continue")."""
     d = generate_ids(setup["params"], setup["cfg"], [setup["ids"][0]], setup["trainable"],
-                     max_new_tokens=delay + 3, delay=delay, ahead_positions=ahead)
+                     max_new_tokens=delay + 3, delay=delay, ahead_positions=ahead, latent_positions=latents)
     p = len(setup["ids"][0]) - 1                                             # last prompt position
     pos = d.cache.positions[0, len(setup["ids"][0]):].tolist()              # everything fed after the prompt
     early = list(range(p + 1, p + 1 + delay))                                # tokens before the latents
-    latents = list(range(p + 1 + delay, p + 1 + delay + N_L))
+    q = p + delay                                                            # the last token's position
+    latents = list(range(q + 1, q + 1 + N_L) if latents == "after" else range(q - N_L + 1, q + 1))
     start = latents[-1] + 1 if ahead == "continue" else p + 1 + delay
     assert pos == early + latents + [start, start + 1]                        # the last token is not fed back

@@ -74,7 +74,7 @@ class Recorded:
                 record.append((fun, getattr(value, "dtype", None)))
                 super().__init__(value, fun, args, kwargs, parent_argnums, parents)
 
-        monkeypatch.setattr("refimpl.autodiff.VJPNode", RecordingNode)
+        monkeypatch.setattr("refimpl.training.autodiff.VJPNode", RecordingNode)
 
 
 def checkpoint_meta(tc):
@@ -113,6 +113,62 @@ def test_float32_step_stays_float32(monkeypatch):
     for tree in (trainable, adam["m"], adam["v"]):
         assert {str(a.dtype) for a in tree.values()} == {"float32"}
     assert np.isfinite(stats["loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A stand-in for a device array on the CPU: any read back to the host raises
+class HostRead(AssertionError):
+    pass
+
+
+class DeviceArray(np.ndarray):
+    """An ndarray that refuses what forces a GPU to synchronise: int(), float(), bool(), .item(),
+    .tolist() and conversion to a plain host array through refimpl.backend.to_numpy."""
+
+    def _refuse(self, *args, **kwargs):
+        raise HostRead("a device array was read back to the host inside the loss and gradient")
+
+    __int__ = __float__ = __index__ = __bool__ = item = tolist = _refuse
+
+
+@pytest.fixture
+def device_arrays(monkeypatch):
+    """Register DeviceArray with autograd and make to_numpy refuse it; returns a converter."""
+    from autograd.extend import VSpace
+    from autograd.numpy.numpy_boxes import ArrayBox
+    from autograd.numpy.numpy_vspaces import ArrayVSpace
+    import refimpl.backend as backend
+    ArrayBox.register(DeviceArray)
+    VSpace.register(DeviceArray, lambda x: ArrayVSpace(x))
+    host = backend.to_numpy
+    reads = []
+
+    def counting_to_numpy(x):
+        if isinstance(x, DeviceArray):
+            reads.append(x.shape)
+            return np.asarray(x).view(np.ndarray).copy()
+        return host(x)
+    for module in ("refimpl.backend", "refimpl.core.checks", "refimpl.training.train"):
+        if hasattr(__import__(module, fromlist=["x"]), "to_numpy"):
+            monkeypatch.setattr(f"{module}.to_numpy", counting_to_numpy)
+    to_device = lambda tree: {k: np.asarray(v).view(DeviceArray) for k, v in tree.items()}  # noqa: E731
+    return to_device, reads
+
+
+def test_loss_and_gradients_never_read_the_device_on_the_host(device_arrays):
+    """CPU-side guard of the GPU path: no host read-back anywhere inside value_and_grad(loss_cached)."""
+    to_device, reads = device_arrays
+    dec, trainable, tokens, positions = problem(np.float32)
+    dec = {"embed_tokens": to_device({"e": dec["embed_tokens"]})["e"], "norm": to_device({"n": dec["norm"]})["n"],
+           "layers": [to_device(layer) for layer in dec["layers"]]}
+    loss, grads = loss_and_grads(dec, to_device(trainable), tokens, positions)
+    assert isinstance(loss, DeviceArray) and all(g is not None for g in grads.values())
+    assert reads == []
+    with pytest.raises(HostRead):                                        # the guard itself works
+        float(loss)
+    tokens_on_device = to_device({"t": tokens})["t"]                      # what main did before the fix:
+    loss_and_grads(dec, to_device(trainable), tokens_on_device, positions)  # its token check read them back
+    assert reads, "the guard missed a read-back of device token ids"
 
 
 # ---------------------------------------------------------------------------------------------

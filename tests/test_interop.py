@@ -2,34 +2,37 @@
 
 Needs torch (and transformers for the Hugging Face tests): `pip install torch transformers
 safetensors`, or `pip install -e .[interop]`. Without them every test here is skipped, with the
-reason. The expected values are the committed golden set tiny_data/golden, compared with the
-golden file's own per-tensor tolerances (`refimpl.golden.compare`), so these tests check the same
+reason. The expected values are the committed golden sets tiny_data/golden/original and
+tiny_data/golden/continue (one per position convention of the ahead tokens), compared with each
+set's own per-tensor tolerances (`refimpl.golden.verify.compare`), so these tests check the same
 contract a port is held to. Run with `pytest tests/test_interop.py -s` to see the max diffs.
 
 Hugging Face computes RoPE angles in float32 even in a float64 model (its inv_freq and position
 products are cast to float), so its outputs differ from ours by ~1e-6, not 1e-15.
 """
 import importlib.util
+import inspect
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refimpl.golden import verify as golden
+from refimpl.golden.spec import CONVENTIONS
+from refimpl.golden.verify import compare, load, verify
 
 pytestmark = pytest.mark.interop
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "tiny_data" / "golden"
 
 
-@pytest.fixture(scope="module")
-def gold():
-    return golden.load(COMMITTED)
+@pytest.fixture(scope="module", params=CONVENTIONS)
+def gold(request):
+    return load(COMMITTED / request.param)
 
 
 def _check(name, spec, expected, actual):
-    row = golden.compare(name, spec, expected, actual)
+    row = compare(name, spec, expected, actual)
     print(row["line"][:110])
     assert row["ok"], row["line"]
     return row["max_abs"]
@@ -77,7 +80,10 @@ def test_hf_llama_decoder_logits_and_cache(gold):
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(g["tokens"]), use_cache=True)
     L = manifest["config"]["model"]["n_layers"]
-    ks, vs = zip(*[_layer_kv(out.past_key_values, i) for i in range(L)])
+    past = out.get("cache")                                # older transformers call it past_key_values
+    if past is None:
+        past = out.past_key_values
+    ks, vs = zip(*[_layer_kv(past, i) for i in range(L)])
     spec = manifest["tensors"]
     print()
     diffs = [_check("baseline.logits", spec["baseline.logits"], g["baseline.logits"], out.logits.numpy()),
@@ -89,8 +95,8 @@ def test_hf_llama_decoder_logits_and_cache(gold):
 def test_hf_llama_runs_the_augmented_loss(gold):
     """The whole objective with stock HF modules: the coprocessor is a LlamaModel over the soft
     tokens with past_key_values = the DECODER's cache, a custom 4-D mask and explicit position
-    ids; the decoder is LlamaForCausalLM over the packed sequence with the packed mask. Latents,
-    ahead logits, loss and every coprocessor gradient match the golden file."""
+    ids; the decoder is LlamaForCausalLM over the packed sequence with the packed mask and position
+    ids by the set's convention. Latents, ahead logits, loss and every coprocessor gradient match."""
     torch = pytest.importorskip("torch", reason="torch is not installed")
     transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
     manifest, g = gold
@@ -116,16 +122,21 @@ def test_hf_llama_runs_the_augmented_loss(gold):
             for j in range(NL):
                 sees[b, k * NL + j, :tp[b, k] + 1] = True
                 sees[b, k * NL + j, T + k * NL:T + k * NL + j + 1] = True
-    z = cop(inputs_embeds=soft.expand(B * K, NL, D).reshape(B, K * NL, D), past_key_values=cache,
+    cache_arg = "cache" if "cache" in inspect.signature(cop.forward).parameters else "past_key_values"
+    z = cop(inputs_embeds=soft.expand(B * K, NL, D).reshape(B, K * NL, D), **{cache_arg: cache},
             position_ids=torch.from_numpy(latent_pos), attention_mask=_additive(sees, torch),
             use_cache=True).last_hidden_state.view(B, K, NL, D)
 
     E = decoder.model.embed_tokens.weight
     groups = torch.cat([z, E[torch.from_numpy(g["ahead.targets"][..., :-1])]], 2).view(B, -1, D)
     x = torch.cat([E[torch.from_numpy(g["tokens"])], groups], 1)
-    logits = decoder(inputs_embeds=x, position_ids=torch.from_numpy(g["packed.position_ids"]),
-                     attention_mask=_additive(g["packed.mask"], torch)).logits
     G = NL + NA - 1
+    shift = NL if c["ahead_positions"] == "continue" else 0                # ahead x_{p+1+a}: p+1+a(+N_L)
+    group_pos = tp[..., None] + 1 + np.r_[np.arange(NL), np.arange(NA - 1) + shift]       # [B, K, G]
+    pos = np.concatenate([np.broadcast_to(np.arange(T), (B, T)), group_pos.reshape(B, K * G)], 1)
+    assert np.array_equal(pos, g["packed.position_ids"])
+    logits = decoder(inputs_embeds=x, position_ids=torch.from_numpy(pos),
+                     attention_mask=_additive(g["packed.mask"], torch)).logits
     readout = torch.tensor([T + k * G + NL - 1 + j for k in range(K) for j in range(NA)])
     ahead = logits[:, readout].view(B, K, NA, -1)
     loss = torch.nn.functional.cross_entropy(ahead.flatten(0, 2), torch.from_numpy(g["ahead.targets"]).flatten())
@@ -160,24 +171,37 @@ def _port():
     return module
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_torch_port_passes_the_golden_file(dtype, tmp_path):
-    port = _port()
-    out = tmp_path / f"port-{dtype}.npz"
-    port.main([str(COMMITTED), str(out), "--dtype", dtype])
+def _run_port(golden_set, out, *flags):
+    _port().main([str(golden_set), str(out), *flags])
     report = io.StringIO()
-    ok = golden.verify(COMMITTED, out, out=report)
+    ok = verify(golden_set, out, out=report)
     print("\n" + report.getvalue().strip().splitlines()[-1])
-    assert ok, report.getvalue()
-    assert ", 0 missing" in report.getvalue()                # the port writes every golden name
+    return ok, report.getvalue()
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_port_passes_the_golden_set(convention, dtype, tmp_path):
+    """The port reads config.ahead_positions and numbers the ahead tokens by it."""
+    ok, report = _run_port(COMMITTED / convention, tmp_path / "port.npz", "--dtype", dtype)
+    assert ok, report
+    assert ", 0 missing" in report                          # the port writes every golden name
 
 
 @pytest.mark.parametrize("bug", ["rope-interleaved", "latent-positions", "coprocessor-is-decoder",
                                  "no-final-norm"])
 def test_torch_port_with_a_planted_bug_fails(bug, tmp_path):
-    port = _port()
-    out = tmp_path / "port.npz"
-    port.main([str(COMMITTED), str(out), "--dtype", "float32", "--bug", bug])
-    report = io.StringIO()
-    assert not golden.verify(COMMITTED, out, out=report)
-    assert "NOT OK   latents" in report.getvalue()
+    ok, report = _run_port(COMMITTED / "original", tmp_path / "port.npz", "--dtype", "float32", "--bug", bug)
+    assert not ok
+    assert "NOT OK   latents" in report
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_torch_port_with_the_other_convention_fails(convention, tmp_path):
+    """Ahead tokens numbered by the other convention: the latents still pass (the coprocessor
+    never sees ahead tokens), their ids and the ahead logits do not."""
+    ok, report = _run_port(COMMITTED / convention, tmp_path / "port.npz", "--dtype", "float32",
+                           "--bug", "ahead-positions")
+    assert not ok
+    assert "NOT OK   packed.position_ids" in report and "NOT OK   ahead.logits" in report
+    assert "OK       latents" in report

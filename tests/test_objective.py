@@ -1,4 +1,5 @@
-"""SPEC §7 invariants 1, 2, 4 and 7: the three forms of the loss, the frozen decoder, causality."""
+"""The method's invariants (docs/method.md §6): the three forms of the loss agree, no latents is the
+plain decoder, gradients reach only the coprocessor, the decoder stays frozen, no future token leaks."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +8,7 @@ from hypothesis import strategies as st
 from refimpl.config import get_preset
 from refimpl.core.coprocessor import SOFT_TOKENS, augment, init_coprocessor
 from refimpl.core.decoder import flatten_params, forward, init_params, prefill
-from refimpl.core.layout import AHEAD_POSITIONS, build_layout, sample_trace_positions
+from refimpl.core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, build_layout, sample_trace_positions
 from refimpl.core.objective import FORMS, loss_cached, loss_sequential
 from refimpl.core.ops import cross_entropy
 from refimpl.training.autodiff import value_and_grad
@@ -35,12 +36,13 @@ def problems(draw):
 
 @st.composite
 def problems_any_positions(draw):
-    return draw(problems()) + (draw(st.sampled_from(AHEAD_POSITIONS)),)
+    return draw(problems()) + (draw(st.sampled_from(AHEAD_POSITIONS)), draw(st.sampled_from(LATENT_POSITIONS)))
 
 
-def _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead_positions="continue"):
+def _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead_positions="original", latent_positions="after"):
     def loss_fn(t):
-        loss, out = FORMS[form](DEC, t, CFG, tokens, positions, n_latents, n_ahead, ahead_positions)
+        loss, out = FORMS[form](DEC, t, CFG, tokens, positions, n_latents, n_ahead, ahead_positions,
+                                latent_positions)
         return loss, {k: (None if v is None else np.asarray(getattr(v, "_value", v))) for k, v in out.items()}
     return value_and_grad(loss_fn, trainable)
 
@@ -49,11 +51,11 @@ def _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead_positions
 @given(problems_any_positions())
 def test_packed_equals_cached_equals_sequential(problem):
     """Invariant 4: loss, logits, latents and EVERY gradient agree across the three forms,
-    under either position-id convention for the ahead tokens (SPEC §5)."""
-    tokens, positions, n_latents, n_ahead, trainable, ahead = problem
-    ref_loss, ref_grads, ref_out = _run("sequential", trainable, tokens, positions, n_latents, n_ahead, ahead)
+    under every position-id convention of the ahead tokens and the latents (docs/choices.md)."""
+    tokens, positions, n_latents, n_ahead, trainable, ahead, latent = problem
+    ref_loss, ref_grads, ref_out = _run("sequential", trainable, tokens, positions, n_latents, n_ahead, ahead, latent)
     for form in ("cached", "packed"):
-        loss, grads, out = _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead)
+        loss, grads, out = _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead, latent)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-12, atol=0)
         np.testing.assert_allclose(out["logits"], ref_out["logits"], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(out["latents"], ref_out["latents"], rtol=1e-10, atol=1e-12)
@@ -167,7 +169,7 @@ def test_float32_stays_float32():
 
 
 def test_ahead_positions_conventions():
-    """SPEC §5: the two conventions differ only in the ahead tokens' position ids."""
+    """The two conventions differ only in the ahead tokens' position ids (docs/choices.md)."""
     tokens = np.arange(12)[None] % V
     cont = build_layout(tokens, np.array([[3]]), 2, 3, "continue").group_positions[0, 0]
     orig = build_layout(tokens, np.array([[3]]), 2, 3, "original").group_positions[0, 0]
@@ -179,3 +181,18 @@ def test_ahead_positions_conventions():
     np.testing.assert_array_equal(a["latents"], b["latents"])              # the coprocessor is unchanged
     np.testing.assert_array_equal(a["logits"][:, :, 0], b["logits"][:, :, 0])  # x_{p+1} read at the last latent
     assert np.abs(a["logits"][:, :, 1:] - b["logits"][:, :, 1:]).max() > 1e-6
+
+
+def test_latent_positions_behind():
+    """'behind' puts latent j at p-N_L+1+j (clamped at 0); the ahead tokens follow at p+1.."""
+    tokens = np.arange(12)[None] % V
+    behind = build_layout(tokens, np.array([[3, 1]]), 3, 3, "original", "behind").group_positions[0]
+    np.testing.assert_array_equal(behind, [[1, 2, 3, 4, 5], [0, 0, 1, 2, 3]])   # z1..z3, then x4 x5 / x2 x3
+    cont = build_layout(tokens, np.array([[3]]), 3, 3, "continue", "behind").group_positions[0, 0]
+    np.testing.assert_array_equal(cont, [1, 2, 3, 4, 5])                          # counting on after z3 at 3
+    trainable = init_coprocessor(DEC, CFG, 3, seed=3)
+    _, cache = prefill(DEC, CFG, tokens[:, :4])
+    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "original", "behind")[1]
+    np.testing.assert_allclose(a["latents"][:, 0], augment(trainable, CFG, cache, "behind"), rtol=1e-12, atol=1e-14)
+    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "original", "after")[1]
+    assert not np.allclose(a["latents"], b["latents"])                            # the ids reach the coprocessor

@@ -1,4 +1,4 @@
-"""Every primitive in refimpl.ops against the plain composition it stands for (SPEC §7.6).
+"""Every primitive in refimpl.core.ops against the plain composition it stands for.
 
 For each op, hypothesis draws small shapes and a seed, and we check:
 - forward == the plain composition written with autograd.numpy;
@@ -7,6 +7,12 @@ For each op, hypothesis draws small shapes and a seed, and we check:
 - VJP == central finite differences of sum(op(...) * g) along random directions (float64);
 - float32 in -> float32 out, forward and backward (NumPy 2 promotes silently otherwise).
 trace_attention is also pinned to `attention` over the concatenated keys with the full mask.
+
+Every fast path that differs from the plain one is pinned to it too:
+- trace_attention cut into runs of traces with a shorter context == one run over all of it;
+- the backward that reuses the forward's softmax statistic (lse) == the one that recomputes it;
+- layout.context_runs never cuts off a context slot a trace may see;
+- the groups' pass with runs == without (loss and every gradient of a train step).
 """
 import math
 from dataclasses import dataclass
@@ -18,10 +24,18 @@ from autograd import make_vjp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.core import ops
+from refimpl.backend import trace_runs
+from refimpl.config import get_preset
+from refimpl.core import coprocessor, objective, ops
+from refimpl.core.coprocessor import init_coprocessor
+from refimpl.core.decoder import init_params
+from refimpl.core.layout import build_layout, context_runs, sample_trace_positions
+from refimpl.core.objective import loss_cached
+from refimpl.training.autodiff import value_and_grad
 
 F64_RTOL = 1e-10
 FD_EPS = 1e-6
+CFG = get_preset("nano", vocab_size=53, init_std=0.2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +105,12 @@ def plain_split_heads(x, n_heads):
 def plain_merge_heads(x):
     B, H, T, Dh = x.shape
     return anp.reshape(anp.transpose(x, (0, 2, 1, 3)), (B, T, H * Dh))
+
+
+def plain_repeat_kv(x, n_rep):
+    # Hugging Face's repeat_kv: x[:, :, None].expand(B, Hkv, n_rep, ...).reshape(B, Hkv * n_rep, ...)
+    B, Hkv = x.shape[:2]
+    return anp.reshape(anp.concatenate([x[:, :, None]] * n_rep, axis=2), (B, Hkv * n_rep) + x.shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +234,11 @@ def draw_merge_heads(data, rng, dt):
     return (normal(rng, (B, H, T, Dh), dt),)
 
 
+def draw_repeat_kv(data, rng, dt):
+    B, Hkv, T, Dh = ints(data, 1, 3, "B"), ints(data, 1, 3, "Hkv"), ints(data, 1, 5, "T"), head_dim(data)
+    return normal(rng, (B, Hkv, T, Dh), dt), ints(data, 1, 3, "n_rep")
+
+
 def draw_broadcast_rows(data, rng, dt):
     lead = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=2), label="lead"))
     return normal(rng, (ints(data, 1, 4, "N"), ints(data, 1, 4, "D")), dt), lead
@@ -248,6 +273,7 @@ CASES = [
     OpCase(ops.reshape, draw_reshape, (0,), anp.reshape),
     OpCase(ops.split_heads, draw_split_heads, (0,), plain_split_heads),
     OpCase(ops.merge_heads, draw_merge_heads, (0,), plain_merge_heads),
+    OpCase(ops.repeat_kv, draw_repeat_kv, (0,), plain_repeat_kv),
     OpCase(ops.broadcast_rows, draw_broadcast_rows, (0,),
            lambda x, lead: x * np.ones(tuple(lead) + x.shape, dtype=x.dtype)),
 ]
@@ -399,7 +425,7 @@ def test_trace_attention_never_sees_other_traces_or_hidden_context():
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE tables follow SPEC §3 literally
+# RoPE tables follow the rotate-half convention of docs/choices.md (RoPE pairing) literally
 @given(data=st.data())
 def test_rope_tables_follow_the_spec_formula(data):
     Dh = head_dim(data)
@@ -427,3 +453,104 @@ def test_rope_rotates_pairs_i_and_i_plus_half():
     expect[i], expect[i + Dh // 2] = math.cos(angle), math.sin(angle)
     np.testing.assert_allclose(y, expect, atol=1e-15)
     assert ops.rope_tables(np.array([[p]]), Dh, 10000.0, np.float32)[0].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths == plain paths: the blockwise runs of trace_attention and the lse handoff
+def _trace_args(rng, B, H, K, G, Tc, Dh, dtype=np.float64):
+    """trace_attention inputs whose context visibility is a prefix per trace (as in training)."""
+    seen = rng.integers(0, Tc + 1, size=(B, K))                           # trace k sees slots < seen
+    vis = np.arange(Tc) < seen[..., None]                                 # [B, K, Tc]
+    f = lambda *s, scale=1.5: (rng.standard_normal(s) * scale).astype(dtype)  # noqa: E731
+    args = (f(B, H, K, G, Dh), f(B, H, Tc, Dh), f(B, H, Tc, Dh, scale=1.0), f(B, H, K, G, Dh),
+            f(B, H, K, G, Dh, scale=1.0), ops.additive_mask(vis[:, None, :, None, :], dtype),
+            ops.additive_mask(np.tril(np.ones((G, G), dtype=bool)), dtype))
+    return args, vis
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_trace_attention_in_runs_equals_one_run(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    B, H, K, G, Tc = (data.draw(st.integers(1, n), label=name) for name, n in
+                      (("B", 2), ("H", 2), ("K", 6), ("G", 4), ("Tc", 7)))
+    args, vis = _trace_args(rng, B, H, K, G, Tc, 4)
+    runs = context_runs(vis, n_runs=data.draw(st.integers(1, 4), label="n_runs"))
+    g = rng.standard_normal(args[0].shape)
+    diff = (0, 1, 2, 3, 4)
+    one_vjp, one = make_vjp(ops.trace_attention, diff)(*args)
+    runs_vjp, cut = make_vjp(lambda *a: ops.trace_attention(*a, runs=runs), diff)(*args)
+    np.testing.assert_allclose(cut, one, rtol=1e-12, atol=1e-12)
+    for i, (a, b) in enumerate(zip(runs_vjp(g), one_vjp(g))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"d/darg{i}, runs {runs}")
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_context_runs_cover_the_traces_and_every_visible_slot(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    B, K, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 12))
+    vis = rng.random((B, K, T)) < data.draw(st.sampled_from([0.0, 0.3, 0.9]))  # any pattern, even none
+    runs = context_runs(vis, n_runs=data.draw(st.integers(1, 5)))
+    assert [r[0] for r in runs] == [0] + [r[1] for r in runs[:-1]] and runs[-1][1] == K
+    for k0, k1, n in runs:
+        assert k1 > k0 and 1 <= n <= T
+        assert not vis[:, k0:k1, n:].any(), "a run cut off a context slot one of its traces sees"
+
+
+@pytest.mark.parametrize("op", ["attention", "trace_attention"])
+def test_backward_from_forward_lse_equals_recomputed(op, monkeypatch):
+    """The VJP that takes the forward's lse == the VJP that recomputes it (the fallback)."""
+    rng = np.random.default_rng(7)
+    if op == "attention":
+        vis = rng.random((2, 1, 5, 6)) < 0.6
+        vis[..., 0] = True
+        args = (rng.standard_normal((2, 3, 5, 4)) * 2, rng.standard_normal((2, 3, 6, 4)) * 2,
+                rng.standard_normal((2, 3, 6, 4)), ops.additive_mask(vis, np.float64))
+        diff = (0, 1, 2)
+    else:
+        args, _ = _trace_args(rng, 2, 2, 3, 4, 6, 4)
+        diff = (0, 1, 2, 3, 4)
+    fn = getattr(ops, op)
+    g = rng.standard_normal(fn(*args).shape)
+    vjp_hit, _ = make_vjp(fn, diff)(*args)
+    monkeypatch.setattr(ops, "_lse_or_none", lambda out: None)         # as if the handoff were lost
+    vjp_miss, _ = make_vjp(fn, diff)(*args)
+    for i, (a, b) in enumerate(zip(vjp_hit(g), vjp_miss(g))):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13, err_msg=f"{op} d/darg{diff[i]}")
+
+
+def test_lse_handoff_is_taken_only_by_its_own_output():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 3, 2)) for _ in range(3))
+    bias = np.zeros((1, 1, 3, 3))
+    out = ops.attention(q, k, v, bias)
+    other = ops.attention(q, k, v, bias)                                  # a later call replaces it
+    assert ops._lse_or_none(out) is None
+    out = ops.attention(q, k, v, bias)
+    assert ops._lse_or_none(out).shape == (1, 1, 3, 1)
+    assert ops._lse_or_none(out) is None and other is not None             # taken once
+
+
+def test_train_step_gradients_with_and_without_runs(monkeypatch):
+    dec = init_params(CFG, seed=1, dtype=np.float64)
+    trainable = init_coprocessor(dec, CFG, 3, seed=1)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, CFG.vocab_size, (2, 30))
+    positions = sample_trace_positions(rng, 2, 30, 8, 4)
+    assert len(context_runs(build_layout(tokens, positions, 3, 4).context_visible(), trace_runs(np))) == 4
+
+    def run():
+        return value_and_grad(lambda t: loss_cached(dec, t, CFG, tokens, positions, 3, 4)[0], trainable)
+    loss, grads, _ = run()
+    used = set()
+
+    def one_run(module):                                                   # one run over all of T
+        return lambda visible, n_runs: used.add(module.__name__)
+    for module in (coprocessor, objective):                                # the callers of context_runs
+        monkeypatch.setattr(module, "context_runs", one_run(module))
+    loss1, grads1, _ = run()
+    assert used == {coprocessor.__name__, objective.__name__}, "a pass kept its runs"
+    assert float(loss) == pytest.approx(float(loss1), rel=1e-13)
+    for name in grads:
+        np.testing.assert_allclose(grads[name], grads1[name], rtol=1e-10, atol=1e-14, err_msg=name)

@@ -24,13 +24,16 @@ def small_report(tmp_path):
          "embedding_row_norms": list(np.linspace(0.1, 0.3, 50))}
     table1 = {"id": "table1", "positions": [1, 2, 3],
               "relative_ppl_change_pct": {"a": [-1.0, -0.5, -0.2], "b": [-2.0, -1.0, -0.4]}}
-    return {"runs": runs, "measurements": m, "tables": [table1]}
+    curve = {"traces": [64, 640, 6400], "position_1": [150.0, 12.0, -0.5], "positions_2_on": [3.0, 0.1, -0.2],
+             "n_ahead": 3}
+    breakeven = {"id": "breakeven", "curves": {"b": curve}}
+    return {"runs": runs, "measurements": m, "tables": [table1, breakeven]}
 
 
 def test_make_plots_writes_nonempty_pngs(tmp_path):
     paths = make_plots(small_report(tmp_path), None, tmp_path / "plots")   # histories from the run folders
-    assert sorted(p.name for p in paths) == ["accuracy_vs_nl.png", "attention_mask.png", "latent_norms.png",
-                                             "ppl_by_position.png", "training_curves.png"]
+    assert sorted(p.name for p in paths) == ["accuracy_vs_nl.png", "attention_mask.png", "breakeven.png",
+                                             "latent_norms.png", "ppl_by_position.png", "training_curves.png"]
     for p in paths:
         blob = p.read_bytes()
         assert blob[:8] == PNG and len(blob) > 5000

@@ -11,7 +11,7 @@ import pytest
 import refimpl
 from refimpl import cli
 from refimpl.errors import RefimplError
-from refimpl.training import pretrain
+from refimpl.training import loop, pretrain
 from refimpl.training.checkpoint import load_checkpoint, load_decoder
 
 
@@ -19,7 +19,7 @@ from refimpl.training.checkpoint import load_checkpoint, load_decoder
 def corpus(monkeypatch):
     """The real pretraining mixture; a synthetic Markov-chain corpus while tiny_data/ is absent."""
     try:
-        pretrain.load_corpus()
+        loop.load_corpus()
         return
     except RefimplError:
         pass
@@ -28,8 +28,8 @@ def corpus(monkeypatch):
     steps = rng.integers(0, 3, size=len(tokens))
     for i in range(1, len(tokens)):                 # each token has 3 likely successors
         tokens[i] = (tokens[i - 1] * 7 + 1 + steps[i]) % 64
-    fake = pretrain.Corpus(2049, "0" * 64, "1" * 64, tokens[:50_000], tokens[50_000:])
-    monkeypatch.setattr(pretrain, "load_corpus", lambda: fake)
+    fake = loop.Corpus(2049, "0" * 64, "1" * 64, tokens[:50_000], tokens[50_000:])
+    monkeypatch.setattr(loop, "load_corpus", lambda: fake)
 
 
 SMALL = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]

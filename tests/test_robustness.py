@@ -2,7 +2,7 @@
 Python API get one-line RefimplErrors (the CLI sweep is in test_cli_errors.py).
 
 The kill tests run `python -m refimpl` as a subprocess with REFIMPL_TEST_HOOK_SAVE_PAUSE set (see
-refimpl/checkpoint.py): every atomic write then pauses after its temporary file is complete and
+refimpl/training/checkpoint.py): every atomic write then pauses after its temporary file is complete and
 before os.replace, and names its destination in a flag file. The test releases the writes it does
 not want (by deleting the flag) and sends SIGKILL at the one it wants. Every process runs with
 OPENBLAS_NUM_THREADS=1, so that the uninterrupted and the resumed runs do the same arithmetic.
@@ -25,8 +25,8 @@ from refimpl.core.decoder import extend, forward, init_params, prefill
 from refimpl.core.layout import build_layout
 from refimpl.errors import RefimplError
 from refimpl.evaluation.generate import generate_ids
+from refimpl.training import loop as loop_module
 from refimpl.training import pretrain as pretrain_module
-from refimpl.training import train as train_module
 from refimpl.training.checkpoint import (
     TEST_HOOK_SAVE_PAUSE,
     load_checkpoint,
@@ -180,13 +180,13 @@ def test_second_run_into_the_same_out_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # NaN/inf guard: it names the step and the quantity, and the last good checkpoint survives
 def test_pretrain_infinite_gradient_norm_names_step_and_quantity(tmp_path, monkeypatch):
-    real, calls = pretrain_module.clip_by_global_norm, []
+    real, calls = loop_module.global_norm, []
 
-    def exploding(grads, clip):
+    def exploding(grads):
         calls.append(1)
-        grads, norm = real(grads, clip)
-        return grads, (float("inf") if len(calls) == 3 else norm)
-    monkeypatch.setattr(pretrain_module, "clip_by_global_norm", exploding)
+        norm = real(grads)
+        return norm * np.inf if len(calls) == 3 else norm
+    monkeypatch.setattr(loop_module, "global_norm", exploding)
     with pytest.raises(RefimplError) as e:
         pretrain_module.pretrain(tmp_path, preset="nano", steps=6, batch_size=2, seq_len=16,
                                  eval_every=100, eval_batches=1, save_every=2)
@@ -212,17 +212,17 @@ SMALL = dict(n_latents=2, n_ahead=3, n_traces=4, batch_size=2, seq_len=16, eval_
 ])
 def test_train_nan_guard_says_which_checkpoint_is_left(decoder, tmp_path, monkeypatch, bad_step,
                                                        eval_every, kept):
-    real, calls = train_module.value_and_grad, []
+    real, calls = loop_module.value_and_grad, []
 
     def poisoned(fn, trainable):
         loss, grads, aux = real(fn, trainable)
         calls.append(1)
         return (loss * np.inf if len(calls) == bad_step else loss), grads, aux
-    monkeypatch.setattr(train_module, "value_and_grad", poisoned)
+    monkeypatch.setattr(loop_module, "value_and_grad", poisoned)
     with pytest.raises(RefimplError) as e:
         train(decoder, TrainConfig(steps=6, eval_every=eval_every, **SMALL), tmp_path, quiet=True)
     msg = str(e.value)
-    assert f"diverged at step {bad_step}: the loss is" in msg and kept in msg and "\n" not in msg
+    assert f"diverged at step {bad_step}: the training loss is" in msg and kept in msg and "\n" not in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def api_cases(p, decoder_path=None):
             lambda: prefill(p, NANO, tok.astype(np.float32)), ["input embeddings", "[B, T, 48]"]),
         "generate_ids: runs past max_seq_len": (
             lambda: generate_ids(p, NANO, [[1, 2, 3]], max_new_tokens=fits + 1),
-            ["runs past the decoder's max_seq_len=64", f"--max-new-tokens {fits} or less"]),
+            ["runs past the decoder's max_seq_len=64", f"max_new_tokens={fits} or less"]),
         "generate_ids: token id out of range": (
             lambda: generate_ids(p, NANO, [[1, 29]], max_new_tokens=1), ["token id 29", "out of range"]),
         "build_layout: no traces (K = 0)": (
@@ -264,11 +264,11 @@ def api_cases(p, decoder_path=None):
             lambda: build_layout(np.zeros((1, 8), int), np.array([[1.5]]), 1, 2), ["float64", "int [1, K]"]),
         "build_layout: 1-D tokens": (
             lambda: build_layout(np.zeros(8, int), np.array([[1]]), 1, 2), ["tokens have shape (8,)"]),
-        "TrainConfig: negative seed": (lambda: TrainConfig(seed=-1).validate(), ["--seed must be >= 0"]),
-        "TrainConfig: negative warmup": (lambda: TrainConfig(warmup=-1).validate(), ["--warmup must be >= 0"]),
-        "TrainConfig: infinite lr": (lambda: TrainConfig(lr=float("inf")).validate(), ["--lr", "finite"]),
+        "TrainConfig: negative seed": (lambda: TrainConfig(seed=-1).validate(), ["seed=-1 must be >= 0"]),
+        "TrainConfig: negative warmup": (lambda: TrainConfig(warmup=-1).validate(), ["warmup=-1 must be >= 0"]),
+        "TrainConfig: infinite lr": (lambda: TrainConfig(lr=float("inf")).validate(), ["lr=inf", "finite"]),
         "TrainConfig: negative weight decay": (
-            lambda: TrainConfig(weight_decay=-0.1).validate(), ["--weight-decay finite and >= 0"]),
+            lambda: TrainConfig(weight_decay=-0.1).validate(), ["weight_decay=-0.1", "weight_decay finite and >= 0"]),
     }
 
 
@@ -290,7 +290,7 @@ def test_generate_ids_fills_max_seq_len_exactly(params):
 
 
 def test_train_refuses_bad_stop_after_and_foreign_tokenizer(decoder, tmp_path):
-    with pytest.raises(RefimplError, match="--stop-after must be >= 1"):
+    with pytest.raises(RefimplError, match="stop_after=0 must be >= 1"):
         train(decoder, TrainConfig(steps=2, **SMALL), tmp_path / "a", quiet=True, stop_after=0)
     params, cfg, meta = load_decoder(decoder)
     save_decoder(tmp_path / "foreign", params, cfg, {"tokenizer_sha256": "f" * 64})

@@ -62,15 +62,15 @@ def test_coprocessor_for_another_decoder_is_refused(decoder, tmp_path):
 
 
 def test_nan_guard_keeps_last_good_checkpoint(decoder, tmp_path, monkeypatch):
-    import refimpl.training.train as train_module
-    real, calls = train_module.value_and_grad, []
+    import refimpl.training.loop as loop_module
+    real, calls = loop_module.value_and_grad, []
 
     def poisoned(fn, trainable):           # the 5th step's loss comes back as NaN
         loss, grads, aux = real(fn, trainable)
         calls.append(1)
         return (loss * np.nan if len(calls) == 5 else loss), grads, aux
-    monkeypatch.setattr(train_module, "value_and_grad", poisoned)
-    with pytest.raises(RefimplError, match="diverged at step 5: the loss is nan"):
+    monkeypatch.setattr(loop_module, "value_and_grad", poisoned)
+    with pytest.raises(RefimplError, match="diverged at step 5: the training loss is nan"):
         train(decoder, TrainConfig(steps=8, **SMALL), tmp_path, quiet=True)
     trainable, adam, _ = load_coprocessor(tmp_path / "coprocessor.npz", _decoder_bytes(decoder)[1])
     assert adam["step"] == 3                # the checkpoint of step 3 (eval_every=3) is intact
@@ -78,8 +78,9 @@ def test_nan_guard_keeps_last_good_checkpoint(decoder, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override, words", [
-    (dict(n_latents=0), "n-latents"), (dict(n_ahead=0), "n-ahead"), (dict(n_traces=40), "n_traces"),
-    (dict(mode="bogus"), "mode"), (dict(init="zeros"), "init"), (dict(lr=-1.0), "lr"),
+    (dict(n_latents=0), "n_latents=0 must be >= 1"), (dict(n_ahead=0), "n_ahead=0 must be >= 1"),
+    (dict(n_traces=40), "n_traces=40"), (dict(mode="bogus"), "mode='bogus' is unknown"),
+    (dict(init="zeros"), "init='zeros' is unknown"), (dict(lr=-1.0), "lr=-1.0"),
 ])
 def test_bad_options(decoder, tmp_path, override, words):
     with pytest.raises(RefimplError, match=words):
@@ -96,7 +97,7 @@ def test_cli_train(decoder, tmp_path, capsys):
 
 
 def test_decoder_arrays_bit_identical_after_train_steps(decoder):
-    """SPEC §7 invariant 2: the in-memory decoder arrays never change, whatever the steps do."""
+    """docs/method.md §6, invariant 2: the in-memory decoder arrays never change, whatever the steps do."""
     from refimpl.core.coprocessor import init_coprocessor
     from refimpl.core.decoder import flatten_params
     from refimpl.core.layout import sample_trace_positions
@@ -117,3 +118,109 @@ def test_decoder_arrays_bit_identical_after_train_steps(decoder):
     for k, v in flatten_params(params).items():
         assert v.tobytes() == before[k].tobytes(), f"decoder array {k} changed"
     assert all(not np.array_equal(trainable[k], first[k]) for k in trainable)   # the coprocessor did move
+
+
+def test_one_host_read_per_step(decoder, monkeypatch):
+    """Issue 14: the loss, the gradient norm and the latent norm reach the host in ONE transfer."""
+    from refimpl.core.coprocessor import init_coprocessor
+    from refimpl.core.layout import sample_trace_positions
+    from refimpl.training import loop
+    from refimpl.training.checkpoint import load_decoder
+    from refimpl.training.optim import adam_init
+    from refimpl.training.train import train_step
+    params, cfg, _ = load_decoder(decoder)
+    tc = TrainConfig(steps=3, **SMALL)
+    trainable = init_coprocessor(params, cfg, tc.n_latents)
+    adam, rng, reads = adam_init(trainable), np.random.default_rng(0), []
+    real = loop.to_numpy
+    monkeypatch.setattr(loop, "to_numpy", lambda x: reads.append(x.shape) or real(x))
+    for _ in range(3):
+        tokens = rng.integers(0, cfg.vocab_size, (tc.batch_size, tc.seq_len))
+        positions = sample_trace_positions(rng, tc.batch_size, tc.seq_len, tc.n_traces, tc.n_ahead)
+        trainable, adam, stats = train_step(params, trainable, adam, cfg, tc, tokens, positions, 1e-2)
+    assert reads == [(3,)] * 3 and set(stats) == {"loss", "grad_norm", "latent_norm"}
+
+
+def test_ctrl_c_saves_and_resumes_exactly(decoder, tmp_path, monkeypatch):
+    from refimpl.training import loop
+    full = train(decoder, TrainConfig(steps=6, **SMALL), tmp_path / "full", quiet=True)
+    real, calls = loop.value_and_grad, []
+
+    def interrupted(fn, trainable):        # Ctrl-C during the 5th step
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(fn, trainable)
+    monkeypatch.setattr(loop, "value_and_grad", interrupted)
+    with pytest.raises(RefimplError, match="interrupted after step 4: checkpoint saved"):
+        train(decoder, TrainConfig(steps=6, **SMALL), tmp_path / "part", quiet=True)
+    monkeypatch.undo()
+    part = train(decoder, TrainConfig(steps=6, **SMALL), tmp_path / "part", resume=True, quiet=True)
+    assert part["history"] == full["history"] and part["evals"] == full["evals"]
+    a, _ = load_checkpoint(tmp_path / "full" / "coprocessor.npz")
+    b, _ = load_checkpoint(tmp_path / "part" / "coprocessor.npz")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_zero_steps_writes_the_untrained_coprocessor(decoder, tmp_path):
+    m = train(decoder, TrainConfig(steps=0, **SMALL), tmp_path, quiet=True)
+    assert m["steps"] == 0 and m["evals"] == m["history"] == [] and len(m["augmented_ahead_loss"]) == 3
+    assert load_checkpoint(tmp_path / "coprocessor.npz")[1]["step"] == 0
+
+
+def _forget_fields(ckpt, names):
+    """Rewrite a coprocessor checkpoint as one saved before TrainConfig had `names`."""
+    from refimpl.training.checkpoint import save_checkpoint
+    arrays, meta = load_checkpoint(ckpt)
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "npz_file", "npz_sha256", "arrays",
+                                                       "meta_sha256")}
+    meta["train_config"] = {k: v for k, v in meta["train_config"].items() if k not in names}
+    save_checkpoint(ckpt, arrays, meta)
+
+
+def test_resume_of_a_checkpoint_that_predates_new_fields(decoder, tmp_path):
+    """A field missing from an old checkpoint means what runs used before it existed ("after" latents,
+    "normal" soft tokens), not today's default ("behind")."""
+    tc = TrainConfig(steps=6, latent_positions="after", **SMALL)
+    full = train(decoder, tc, tmp_path / "full", quiet=True)
+    train(decoder, tc, tmp_path / "old", quiet=True, stop_after=3)
+    _forget_fields(tmp_path / "old" / "coprocessor.npz", ("latent_positions", "soft_init"))
+    with pytest.raises(RefimplError, match="latent_positions=behind differs from the resumed run's after"):
+        train(decoder, TrainConfig(steps=6, **SMALL), tmp_path / "old", resume=True, quiet=True)
+    part = train(decoder, tc, tmp_path / "old", resume=True, quiet=True)
+    assert part["history"] == full["history"] and part["evals"] == full["evals"]
+
+
+def test_latent_positions_and_soft_init_reach_the_loss(decoder, tmp_path):
+    from refimpl.core.coprocessor import SOFT_TOKENS, init_coprocessor
+    from refimpl.core.layout import sample_trace_positions
+    from refimpl.core.objective import loss_cached
+    from refimpl.training.checkpoint import load_decoder
+    from refimpl.training.train import coprocessor_loss, init_soft_tokens
+    params, cfg, _ = load_decoder(decoder)
+    tc = TrainConfig(latent_positions="behind", **SMALL)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 24))
+    positions = sample_trace_positions(rng, 2, 24, 4, 3)
+    trainable = init_coprocessor(params, cfg, 2)
+    got = coprocessor_loss(params, trainable, cfg, tc, (tokens, positions))[0]
+    behind, after = (loss_cached(params, trainable, cfg, tokens, positions, 2, 3, "original", lp)[0]
+                     for lp in ("behind", "after"))
+    assert got == behind != after
+    E = params["embed_tokens"]
+    assert init_soft_tokens(trainable, params, "normal", 0) is trainable
+    assert not init_soft_tokens(trainable, params, "zero", 0)[SOFT_TOKENS].any()
+    rows = init_soft_tokens(trainable, params, "embed", 0)[SOFT_TOKENS]
+    assert all(any(np.array_equal(r, e) for e in E) for r in rows) and len({r.tobytes() for r in rows}) == 2
+
+
+def test_partial_metrics_hold_the_baseline(decoder, tmp_path, monkeypatch):
+    """metrics.json while training holds the decoder alone's held-out loss: the break-even curve's zero."""
+    from refimpl.training import loop
+    written, real = [], loop.atomic_write_json
+    monkeypatch.setattr(loop, "atomic_write_json", lambda path, obj: written.append(obj) or real(path, obj))
+    m = train(decoder, TrainConfig(steps=3, soft_init="zero", latent_positions="behind", **SMALL), tmp_path,
+              quiet=True)
+    partial = written[0]
+    assert partial["partial"] and partial["baseline_ahead_loss"] == m["baseline_ahead_loss"]
+    assert partial["train_config"]["latent_positions"] == "behind" and partial["train_config"]["soft_init"] == "zero"

@@ -8,7 +8,8 @@ never touches tiny_data/golden/ or tiny_data/checkpoints/):
 1. English: CPython's reference topics (`pydoc_data.topics`, PSF licence), one document per topic,
    lightly cleaned; whole topics (about 5% of the characters) are held out for val.
 2. Reasoning: problems from refimpl/reasoning.py with seed SEED, drawn in the order eval_test,
-   eval_val, val, train with one set of seen prompts, so no two splits share a prompt.
+   eval_val, val, train with one set of seen prompts, so no two splits share a prompt; then
+   eval_long (3..5-digit answers only) with seed LONG_SEED, excluding all of them.
 3. Tokenizer: `tiktoken._educational.bpe_train` to 2048 ranks on a fixed subsample of the train
    text plus reasoning lines, then `<|endoftext|>` = 2048.
 
@@ -34,13 +35,15 @@ from tiktoken._educational import bpe_encode, bpe_train
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from refimpl.data import reasoning
-from refimpl.data.corpus import DATA_FILES, DOC_SEPARATOR, TINY_DATA  # noqa: E402
+from refimpl.data.corpus import DATA_FILES, DOC_SEPARATOR, EVAL_FILES, TINY_DATA  # noqa: E402
 from refimpl.data.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks  # noqa: E402
 
 SEED = 2412
 BUILT_WITH = "3.11.7"
 VAL_FRACTION = 0.05
 N_EVAL = 500            # problems in each of eval_val.jsonl and eval_test.jsonl
+N_LONG = 300            # problems in eval_long.jsonl
+LONG_SEED = SEED + 1    # its own generator: the other files stay as they were before it existed
 N_TRAIN_LINES = 16000   # reasoning lines in the train mixture; val gets the same ratio to text
 BPE_TEXT_CHARS = 240_000
 BPE_REASONING_LINES = 2000
@@ -76,6 +79,13 @@ def reasoning_splits(rng, n_val_lines):
     seen = set()
     sizes = {"eval_test": N_EVAL, "eval_val": N_EVAL, "val": n_val_lines, "train": N_TRAIN_LINES}
     return {name: reasoning.generate(n, rng, exclude=seen) for name, n in sizes.items()}
+
+
+def long_split(problems):
+    """N_LONG problems with 3..5-digit answers, none sharing a prompt with the other splits."""
+    seen = {p["prompt"] for split in problems.values() for p in split}
+    return reasoning.generate(N_LONG, np.random.default_rng(LONG_SEED), exclude=seen,
+                              tasks=tuple(reasoning.LONG_DIFFICULTIES), difficulties=reasoning.LONG_DIFFICULTIES)
 
 
 def bpe_sample(train_docs, train_lines, rng):
@@ -123,9 +133,11 @@ def write_tokenizer(out, ranks, sample):
 
 
 def write_manifest(out):
-    files = {rel: {"sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
-                   "bytes": (out / rel).stat().st_size} for rel in DATA_FILES}
-    manifest = {"files": files, "seed": SEED, "reasoning_version": reasoning.VERSION,
+    def entries(rels):
+        return {rel: {"sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
+                      "bytes": (out / rel).stat().st_size} for rel in rels}
+    manifest = {"files": entries(DATA_FILES), "eval_files": entries(EVAL_FILES), "seed": SEED,
+                "long_seed": LONG_SEED, "reasoning_version": reasoning.VERSION,
                 "python": BUILT_WITH, "made_by": "python tools/make_tiny_data.py"}
     write_text(out / "MANIFEST.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
@@ -163,6 +175,7 @@ def main(argv=None):
         write_text(out / "reasoning" / f"{split}.txt", lines)
     for split in ("val", "test"):
         write_jsonl(out / "reasoning" / f"eval_{split}.jsonl", problems[f"eval_{split}"])
+    write_jsonl(out / "reasoning" / "eval_long.jsonl", long_split(problems))
     if not args.keep_tokenizer:
         sample = bpe_sample(train_docs, [reasoning.problem_line(p) for p in problems["train"]], rng)
         ranks, seconds = train_tokenizer(sample)
@@ -174,7 +187,8 @@ def main(argv=None):
                     out / "licenses" / "CPython-LICENSE.txt")
     write_manifest(out)
     print(f"wrote {out}: {len(train_docs)}/{len(val_docs)} train/val topics, "
-          f"{N_TRAIN_LINES}/{n_val_lines} train/val reasoning lines, 2 x {N_EVAL} eval problems")
+          f"{N_TRAIN_LINES}/{n_val_lines} train/val reasoning lines, 2 x {N_EVAL} eval problems, "
+          f"{N_LONG} long-answer problems")
 
 
 if __name__ == "__main__":

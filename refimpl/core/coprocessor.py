@@ -1,5 +1,5 @@
-"""The coprocessor (SPEC §4): reads the frozen decoder's kv-cache plus N_L trainable soft tokens and
-emits N_L latent embeddings in ONE parallel forward pass.
+"""The coprocessor (paper §3.1, Fig. 1; docs/method.md §2): it reads the frozen decoder's kv-cache
+plus N_L trainable soft tokens and emits N_L latent embeddings in ONE parallel forward pass.
 
 It has the decoder's architecture. Its layer l attends over the DECODER's layer-l cached keys and
 values for the prefix, followed by its own layer-l keys and values for the soft tokens (causal
@@ -8,14 +8,15 @@ its final hidden states at the soft-token slots, after its final RMSNorm. Its to
 LM head are unused, so its trainable arrays are its blocks, its final norm and the soft tokens.
 
 The pause-token baseline (paper Table 3) uses the same machinery with no coprocessor: the soft
-tokens themselves are the latents.
+tokens themselves are the latents, so they do NOT depend on the input. `latents` is the one place
+that tells the two apart.
 """
 import numpy as np
 
-from ..backend import xp_of
+from ..backend import trace_runs, xp_of
 from ..errors import require
-from .decoder import causal_may_attend, flatten_params, hidden, init_params, unflatten_params
-from .layout import trace_hidden
+from .decoder import causal_may_attend, flatten_params, groups_hidden, hidden, init_params, unflatten_params
+from .layout import context_runs
 from .ops import broadcast_rows, reshape
 
 SOFT_TOKENS = "soft_tokens"
@@ -56,48 +57,56 @@ def coprocessor_params(trainable, cfg):
     return unflatten_params(trainable, cfg.n_layers)
 
 
+def latents(trainable, cfg, lead_shape, run):
+    """The latents for soft tokens broadcast to [*lead_shape, N_L, D]: run(coprocessor params,
+    soft-token inputs) computes them; in pause mode they are the soft tokens themselves."""
+    soft_in = broadcast_rows(trainable[SOFT_TOKENS], tuple(lead_shape))    # [*lead, N_L, D]
+    return soft_in if is_pause(trainable) else run(coprocessor_params(trainable, cfg), soft_in)
+
+
 # ---------------------------------------------------------------------------------------------
-# §5 inference: one coprocessor call at the end of a cache
-def augment(trainable, cfg, cache):
+# Inference: one coprocessor call at the end of a cache (paper §3)
+def augment(trainable, cfg, cache, latent_positions="after"):
     """Latents z [B, N_L, D] for a decoder cache whose last slot is the augmentation point.
 
-    Soft token j gets position p + 1 + j, p the last cached position [choice]. It sees every
-    valid cached slot and the soft tokens before it.
+    Soft token j gets position p + 1 + j, p the last cached position ("behind": p - N_L + 1 + j,
+    clamped at 0). It sees every valid cached slot and the soft tokens before it.
     """
-    soft = trainable[SOFT_TOKENS]                                           # [N_L, D]
-    B, n = cache.positions.shape[0], soft.shape[0]
-    soft_in = broadcast_rows(soft, (B,))                                    # [B, N_L, D]
-    if is_pause(trainable):
-        return soft_in
-    positions = cache.next_positions(n)                                     # [B, N_L]
-    z, _ = hidden(coprocessor_params(trainable, cfg), cfg, soft_in, positions, cache,
-                  causal_may_attend(cache.positions, positions))
-    return z
+    B, n = cache.positions.shape[0], trainable[SOFT_TOKENS].shape[0]
+    positions = latent_ids(cache, n, latent_positions)                      # [B, N_L]
+    mask = causal_may_attend(cache.positions, positions)                    # [B, N_L, Tc + N_L]
+    return latents(trainable, cfg, (B,), lambda params, soft: hidden(params, cfg, soft, positions, cache,
+                                                                      mask)[0])
+
+
+def latent_ids(cache, n_latents, latent_positions="after"):
+    """Position ids int [B, N_L] of N_L latents appended to a cache (layout.latent_position_ids)."""
+    ids = cache.next_positions(n_latents)                                   # p+1..p+N_L
+    return xp_of(ids).maximum(ids - n_latents, 0) if latent_positions == "behind" else ids
 
 
 # ---------------------------------------------------------------------------------------------
-# §6 training: latents for K traces at once
+# Training: latents for K traces at once (paper §3.2)
 def latents_cached(trainable, cfg, cache, layout):
     """Form B: every trace's latents in one blockwise pass over the decoder cache: [B, K, N_L, D]."""
-    soft = trainable[SOFT_TOKENS]
     B, K, N = layout.trace_positions.shape[0], layout.n_traces, layout.n_latents
-    soft_in = broadcast_rows(soft, (B, K))                                  # [B, K, N_L, D]
-    if is_pause(trainable):
-        return soft_in
-    z = trace_hidden(coprocessor_params(trainable, cfg), cfg, reshape(soft_in, (B, K * N, -1)),
-                     layout.latent_positions.reshape(B, K * N), cache, layout.context_visible(), N)
-    return reshape(z, (B, K, N, -1))
+    visible = layout.context_visible()                                      # [B, K, T]
+
+    def run(params, soft):                                                  # soft [B, K, N_L, D]
+        runs = context_runs(visible, trace_runs(xp_of(soft)))
+        z = groups_hidden(params, cfg, soft, layout.latent_ids, cache, visible, runs)
+        return reshape(z, (B, K, N, -1))
+    return latents(trainable, cfg, (B, K), run)
 
 
 def latents_packed(trainable, cfg, cache, layout):
     """Form A: the same latents through the one-pass packed mask (rows of the K soft groups)."""
-    soft = trainable[SOFT_TOKENS]
     B, K, N, T = layout.trace_positions.shape[0], layout.n_traces, layout.n_latents, layout.seq_len
-    soft_in = broadcast_rows(soft, (B, K))                                  # [B, K, N_L, D]
-    if is_pause(trainable):
-        return soft_in
     xp = xp_of(cache.positions)
-    may_attend = xp.asarray(layout.packed_may_attend(group_len=N)[:, T:, :])   # [B, K*N_L, T+K*N_L]
-    z, _ = hidden(coprocessor_params(trainable, cfg), cfg, reshape(soft_in, (B, K * N, -1)),
-                  xp.asarray(layout.latent_positions.reshape(B, K * N)), cache, may_attend)
-    return reshape(z, (B, K, N, -1))
+    mask = xp.asarray(layout.packed_may_attend(group_len=N)[:, T:, :])       # [B, K*N_L, T+K*N_L]
+    positions = xp.asarray(layout.latent_ids.reshape(B, K * N))
+
+    def run(params, soft):                                                  # soft [B, K, N_L, D]
+        z, _ = hidden(params, cfg, reshape(soft, (B, K * N, -1)), positions, cache, mask)
+        return reshape(z, (B, K, N, -1))
+    return latents(trainable, cfg, (B, K), run)

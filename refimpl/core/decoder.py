@@ -1,4 +1,4 @@
-"""The decoder: a Llama-style transformer with an explicit kv-cache (SPEC §3).
+"""The decoder: a Llama-style transformer with an explicit kv-cache (paper §3; docs/method.md §1).
 
 Follows the Hugging Face Llama architecture (pre-norm RMSNorm, RoPE "rotate-half", SwiGLU, no
 biases, tied LM head, unscaled token embeddings), written in the style of picoGPT: pure functions
@@ -8,27 +8,20 @@ transformers' modeling_llama.py.
 Every layer's cache holds keys AFTER RoPE, [B, H, Tc, Dh], plus the integer position id of every
 cached slot. Position id -1 marks a padding slot that no other slot may attend to. The cache is
 extended by concatenation, never by item assignment, so autograd can trace through it.
+
+`hidden` is the pure forward; `forward`, `prefill` and `extend` are the entry points that check
+their arguments first (checks.py). `groups_hidden` runs K trace groups against one shared cache,
+blockwise: the cached training form of the paper's multi-trace mask (docs/method.md §4).
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import to_numpy, xp_of
-from ..errors import RefimplError, require
-from .ops import (
-    add,
-    additive_mask,
-    attention,
-    concat,
-    embedding,
-    linear,
-    merge_heads,
-    rmsnorm,
-    rope,
-    rope_tables,
-    split_heads,
-    swiglu,
-)
+from ..errors import require
+from .checks import check_forward, check_prompt_length
+from .ops import (add, additive_mask, attention, concat, embedding, linear, merge_heads, repeat_kv, reshape,
+                  rmsnorm, rope, rope_tables, split_heads, swiglu, trace_attention)
 
 LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
               "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
@@ -37,9 +30,9 @@ LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
 # ---------------------------------------------------------------------------------------------
 # Parameters: a nested dict whose leaves carry the Hugging Face Llama leaf names.
 def init_params(cfg, seed=0, dtype=np.float32, xp=np):
-    """Random decoder params: N(0, init_std) matrices (output projections scaled by 1/sqrt(2L)), unit norms."""
+    """Random decoder params: N(0, init_std) matrices (output projections by 1/sqrt(2L)), unit norms."""
     rng = np.random.default_rng(seed)
-    D, F = cfg.d_model, cfg.d_ff
+    D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
 
     def normal(*shape, std=cfg.init_std):
         return xp.asarray((rng.standard_normal(shape) * std).astype(dtype))
@@ -47,7 +40,7 @@ def init_params(cfg, seed=0, dtype=np.float32, xp=np):
     out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
     layers = [{
         "input_layernorm": xp.ones(D, dtype=dtype),
-        "q_proj": normal(D, D), "k_proj": normal(D, D), "v_proj": normal(D, D),
+        "q_proj": normal(D, D), "k_proj": normal(Dkv, D), "v_proj": normal(Dkv, D),
         "o_proj": normal(D, D, std=out_std),
         "post_attention_layernorm": xp.ones(D, dtype=dtype),
         "gate_proj": normal(F, D), "up_proj": normal(F, D), "down_proj": normal(D, F, std=out_std),
@@ -95,9 +88,9 @@ def _expected_names(n_layers):
 
 def param_shapes(cfg):
     """{Hugging Face name: shape} that a config implies (for checkpoint validation)."""
-    D, F = cfg.d_model, cfg.d_ff
+    D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
     per_layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "q_proj": (D, D),
-                 "k_proj": (D, D), "v_proj": (D, D), "o_proj": (D, D), "gate_proj": (F, D),
+                 "k_proj": (Dkv, D), "v_proj": (Dkv, D), "o_proj": (D, D), "gate_proj": (F, D),
                  "up_proj": (F, D), "down_proj": (D, F)}
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
     for i in range(cfg.n_layers):
@@ -151,13 +144,14 @@ def causal_may_attend(cache_positions, positions):
 def block(layer, x, cos, sin, attend, cfg):
     """One pre-norm Llama block. attend(q, k, v) -> [B, H, T, Dh] sees this layer's new keys.
 
-    [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and values [B, H, T, Dh].
+    [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and values [B, Hkv, T, Dh]
+    (grouped-query attention: Hkv key/value heads, each read by H/Hkv query heads).
     """
-    H, eps = cfg.n_heads, cfg.norm_eps
+    H, Hkv, eps = cfg.n_heads, cfg.kv_heads, cfg.norm_eps
     h = rmsnorm(x, layer["input_layernorm"], eps)                                # [B, T, D]
     q = rope(split_heads(linear(h, layer["q_proj"]), H), cos, sin)               # [B, H, T, Dh]
-    k = rope(split_heads(linear(h, layer["k_proj"]), H), cos, sin)               # [B, H, T, Dh]
-    v = split_heads(linear(h, layer["v_proj"]), H)                               # [B, H, T, Dh]
+    k = rope(split_heads(linear(h, layer["k_proj"]), Hkv), cos, sin)             # [B, Hkv, T, Dh]
+    v = split_heads(linear(h, layer["v_proj"]), Hkv)                             # [B, Hkv, T, Dh]
     x = add(x, linear(merge_heads(attend(q, k, v)), layer["o_proj"]))            # [B, T, D]
     h = rmsnorm(x, layer["post_attention_layernorm"], eps)
     gated = swiglu(linear(h, layer["gate_proj"]), linear(h, layer["up_proj"]))   # [B, T, F]
@@ -184,64 +178,78 @@ def lm_head(params, h):
     return linear(h, params["embed_tokens"])
 
 
-def embed(params, cfg, tokens):
-    """Token ids [B, T] -> unscaled embeddings [B, T, D]; bad ids raise RefimplError."""
-    check_tokens(tokens, cfg)
-    return embedding(params["embed_tokens"], tokens)
-
-
 def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
-    """Final hidden states (after the final norm) [B, T, D] and the extended cache.
+    """Final hidden states (after the final norm) [B, T, D] and the cache extended by T slots.
 
     inputs: token ids int [B, T], or input embeddings [B, T, D] (e.g. latents).
-    positions: int [B, T]; default continues after the cache (0.. without one).
-    may_attend: bool [B|1, T, Tc + T]; default `causal_may_attend`.
+    positions: int [B, T]; default: counting on after the cache (0.. without one).
+    may_attend: bool [B|1, T, Tc + T]; default `causal_may_attend`. Nothing is checked here.
     """
-    x = inputs if _is_float(inputs) else embed(params, cfg, inputs)
-    require(x.ndim == 3 and x.shape[-1] == cfg.d_model,
-            f"input embeddings have shape {tuple(x.shape)}: expected [B, T, {cfg.d_model}]")
+    xp = xp_of(inputs)
+    x = inputs if inputs.dtype.kind == "f" else embedding(params["embed_tokens"], inputs)   # [B, T, D]
     B, T, _ = x.shape
-    require(cache is None or isinstance(cache, KVCache),
-            f"cache must be a KVCache (from prefill/extend/forward) or None, got {type(cache).__name__}")
-    require(cache is None or cache.positions.shape[0] == B,
-            f"the cache holds {0 if cache is None else cache.positions.shape[0]} sequences but the "
-            f"inputs hold {B}: pass inputs with one row per cached sequence")
-    positions = _positions(positions, cache, B, T, x)
-    cache_pos = None if cache is None else cache.positions
+    if positions is None:
+        positions = xp.broadcast_to(xp.arange(T), (B, T)) if cache is None else cache.next_positions(T)
     if may_attend is None:
-        may_attend = causal_may_attend(cache_pos, positions)
-    Tk = T + (0 if cache is None else cache.length)
-    _require_array(may_attend, "mask", f"bool [{B}, {T}, {Tk}]")
-    require(may_attend.ndim == 3 and may_attend.shape[0] in (1, B)
-            and tuple(may_attend.shape[1:]) == (T, Tk) and may_attend.dtype == bool,
-            f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: "
-            f"expected bool [{B}, {T}, {Tk}] or [1, {T}, {Tk}]")
-    bias = additive_mask(may_attend[:, None], x.dtype)                          # [B, 1, T, Tk]
+        may_attend = causal_may_attend(None if cache is None else cache.positions, positions)
+    bias = additive_mask(may_attend[:, None], x.dtype)                           # [B|1, 1, T, Tc+T]
 
     def attend_for_layer(i):
         if cache is None:
-            return lambda q, k, v: attention(q, k, v, bias)
-        return lambda q, k, v: attention(q, concat(cache.k[i], k, 2), concat(cache.v[i], v, 2), bias)
+            return lambda q, k, v: attention(q, *_heads(cfg, k, v), bias)
+        return lambda q, k, v: attention(q, *_heads(cfg, concat(cache.k[i], k, 2), concat(cache.v[i], v, 2)),
+                                         bias)
 
     h, ks, vs = run_layers(params, cfg, x, positions, attend_for_layer)
     new_cache = KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
     return h, new_cache
 
 
+def _heads(cfg, k, v):
+    # grouped-query attention: [B, Hkv, ...] -> [B, H, ...], query head i reads kv head i // (H / Hkv)
+    n = cfg.n_heads // cfg.kv_heads
+    return (k, v) if n == 1 else (repeat_kv(k, n), repeat_kv(v, n))
+
+
+def groups_hidden(params, cfg, inputs, positions, cache, context_visible, runs):
+    """K groups of G slots run against one shared cache, blockwise: hidden [B, K*G, D] (after the final norm).
+
+    inputs [B, K, G, D] embeddings; positions int [B, K, G]; cache: the decoder's KVCache of T slots;
+    context_visible bool [B, K, T] (host): the cached slots trace k may see; runs: `layout.context_runs`.
+    A slot of group k sees those cached slots and the slots of its own group at or before itself,
+    and nothing else; no [K*G, T + K*G] mask is ever built. The groups' keys are not cached.
+    """
+    xp = xp_of(inputs)
+    B, K, G, D = inputs.shape
+    H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B, 1, K, 1, T]
+    own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
+
+    def attend_for_layer(i):
+        def attend(q, k, v):                                                     # [B, H, K*G, Dh] each
+            q = reshape(q, (B, H, K, G, Dh))
+            k, v = _heads(cfg, *(reshape(a, (B, Hkv, K, G, Dh)) for a in (k, v)))
+            out = trace_attention(q, *_heads(cfg, cache.k[i], cache.v[i]), k, v, ctx_bias, own_bias, runs=runs)
+            return reshape(out, (B, H, K * G, Dh))
+        return attend
+
+    flat = xp.asarray(positions).reshape(B, K * G)
+    h, _, _ = run_layers(params, cfg, reshape(inputs, (B, K * G, D)), flat, attend_for_layer)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points: forward, and the inference API built on it (prefill, extend, generate)
 def forward(params, cfg, inputs, positions=None, cache=None, may_attend=None):
-    """logits [B, T, V], final hidden states [B, T, D], and the cache extended by T slots."""
+    """logits [B, T, V], final hidden states [B, T, D], and the cache extended by T slots (checked)."""
+    check_forward(cfg, inputs, positions, cache, may_attend)
     h, new_cache = hidden(params, cfg, inputs, positions, cache, may_attend)
     return lm_head(params, h), h, new_cache
 
 
-# ---------------------------------------------------------------------------------------------
-# Inference helpers built on forward: prefill, extend, generate
 def prefill(params, cfg, tokens, positions=None):
     """Run a prompt: logits [B, T, V] and its cache."""
-    _require_array(tokens, "token ids", "int [B, T]")
-    require(tokens.shape[-1] <= cfg.max_seq_len,
-            f"sequence of {tokens.shape[-1]} tokens is longer than max_seq_len={cfg.max_seq_len}: "
-            "shorten the prompt or use a config with a longer context")
+    check_prompt_length(tokens, cfg)
     logits, _, cache = forward(params, cfg, tokens, positions)
     return logits, cache
 
@@ -250,8 +258,8 @@ def extend(params, cfg, cache, inputs, positions=None):
     """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache.
 
     Positions are not checked against max_seq_len here: training itself places latents and ahead
-    tokens at positions up to max_seq_len + N_L - 2 (SPEC §6). The user-facing limit is in
-    generate.generate_ids."""
+    tokens at positions up to max_seq_len + N_L - 2. The user-facing limit is in
+    evaluation.generate.generate_ids."""
     logits, _, cache = forward(params, cfg, inputs, positions, cache)
     return logits, cache
 
@@ -267,54 +275,20 @@ def sample_next(logits, temperature, rng):
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
-def generate(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None):
+def generate(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None, positions=None):
     """Decode n_new tokens after a cache whose last slot produced last_logits [B, V].
 
-    Returns the new token ids int64 [B, n_new] (host) and the final cache.
+    positions: int [B, 1], the first new token's position id (default: counting on after the
+    cache); each later token takes the next one. Returns the new ids int64 [B, n_new] (host) and
+    the final cache.
     """
     xp = xp_of(last_logits)
     rng = rng or np.random.default_rng(0)
     out = []
-    for _ in range(n_new):
+    for i in range(n_new):
         nxt = sample_next(last_logits, temperature, rng)                        # [B]
         out.append(nxt)
-        logits, cache = extend(params, cfg, cache, xp.asarray(nxt[:, None]))
+        pos = None if positions is None else positions + i                      # [B, 1]
+        logits, cache = extend(params, cfg, cache, xp.asarray(nxt[:, None]), pos)
         last_logits = logits[:, -1]
     return np.stack(out, axis=1).astype(np.int64), cache
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-def check_tokens(tokens, cfg):
-    """Token ids must be an integer [B, T] array with every id in [0, vocab_size)."""
-    require(hasattr(tokens, "dtype") and tokens.dtype.kind in "iu",
-            f"token ids must be an integer array, got {getattr(tokens, 'dtype', type(tokens))}: "
-            "encode text with the tokenizer first")
-    require(tokens.ndim == 2, f"token ids have shape {tuple(tokens.shape)}: expected [B, T]")
-    if tokens.size:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        require(lo >= 0 and hi < cfg.vocab_size,
-                f"token id {hi if hi >= cfg.vocab_size else lo} is out of range [0, {cfg.vocab_size}): "
-                "the tokens come from another tokenizer or are corrupt")
-
-
-def _positions(positions, cache, B, T, like):
-    xp = xp_of(like)
-    if positions is None:
-        return xp.broadcast_to(xp.arange(T), (B, T)) if cache is None else cache.next_positions(T)
-    _require_array(positions, "position ids", f"int [{B}, {T}]")
-    require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu",
-            f"position ids have shape {tuple(positions.shape)} {positions.dtype}: expected int [{B}, {T}]")
-    return positions
-
-
-def _require_array(a, what, expected):
-    require(hasattr(a, "shape") and hasattr(a, "dtype"),
-            f"{what} must be an array, got {type(a).__name__}: pass a NumPy (or CuPy) array {expected}")
-
-
-def _is_float(a):
-    dtype = getattr(a, "dtype", None)
-    if dtype is None:
-        raise RefimplError(f"inputs must be an array of token ids or embeddings, got {type(a).__name__}")
-    return dtype.kind == "f"

@@ -1,11 +1,11 @@
-"""The multi-trace training layout and its masks (SPEC §6, the paper's Fig. 2).
+"""The multi-trace training layout and its masks (paper §3.2 and Fig. 2; docs/method.md §4).
 
-For each sequence x_0..x_{T-1}, K augmentation points p_1..p_K are sampled. Trace k is a group
-of G = N_L + N_A - 1 slots inserted after x_{p_k}:
+Host index data only: no model code. For each sequence x_0..x_{T-1}, K augmentation points
+p_1..p_K are sampled. Trace k is a group of G = N_L + N_A - 1 slots inserted after x_{p_k}:
 
     slots:    z_1 .. z_{N_L}        x_{p+1} .. x_{p+N_A-1}
-    position: p+1 .. p+N_L          p+N_L+1 .. p+N_L+N_A-1    (ahead_positions="continue", default)
-                                    p+1 .. p+N_A-1            (ahead_positions="original")
+    position: p+1 .. p+N_L          p+1 .. p+N_A-1            (ahead_positions="original", default)
+                                    p+N_L+1 .. p+N_L+N_A-1    (ahead_positions="continue")
     targets x_{p+1} .. x_{p+N_A}, read at the last latent, then at each ahead token.
 
 In the packed sequence (the T original tokens followed by the K groups, S = T + K*G slots), an
@@ -13,21 +13,19 @@ original token sees earlier original tokens; a group slot sees x_0..x_{p_k} and 
 own group at or before itself. Nothing else: no other group, no original token after p_k.
 
 `TraceLayout` holds every index and mask of that layout, built once, in one place, as host NumPy
-arrays; `format_mask` prints one for reading. `trace_hidden` is the cached form of the same
-attention pattern (blockwise, without the [S, S] mask); `context_runs` cuts the traces into runs
-that each need only a prefix of the cache (a fast path, docs/performance.md).
+arrays; `format_mask` prints one for reading. `context_runs` cuts the traces into runs that each
+need only a prefix of the cache, for the blockwise pass `decoder.groups_hidden` (a fast path,
+docs/performance.md).
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import xp_of
 from ..errors import require
-from .decoder import run_layers
-from .ops import additive_mask, reshape, trace_attention
 
 ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
-AHEAD_POSITIONS = ("original", "continue")  # SPEC §5: position ids of the tokens after the latents
+AHEAD_POSITIONS = ("original", "continue")  # position ids of the ahead tokens (docs/choices.md)
+LATENT_POSITIONS = ("after", "behind")      # position ids of the latents (docs/choices.md)
 
 
 def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
@@ -65,7 +63,7 @@ class TraceLayout:
         return self.n_latents + self.n_ahead - 1
 
     @property
-    def latent_positions(self):   # int [B, K, N_L]
+    def latent_ids(self):         # int [B, K, N_L]
         return self.group_positions[..., :self.n_latents]
 
     def context_visible(self):
@@ -84,7 +82,7 @@ class TraceLayout:
         return np.array([ORIGINAL] * self.seq_len + group * self.n_traces, dtype=np.int64)
 
     def packed_may_attend(self, group_len=None):
-        """bool [B, S, S], S = T + K*group_len: the one-pass mask of SPEC §6.
+        """bool [B, S, S], S = T + K*group_len: the one-pass mask (paper Fig. 2).
 
         group_len defaults to G (the decoder's groups); the coprocessor's packed pass uses
         group_len = N_L (its groups are the soft tokens alone).
@@ -93,16 +91,20 @@ class TraceLayout:
                                  self.group_len if group_len is None else group_len)
 
 
-def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="original"):
+def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="original",
+                 latent_positions="after"):
     """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
 
-    ahead_positions: "continue" (default, SPEC §5): the ahead tokens' positions keep counting
-    after the latents; "original": they keep the positions they have in the sequence, so the
-    decoder sees them at their usual distance from the prefix (the latents then share
-    positions with them).
+    ahead_positions: "original" (default): the ahead tokens keep the positions they have in the
+    sequence, so the frozen decoder sees them at their usual distance from the prefix; "continue":
+    their positions count on after the last latent's. latent_positions: "after" (default): latent j
+    at p+1+j; "behind": at p-N_L+1+j (clamped at 0), overlapping the prefix's last ids, so that the
+    last latent sits where the decoder predicts x_{p+1}. docs/choices.md has the figures.
     """
     require(ahead_positions in AHEAD_POSITIONS,
             f"unknown ahead_positions {ahead_positions!r}: use one of {', '.join(AHEAD_POSITIONS)}")
+    require(latent_positions in LATENT_POSITIONS,
+            f"unknown latent_positions {latent_positions!r}: use one of {', '.join(LATENT_POSITIONS)}")
     tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions)
     require(tokens.ndim == 2, f"tokens have shape {tokens.shape}: expected [B, T]")
     B, T = tokens.shape
@@ -120,9 +122,10 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="o
     K, G = trace_positions.shape[1], n_latents + n_ahead - 1
     offsets = trace_positions[..., None] + 1 + np.arange(n_ahead)                    # [B, K, N_A]
     targets = np.take_along_axis(tokens[:, None, :], offsets, axis=2)                # x_{p+1..p+N_A}
-    group_positions = trace_positions[..., None] + 1 + np.arange(G)                  # [B, K, G]
-    if ahead_positions == "original":
-        group_positions[..., n_latents:] -= n_latents                                 # x_{p+j} at p+j
+    latent_ids = latent_position_ids(trace_positions, n_latents, latent_positions)  # [B, K, N_L]
+    last = latent_ids[..., -1:] if n_latents else trace_positions[..., None]        # [B, K, 1]
+    start = trace_positions[..., None] if ahead_positions == "original" else last   # x_{p+j} at start + j
+    group_positions = np.concatenate([latent_ids, start + 1 + np.arange(n_ahead - 1)], axis=-1)  # [B, K, G]
     # target j of trace k is read at group slot N_L-1+j; with N_L = 0, j = 0 reads x_p itself
     slot = T + np.arange(K)[:, None] * G + (n_latents - 1) + np.arange(n_ahead)     # [K, N_A]
     readout = np.broadcast_to(slot, (B, K, n_ahead)).copy()
@@ -130,6 +133,12 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="o
         readout[..., 0] = trace_positions
     return TraceLayout(T, n_latents, n_ahead, trace_positions, targets[..., :-1], targets,
                        group_positions, readout.reshape(B, K * n_ahead))
+
+
+def latent_position_ids(points, n_latents, latent_positions="after"):
+    """Position ids of the N_L latents inserted after each point p: int [..., N_L]."""
+    ids = np.asarray(points)[..., None] + 1 + np.arange(n_latents)                  # after: p+1..p+N_L
+    return np.maximum(ids - n_latents, 0) if latent_positions == "behind" else ids   # behind: p-N_L+1..p
 
 
 def packed_may_attend(trace_positions, seq_len, group_len):
@@ -178,30 +187,3 @@ def context_runs(context_visible, n_runs=4):
     need = last.max(0)                                                               # [K]
     bounds = np.linspace(0, K, min(n_runs, K) + 1).round().astype(int)
     return tuple((int(a), int(b), max(1, int(need[a:b].max()))) for a, b in zip(bounds[:-1], bounds[1:]))
-
-
-def trace_hidden(params, cfg, inputs, positions, cache, context_visible, group_len):
-    """Run K groups of group_len slots against a shared cache, blockwise (SPEC §6, form B).
-
-    inputs [B, K*G, D] embeddings; positions int [B, K*G]; cache: the decoder's KVCache of the
-    T original tokens; context_visible bool [B, K, T] (host). A slot of group k sees cached
-    slots that trace k may see, and the earlier slots of its own group. Returns hidden
-    [B, K*G, D] (after the final norm). The group keys are NOT appended to the cache.
-    """
-    xp = xp_of(inputs)
-    B, KG, _ = inputs.shape
-    K, G, H, Dh = KG // group_len, group_len, cfg.n_heads, cfg.head_dim
-    ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B,1,K,1,T]
-    own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
-    runs = context_runs(context_visible)
-
-    def attend_for_layer(i):
-        def attend(q, k, v):
-            grouped = [reshape(a, (B, H, K, G, Dh)) for a in (q, k, v)]
-            out = trace_attention(grouped[0], cache.k[i], cache.v[i], grouped[1], grouped[2],
-                                  ctx_bias, own_bias, runs=runs)
-            return reshape(out, (B, H, K * G, Dh))
-        return attend
-
-    h, _, _ = run_layers(params, cfg, inputs, xp.asarray(positions), attend_for_layer)
-    return h

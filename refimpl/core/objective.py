@@ -1,118 +1,127 @@
-"""The training objective (SPEC §6) in three forms that must agree exactly.
+"""The method on one screen, then the training objective in the three forms that must agree.
 
-Loss = mean cross-entropy of the frozen decoder over all B*K*N_A ahead targets, each trace's
-decoder inputs being [z_1..z_{N_L}, x_{p+1}..x_{p+N_A-1}] after the prefix x_0..x_p.
+`trace_loss` is the whole method for one augmentation point, through the inference API (paper §3,
+Fig. 1): prefill the frozen decoder, ONE coprocessor call on its cache, the decoder over
+[latents, ahead tokens], read-out, cross-entropy. The loss of training (paper §3.2) is its mean
+over all B*K*N_A ahead targets:
 
-- A `loss_packed`:     decoder prefill, coprocessor through the packed mask, then ONE decoder pass
-                       over [original tokens; all K groups] with the packed [S, S] mask (Fig. 2).
-- B `loss_cached`:     decoder prefill (a constant: the decoder is frozen), coprocessor and decoder
-                       groups blockwise against that cache. This is what training uses.
-- C `loss_sequential`: a loop over traces using only the §5 inference API (prefill, augment,
-                       extend). The ground truth.
+- C `loss_sequential`: `trace_loss` for every trace, one by one. The ground truth.
+- B `loss_cached`:     the same for K traces at once: one decoder prefill (a constant, the decoder is
+                       frozen), then the coprocessor and the decoder groups blockwise against it.
+                       This is what training uses.
+- A `loss_packed`:     one decoder pass over [original tokens; all K groups] with the packed mask
+                       of the paper's Fig. 2.
 
-Each returns (loss, out) where out holds `nll` [B, K, N_A], `logits` [B, K, N_A, V] and
-`latents` [B, K, N_L, D] (None with N_L = 0). `trainable` is None or N_L = 0 for the plain
-decoder: then every form reduces to teacher-forced decoding of the same targets.
+Each form returns (loss, out): out holds `nll` [B, K, N_A], `logits` [B, K, N_A, V] and `latents`
+[B, K, N_L, D] (None with N_L = 0). `trainable` None or N_L = 0 is the plain decoder: every form
+then reduces to teacher-forced decoding of the same targets.
 """
-
-from ..backend import to_numpy, xp_of
-from .coprocessor import augment, latents_cached, latents_packed
-from .decoder import embed, extend, hidden, lm_head, prefill
-from .layout import build_layout, trace_hidden
-from .ops import concat, cross_entropy, mean, reshape, take_rows
-
-
-def _scored(h_all, layout, params, xp):
-    """Read out the scored slots of h_all [B, S, D]: logits [B, K, N_A, V] and nll [B, K, N_A]."""
-    B, K, N_A = layout.targets.shape
-    logits = lm_head(params, take_rows(h_all, xp.asarray(layout.readout)))  # [B, K*N_A, V]
-    logits = reshape(logits, (B, K, N_A, -1))
-    return logits, cross_entropy(logits, xp.asarray(layout.targets))
+from ..backend import trace_runs, xp_of
+from .checks import host_tokens
+from .coprocessor import augment, latent_ids, latents_cached, latents_packed
+from .decoder import extend, groups_hidden, hidden, lm_head, prefill
+from .layout import build_layout, context_runs
+from .ops import concat, cross_entropy, embedding, mean, reshape, take_rows
 
 
-def _group_inputs(params, cfg, latents, layout, xp):
-    """Decoder inputs of the K groups: [B, K*G, D] = per trace [z_1..z_{N_L}, x_{p+1}..x_{p+N_A-1}]."""
-    B, K, _ = layout.ahead_inputs.shape
-    ahead = reshape(embed(params, cfg, xp.asarray(layout.ahead_inputs.reshape(B, -1))),
-                    (B, K, layout.n_ahead - 1, cfg.d_model))                # [B, K, N_A-1, D]
-    groups = ahead if latents is None else concat(latents, ahead, 2)       # [B, K, G, D]
-    return reshape(groups, (B, K * layout.group_len, cfg.d_model))
-
-
-def _latents(trainable, layout, make):
-    return None if trainable is None or layout.n_latents == 0 else make()
-
-
-def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original"):
-    """Form B: the cached three-pass form. tokens int [B, T], trace_positions int [B, K]."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-    xp = xp_of(dec_params["embed_tokens"])
-    h_prefix, cache = hidden(dec_params, cfg, xp.asarray(tokens))          # [B, T, D], constant
-    z = _latents(trainable, layout, lambda: latents_cached(trainable, cfg, cache, layout))
-    h_all = h_prefix
-    if layout.group_len > 0:
-        B = tokens.shape[0]
-        h_groups = trace_hidden(dec_params, cfg, _group_inputs(dec_params, cfg, z, layout, xp),
-                                layout.group_positions.reshape(B, -1), cache,
-                                layout.context_visible(), layout.group_len)  # [B, K*G, D]
-        h_all = concat(h_prefix, h_groups, 1)                               # packed slot order
-    return _finish(*_scored(h_all, layout, dec_params, xp), z)
-
-
-def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original"):
-    """Form A: one decoder pass over [original tokens; K groups] with the packed mask."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-    xp = xp_of(dec_params["embed_tokens"])
-    tokens = xp.asarray(tokens)
-    _, cache = hidden(dec_params, cfg, tokens)                              # the coprocessor reads it
-    z = _latents(trainable, layout, lambda: latents_packed(trainable, cfg, cache, layout))
-    x = embed(dec_params, cfg, tokens)                                      # [B, T, D]
-    if layout.group_len > 0:
-        x = concat(x, _group_inputs(dec_params, cfg, z, layout, xp), 1)     # [B, S, D]
-    h_all, _ = hidden(dec_params, cfg, x, xp.asarray(layout.packed_positions()),
-                      may_attend=xp.asarray(layout.packed_may_attend()))
-    return _finish(*_scored(h_all, layout, dec_params, xp), z)
+def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, ahead_positions="original",
+               latent_positions="after"):
+    """Loss of the N_A tokens after x_p with the latents inserted there: nll [1, N_A], logits
+    [1, N_A, V], latents [1, N_L, D] (None without a coprocessor). tokens int [1, T] on the device."""
+    xp = xp_of(tokens)
+    logits, cache = prefill(decoder, cfg, tokens[:, :p + 1])             # [1, p+1, V], cache of x_0..x_p
+    z = None                                                            # without a coprocessor: the decoder
+    if trainable is not None:
+        z = augment(trainable, cfg, cache, latent_positions)            # [1, N_L, D]: ONE call
+        ids = latent_ids(cache, z.shape[1], latent_positions)           # [1, N_L]: p+1..p+N_L ("after")
+        logits, cache = extend(decoder, cfg, cache, z, ids)             # [1, N_L, V]
+    last = xp.full((1, 1), logits.shape[1] - 1)                         # [1, 1]: the last slot so far
+    read = take_rows(logits, last)                                      # [1, 1, V]: it predicts x_{p+1}
+    if n_ahead > 1:
+        ahead = tokens[:, p + 1:p + n_ahead]                             # [1, N_A-1]: x_{p+1}..x_{p+N_A-1}
+        original = xp.arange(p + 1, p + n_ahead)[None]                   # [1, N_A-1]: their own positions
+        pos = original if ahead_positions == "original" else None        # None: count on after the cache
+        ahead_logits, _ = extend(decoder, cfg, cache, ahead, pos)       # [1, N_A-1, V]
+        read = concat(read, ahead_logits, 1)                            # [1, N_A, V]
+    targets = tokens[:, p + 1:p + 1 + n_ahead]                          # [1, N_A]: x_{p+1}..x_{p+N_A}
+    return cross_entropy(read, targets), read, z                        # nll [1, N_A]
 
 
 def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                    ahead_positions="original"):
-    """Form C: trace by trace, through prefill -> augment -> extend(latents) -> extend(ahead)."""
-    layout = _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-    xp = xp_of(dec_params["embed_tokens"])
+                    ahead_positions="original", latent_positions="after"):
+    """Form C: `trace_loss` trace by trace. tokens int [B, T], trace_positions int [B, K] (host)."""
+    layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                            ahead_positions, latent_positions)
     B, K = layout.trace_positions.shape
-    logits, nll, latents = [], [], []
-    for b in range(B):
-        for k in range(K):
-            lg, z = _one_trace(dec_params, trainable, cfg, xp.asarray(tokens[b:b + 1]),
-                               int(layout.trace_positions[b, k]), layout,
-                               xp.asarray(layout.group_positions[b:b + 1, k, layout.n_latents:]))
-            logits.append(lg)
-            nll.append(cross_entropy(lg, xp.asarray(layout.targets[b:b + 1, k])))  # [1, N_A]
-            latents.append(z)
-    stack = lambda xs, shape: reshape(_concat_all(xs), shape)
-    z = None if latents[0] is None else stack(latents, (B, K, layout.n_latents, -1))
-    return _finish(stack(logits, (B, K, layout.n_ahead, -1)), stack(nll, (B, K, layout.n_ahead)), z)
+    with_z = trainable if layout.n_latents else None
+    traces = [trace_loss(dec_params, with_z, cfg, tokens[b:b + 1], int(layout.trace_positions[b, k]), n_ahead,
+                         ahead_positions, latent_positions) for b in range(B) for k in range(K)]
+    nll, logits, z = ([t[i] for t in traces] for i in range(3))
+    stack = lambda xs, shape: reshape(_concat_all(xs), shape)  # noqa: E731
+    z = None if with_z is None else stack(z, (B, K, n_latents, -1))
+    return _finish(stack(logits, (B, K, n_ahead, -1)), stack(nll, (B, K, n_ahead)), z)
 
 
-def _one_trace(dec_params, trainable, cfg, tokens, p, layout, ahead_positions):
-    """Logits [1, N_A, V] of one trace's targets, and its latents [1, N_L, D] (or None).
+def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                ahead_positions="original", latent_positions="after"):
+    """Form B: one prefill, then the K traces' latents and decoder groups blockwise against its cache."""
+    layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                            ahead_positions, latent_positions)
+    h_prefix, cache = hidden(dec_params, cfg, tokens)                        # [B, T, D]: a constant
+    z = latents_cached(trainable, cfg, cache, layout) if layout.n_latents else None   # [B, K, N_L, D]
+    h_all = h_prefix
+    if layout.group_len > 0:
+        visible = layout.context_visible()                                   # [B, K, T] (host)
+        runs = context_runs(visible, trace_runs(xp_of(tokens)))              # traces sharing a context prefix
+        groups = _group_inputs(dec_params, cfg, z, layout, tokens)           # [B, K, G, D]
+        h_groups = groups_hidden(dec_params, cfg, groups, layout.group_positions, cache, visible, runs)
+        h_all = concat(h_prefix, h_groups, 1)                                # [B, S, D]: packed slot order
+    return _finish(*_scored(h_all, layout, dec_params), z)
 
-    ahead_positions int [1, N_A-1]: the position ids of x_{p+1}..x_{p+N_A-1} (SPEC §5).
-    """
-    logits, cache = prefill(dec_params, cfg, tokens[:, :p + 1])             # x_0..x_p
-    read = logits[:, -1:]                                                   # reads x_{p+1} if N_L = 0
-    z = None
-    if trainable is not None and layout.n_latents > 0:
-        z = augment(trainable, cfg, cache)                                  # [1, N_L, D]
-        read, cache = extend(dec_params, cfg, cache, z)                     # positions p+1..p+N_L
-    if layout.n_ahead > 1:
-        ahead = tokens[:, p + 1:p + layout.n_ahead]                         # x_{p+1}..x_{p+N_A-1}
-        ahead_logits, _ = extend(dec_params, cfg, cache, ahead, ahead_positions)
-        read = concat(read, ahead_logits, 1)
-    first = read.shape[1] - layout.n_ahead                                  # the last latent
-    return take_rows(read, xp_of(tokens).arange(first, read.shape[1])[None]), z
+
+def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                ahead_positions="original", latent_positions="after"):
+    """Form A: one decoder pass over [original tokens; K groups] with the packed [S, S] mask."""
+    layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                            ahead_positions, latent_positions)
+    xp = xp_of(tokens)
+    _, cache = hidden(dec_params, cfg, tokens)                               # the coprocessor reads it
+    z = latents_packed(trainable, cfg, cache, layout) if layout.n_latents else None
+    x = embedding(dec_params["embed_tokens"], tokens)                        # [B, T, D]
+    if layout.group_len > 0:
+        B, K, G = layout.group_positions.shape
+        groups = reshape(_group_inputs(dec_params, cfg, z, layout, tokens), (B, K * G, cfg.d_model))
+        x = concat(x, groups, 1)                                             # [B, S, D]
+    h_all, _ = hidden(dec_params, cfg, x, xp.asarray(layout.packed_positions()),
+                      may_attend=xp.asarray(layout.packed_may_attend()))     # [B, S, D]
+    return _finish(*_scored(h_all, layout, dec_params), z)
+
+
+# ---------------------------------------------------------------------------------------------
+def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions,
+           latent_positions):
+    """Check the inputs on the host, build the layout, move the tokens to the decoder's device."""
+    host = host_tokens(tokens, cfg)
+    n_latents = 0 if trainable is None else n_latents
+    layout = build_layout(host, trace_positions, n_latents, n_ahead, ahead_positions, latent_positions)
+    return layout, xp_of(dec_params["embed_tokens"]).asarray(host)
+
+
+def _group_inputs(params, cfg, latents, layout, tokens):
+    """Decoder inputs of the K groups [B, K, G, D]: per trace [z_1..z_{N_L}, x_{p+1}..x_{p+N_A-1}]."""
+    xp = xp_of(tokens)
+    B, K, _ = layout.ahead_inputs.shape
+    ahead = embedding(params["embed_tokens"], xp.asarray(layout.ahead_inputs))   # [B, K, N_A-1, D]
+    return ahead if latents is None else concat(latents, ahead, 2)           # [B, K, G, D]
+
+
+def _scored(h_all, layout, params):
+    """Read out the scored slots of h_all [B, S, D]: logits [B, K, N_A, V] and nll [B, K, N_A]."""
+    xp = xp_of(h_all)
+    B, K, N_A = layout.targets.shape
+    logits = lm_head(params, take_rows(h_all, xp.asarray(layout.readout)))   # [B, K*N_A, V]
+    logits = reshape(logits, (B, K, N_A, -1))
+    return logits, cross_entropy(logits, xp.asarray(layout.targets))
 
 
 def _concat_all(arrays):
@@ -120,11 +129,6 @@ def _concat_all(arrays):
     for a in arrays[1:]:
         out = concat(out, a, 0)
     return out
-
-
-def _layout(trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions):
-    n_latents = 0 if trainable is None else n_latents
-    return build_layout(to_numpy(tokens), to_numpy(trace_positions), n_latents, n_ahead, ahead_positions)
 
 
 def _finish(logits, nll, latents):

@@ -246,7 +246,7 @@ defvjp_argnums(attention, _attention_vjp)
 
 
 # ---------------------------------------------------------------------------------------------
-# Trace attention: the blockwise form of the multi-trace mask (SPEC §6, cached form).
+# Trace attention: the blockwise form of the multi-trace mask (paper Fig. 2; the cached form).
 # K traces of G slots each attend to (a) a shared context cache of Tc slots, through a per-trace
 # visibility bias, and (b) the slots of their own trace, causally. One softmax spans both.
 # This equals `attention` over the concatenated keys with the full block mask, without ever
@@ -256,7 +256,7 @@ defvjp_argnums(attention, _attention_vjp)
 # context slots t <= p_k only, so the traces can be cut into runs, each run computed against
 # the first n_ctx context slots alone. `runs` is ((k_start, k_stop, n_ctx), ...), host ints
 # covering 0..K in order; the caller guarantees that ctx_bias hides every slot >= n_ctx from
-# the traces of that run (`traces.context_runs` builds it from the layout). None: one run.
+# the traces of that run (`layout.context_runs` builds it from the layout). None: one run.
 def _trace_scores(qs, k_ctx, ctx_bias, k_own, own_bias):
     # [B,H,K,G,Dh] (scaled), [B,H,Tc,Dh], [B,1,K,1,Tc], [B,H,K,G,Dh], [G,G] -> [B,H,K,G,Tc], [B,H,K,G,G]
     B, H, K, G, Dh = qs.shape
@@ -561,6 +561,15 @@ defvjp(merge_heads, lambda y, x: lambda g: split_heads(g, x.shape[1]))
 
 
 @primitive
+def repeat_kv(x, n_rep):
+    # [B, Hkv, ...] -> [B, Hkv * n_rep, ...]: each key/value head n_rep times (Hugging Face `repeat_kv` order)
+    return xp_of(x).repeat(x, n_rep, axis=1)
+
+
+defvjp(repeat_kv, lambda y, x, n_rep: lambda g: g.reshape(x.shape[:2] + (n_rep,) + x.shape[2:]).sum(2))
+
+
+@primitive
 def broadcast_rows(x, lead_shape):
     # [N, D] -> [*lead_shape, N, D]: the same rows for every leading index (shared soft tokens)
     xp = xp_of(x)
@@ -571,4 +580,4 @@ defvjp(broadcast_rows, lambda y, x, lead_shape: lambda g: g.reshape((-1,) + x.sh
 
 
 PRIMITIVES = (linear, rmsnorm, rope, attention, trace_attention, swiglu, embedding, take_rows,
-              cross_entropy, mean, add, concat, reshape, split_heads, merge_heads, broadcast_rows)
+              cross_entropy, mean, add, concat, reshape, split_heads, merge_heads, repeat_kv, broadcast_rows)

@@ -5,8 +5,10 @@ Everything is read from `tiny_data/` (see docs/data.md), made by `python tools/m
     text/{train,val}.txt           CPython's reference topics, "\\f\\n" between documents
     reasoning/{train,val}.txt      one synthetic problem per line (refimpl/reasoning.py)
     reasoning/eval_{val,test}.jsonl  held-out problems {task, difficulty, prompt, answer}
+    reasoning/eval_long.jsonl      held-out problems with 3..5-digit answers (an extra test split)
     tokenizer/bpe.tiktoken, meta.json
-    MANIFEST.json                  sha256 of every file above
+    MANIFEST.json                  sha256 of every file above ("files": those data_hash covers;
+                                   "eval_files": evaluation-only files, outside it)
 
 The pretraining mixture of a split is every document of both sources (a topic, or one reasoning
 line), in a fixed shuffled order, each followed by the end-of-text token.
@@ -28,6 +30,8 @@ SHIPPED_DECODER = TINY_DATA / "checkpoints" / "decoder-demo.npz"
 DATA_FILES = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
               "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl",
               "tokenizer/bpe.tiktoken", "tokenizer/meta.json")
+EVAL_FILES = ("reasoning/eval_long.jsonl",)   # read by evaluation only: not in data_hash
+EVAL_SPLITS = ("val", "test", "long")
 DOC_SEPARATOR = "\f\n"
 MIXTURE_SEED = 0
 FIX = "re-run `python tools/make_tiny_data.py`, restore the file, or set REFIMPL_DATA"
@@ -38,7 +42,8 @@ def _read_bytes(rel):
     path = TINY_DATA / rel
     require(path.is_file(), f"data file {path} is missing; {FIX}")
     blob = path.read_bytes()
-    expected = _manifest()["files"].get(rel, {}).get("sha256")
+    manifest = _manifest()
+    expected = {**manifest.get("eval_files", {}), **manifest["files"]}.get(rel, {}).get("sha256")
     require(hashlib.sha256(blob).hexdigest() == expected,
             f"data file {path} does not match its sha256 in MANIFEST.json; {FIX}")
     return blob
@@ -115,8 +120,10 @@ def iter_eval_batches(tokens, batch_size, seq_len):
 
 
 def load_reasoning_eval(split="test"):
-    """The held-out reasoning problems of "val" or "test": dicts with task, prompt, answer."""
-    require(split in ("val", "test"), f"unknown eval split {split!r}; use 'val' or 'test'")
+    """The held-out reasoning problems of "val", "test" or "long" (3..5-digit answers): dicts with
+    task, difficulty, prompt, answer."""
+    require(split in EVAL_SPLITS, f"unknown eval split {split!r}; use 'val' or 'test' (or 'long': "
+                                  "multi-digit answers only)")
     lines = _read_bytes(f"reasoning/eval_{split}.jsonl").decode("utf-8").splitlines()
     return [json.loads(line) for line in lines if line]
 

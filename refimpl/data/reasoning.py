@@ -7,6 +7,10 @@ with the marker " A:"; the answer is a space and an integer:
     vars  (difficulty = number of assignments, 2..4)      Q: a=3 b=a+4 c=b*2. c=? A: 14
     mul   (difficulty = digits of the first operand, 2..3) Q: 47*6=? A: 282
 
+The "long" eval split draws only the problems whose answers have 3 to 5 digits (LONG_DIFFICULTIES):
+the answer's first token is a space and its leading digit is the easiest one, so most of the
+difficulty sits in the later digits.
+
 Exact-match evaluation: greedy-decode after the prompt until a newline or end-of-text, strip,
 compare with `answer.strip()`. The generator is pure Python on a `numpy.random.Generator`, so a
 seed fixes every line (VERSION changes whenever the output for a seed would change).
@@ -19,6 +23,7 @@ from refimpl.errors import require
 VERSION = 1
 ANSWER_MARKER = " A:"
 DIFFICULTIES = {"add": (2, 3, 4), "vars": (2, 3, 4), "mul": (2, 3)}
+LONG_DIFFICULTIES = {"add": (3, 4), "mul": (3,)}     # answers of 3..5 digits
 TASKS = tuple(DIFFICULTIES)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -82,8 +87,9 @@ def problem_line(problem):
     return problem["prompt"] + problem["answer"] + "\n"
 
 
-def generate(n, rng, exclude=(), tasks=TASKS):
-    """n problems with distinct prompts, none in `exclude`; task uniform, then difficulty uniform.
+def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
+    """n problems with distinct prompts, none in `exclude`; task uniform, then difficulty uniform
+    among difficulties[task] (LONG_DIFFICULTIES with tasks=tuple(LONG_DIFFICULTIES): the long split).
 
     `exclude` is a set of prompts; the new prompts are added to it, so successive calls on one
     set yield disjoint splits.
@@ -95,7 +101,7 @@ def generate(n, rng, exclude=(), tasks=TASKS):
         if len(problems) == n:
             break
         task = tasks[int(rng.integers(len(tasks)))]
-        difficulty = DIFFICULTIES[task][int(rng.integers(len(DIFFICULTIES[task])))]
+        difficulty = difficulties[task][int(rng.integers(len(difficulties[task])))]
         problem = make_problem(task, difficulty, rng)
         if problem["prompt"] not in seen:
             seen.add(problem["prompt"])

@@ -1,37 +1,45 @@
-"""Augmented decoding (SPEC §5) and `refimpl generate`: prompts in, text out.
+"""Augmented decoding and `refimpl generate`: prompts in, text out.
 
-One implementation of decoding with a coprocessor, shared by the CLI and by the evaluation
-(paper Tables 2 and 8):
+The one implementation of decoding with a coprocessor, shared by `refimpl generate`, the
+evaluation (paper Tables 2 and 8) and examples/02:
 
     prefill   [eot] + prompt                      -> cache C_p, logits          (left-padded batch)
     decode    `delay` tokens without latents      (the decoder does not wait for the coprocessor)
     augment   z = coprocessor(C_p, S)             ONE call on the PROMPT's cache, maybe in a thread
-    extend    the decoder runs z after those tokens; positions keep counting
+    extend    the decoder runs z [B, N_L, D] after those tokens: at the next N_L positions ("after"),
+              or at the last N_L ids up to the last token's ("behind", docs/choices.md)
     decode    the next token is read at the last latent, then greedy or sampled decoding goes on
 
-With delay = 0 this is exactly the paper's "coprocessor called once at the end of the prompt".
-With delay = N the latents arrive N tokens late (paper Table 8). The decoder waits for them at
-token N if they are not ready, so the output depends only on N, never on thread timing.
+With delay = 0 this is the paper's "coprocessor called once at the end of the prompt". With
+delay = N the latents arrive N tokens late (paper Table 8); the decoder waits for them at token N
+if they are not ready, so the output depends only on N, never on thread timing.
 
-Prompts of different lengths share a batch by left padding: pad slots get position id -1, which
-no other slot attends to, and each prompt's real tokens get positions 0..len-1.
+The tokens decoded after the latents get position ids by the convention the coprocessor was
+trained with (docs/method.md): "original" (the default) goes on from the last token's position as
+if the latents took none; "continue" counts on after the latents. The latents themselves sit
+after the last token ("after") or behind it ("behind"). `trained_positions` reads both from a
+checkpoint's metadata. Prompts of different lengths share a batch by left padding.
 """
 import functools
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import get_dtype, get_xp, xp_of
-from ..core.coprocessor import augment
+from ..core.coprocessor import augment, latent_ids
 from ..core.decoder import KVCache, extend, prefill, sample_next
-from ..core.layout import AHEAD_POSITIONS
+from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
 from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
 from ..training.checkpoint import check_tokenizer, coprocessor_file, load_coprocessor, load_decoder
 
 PAD_POSITION = -1
+DEFAULT_CONVENTION = "original"
+LEGACY_CONVENTION = "continue"  # of checkpoints that record none: trained before the option existed
+DEFAULT_LATENTS = "behind"      # latent positions: the default of `refimpl train` (docs/results.md)
+LEGACY_LATENTS = "after"        # of checkpoints that record none: trained before the option existed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +50,8 @@ def encode_prompts(tokenizer, prompts):
 
 
 def left_pad(prompt_ids, pad_id=0):
-    """Ragged id lists -> tokens int64 [B, T] and positions int64 [B, T] (-1 on pad slots)."""
+    """Ragged id lists -> tokens int64 [B, T] and positions int64 [B, T]: each prompt's real tokens at
+    positions 0..len-1, its pad slots at -1, which no other slot attends to."""
     require(len(prompt_ids) > 0 and all(len(p) > 0 for p in prompt_ids),
             "every prompt needs at least one token: pass non-empty prompts")
     T = max(len(p) for p in prompt_ids)
@@ -59,36 +68,21 @@ def stop_token_ids(tokenizer, at_newline=True):
     """Ids that end a completion: eot, plus every token whose text holds a newline."""
     ids = [tokenizer.eot_id]
     if at_newline:
-        ids += [i for i in range(tokenizer.n_vocab) if i != tokenizer.eot_id
-                and "\n" in tokenizer.decode([i])]
+        ids += [i for i in range(tokenizer.n_vocab) if i != tokenizer.eot_id and "\n" in tokenizer.decode([i])]
     return tuple(ids)
 
 
 # ---------------------------------------------------------------------------------------------
-# The latents: computed now, or in a background thread while the decoder goes on
-class PendingLatents:
-    """z = augment(trainable, cfg, cache) [B, N_L, D], started at once; `result()` waits for it."""
-
-    def __init__(self, trainable, cfg, cache, background):
-        self._args, self._z, self._error = (trainable, cfg, cache), None, None
-        self._thread = threading.Thread(target=self._run, daemon=True) if background else None
-        if self._thread is not None:
-            self._thread.start()
-
-    def _run(self):
-        try:
-            self._z = augment(*self._args)
-        except Exception as e:  # reported by result(), in the decoding thread
-            self._error = e
-
-    def result(self):
-        if self._thread is None:
-            self._run()
-        else:
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._z
+# The latents: computed when needed, or in a background thread while the decoder goes on
+def latents_later(trainable, cfg, cache, background, latent_positions=DEFAULT_LATENTS):
+    """() -> z = augment(trainable, cfg, cache) [B, N_L, D]: computed when called, or in a thread
+    started now (the call then waits for it); either way the call raises augment's error."""
+    if not background:
+        return lambda: augment(trainable, cfg, cache, latent_positions)
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(augment, trainable, cfg, cache, latent_positions)
+    pool.shutdown(wait=False)                                  # the thread ends when augment returns
+    return future.result
 
 
 def warn_stderr(message):
@@ -108,40 +102,41 @@ class Decoded:
 # Decoding
 def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
                  seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr,
-                 ahead_positions="original"):
+                 ahead_positions=DEFAULT_CONVENTION, latent_positions=DEFAULT_LATENTS):
     """Decode a left-padded batch of prompts, with the coprocessor called once on the prompt.
 
-    The latents are appended once `delay` tokens have been generated. If the coprocessor
-    raises, `warn` gets one line and decoding goes on without latents.
-
-    The decoder reads at most T + max_new_tokens - 1 token slots (T: the longest prompt), and
-    that must fit in max_seq_len: decoding past the context the decoder was trained on is an
-    error, never a silent extrapolation. The N_L latents are extra slots, as in training.
-    ahead_positions (SPEC §5): after the latents, token positions keep counting after them
-    ("continue") or go on from the last token's position ("original"), as the coprocessor was
-    trained.
+    The latents are appended once `delay` tokens have been generated, at the ids latent_positions
+    gives (after or behind the last token); the tokens after them are positioned by
+    ahead_positions (module docstring). If the coprocessor raises, `warn` gets one
+    line and decoding goes on without latents. The decoder reads at most T + max_new_tokens - 1
+    token slots (T: the longest prompt), which must fit in max_seq_len: decoding past the context
+    the decoder was trained on is an error, never a silent extrapolation. The N_L latents are
+    extra slots, as in training.
     """
-    require(ahead_positions in AHEAD_POSITIONS, f"unknown ahead_positions {ahead_positions!r}: "
+    require(ahead_positions in AHEAD_POSITIONS, f"unknown ahead_positions={ahead_positions!r}: "
             f"use one of {', '.join(AHEAD_POSITIONS)}")
-    require(max_new_tokens >= 0 and delay >= 0, "--max-new-tokens and --delay must be >= 0")
+    require(latent_positions in LATENT_POSITIONS, f"unknown latent_positions={latent_positions!r}: "
+            f"use one of {', '.join(LATENT_POSITIONS)}")
+    require(max_new_tokens >= 0 and delay >= 0,
+            f"max_new_tokens={max_new_tokens} and delay={delay} must both be >= 0")
     xp = xp_of(dec_params["embed_tokens"])
     tokens, positions = left_pad(prompt_ids)                                  # [B, T]
-    T = tokens.shape[1]
+    B, T = tokens.shape
     require(T > cfg.max_seq_len or T + max_new_tokens - 1 <= cfg.max_seq_len,
-            f"a prompt of {T} tokens plus --max-new-tokens {max_new_tokens} runs past the decoder's "
-            f"max_seq_len={cfg.max_seq_len}: pass --max-new-tokens {cfg.max_seq_len - T + 1} or "
-            "less, or shorten the prompt")
+            f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} runs past the decoder's "
+            f"max_seq_len={cfg.max_seq_len}: pass max_new_tokens={cfg.max_seq_len - T + 1} or less, "
+            "or shorten the prompt")
     logits, cache = prefill(dec_params, cfg, xp.asarray(tokens), xp.asarray(positions))
     last = logits[:, -1]                                                      # [B, V]
-    pending = None if trainable is None else PendingLatents(trainable, cfg, cache, background)
-    rng, B = np.random.default_rng(seed), tokens.shape[0]
-    out, done, z, z_at = [], np.zeros(B, dtype=bool), None, None
+    pending = None if trainable is None else latents_later(trainable, cfg, cache, background, latent_positions)
+    rng, out, done, z, z_at = np.random.default_rng(seed), [], np.zeros(B, dtype=bool), None, None
     token_pos = cache.next_positions(1)                                       # [B, 1]
     for i in range(max_new_tokens):
         if pending is not None and i == delay:
             z, pending = _await(pending, warn), None
             if z is not None:
-                lg, cache = extend(dec_params, cfg, cache, z)                  # after the last slot
+                ids = None if latent_positions == "after" else latent_ids(cache, z.shape[1], latent_positions)
+                lg, cache = extend(dec_params, cfg, cache, z, ids)            # None: the next N_L positions
                 last, z_at = lg[:, -1], i                                     # read at the last latent
                 if ahead_positions == "continue":
                     token_pos = cache.next_positions(1)
@@ -152,13 +147,13 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
             break
         lg, cache = extend(dec_params, cfg, cache, xp.asarray(nxt[:, None]), token_pos)  # [B, 1, V]
         last, token_pos = lg[:, -1], token_pos + 1
-    new = np.stack(out, 1) if out else np.zeros((B, 0), dtype=np.int64)        # [B, n]
-    return Decoded([_until_stop(row, stop_ids) for row in new], cache, tokens.shape[1], z, z_at)
+    new = np.stack(out, 1) if out else np.zeros((B, 0), dtype=np.int64)       # [B, n]
+    return Decoded([_until_stop(row, stop_ids) for row in new], cache, T, z, z_at)
 
 
 def _await(pending, warn):
     try:
-        return pending.result()
+        return pending()
     except Exception as e:
         warn(f"the coprocessor failed ({type(e).__name__}: {e}); decoding without latents")
         return None
@@ -166,23 +161,20 @@ def _await(pending, warn):
 
 def _until_stop(row, stop_ids):
     ids = [int(t) for t in row]
-    for j, t in enumerate(ids):
-        if t in stop_ids:
-            return ids[:j + 1]
-    return ids
+    stop = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids) - 1)
+    return ids[:stop + 1]
 
 
-def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32,
-             temperature=0.0, seed=0, delay=0, stop_at_newline=False, background=False,
-             warn=warn_stderr, ahead_positions="original"):
+def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32, temperature=0.0,
+             seed=0, delay=0, stop_at_newline=False, background=False, warn=warn_stderr,
+             ahead_positions=DEFAULT_CONVENTION, latent_positions=DEFAULT_LATENTS):
     """(completion texts, Decoded) for text prompts fed as [eot] + prompt.
 
     A completion ends at eot (not included) and, with stop_at_newline, at the first newline.
     """
     stops = stop_token_ids(tokenizer, stop_at_newline)
-    dec = generate_ids(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable,
-                       max_new_tokens, temperature, seed, delay, stops, background, warn,
-                       ahead_positions)
+    dec = generate_ids(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable, max_new_tokens,
+                       temperature, seed, delay, stops, background, warn, ahead_positions, latent_positions)
     texts = [tokenizer.decode([t for t in ids if t != tokenizer.eot_id]) for ids in dec.tokens]
     return [t.split("\n")[0] if stop_at_newline else t for t in texts], dec
 
@@ -192,33 +184,45 @@ def generate_text(dec_params, cfg, tokenizer, prompts, trainable=None, **options
     return complete(dec_params, cfg, tokenizer, prompts, trainable, **options)[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# From checkpoint files
+def trained_convention(meta):
+    """The ahead_positions a coprocessor checkpoint was trained with, from its metadata."""
+    return (meta.get("train_config") or {}).get("ahead_positions", LEGACY_CONVENTION)
 
 
-def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr, with_meta=False):
-    """The coprocessor's trainable arrays, or None (with one warning) if it cannot be used.
+def trained_latent_positions(meta):
+    """The latent_positions a coprocessor checkpoint was trained with ("after" if it records none)."""
+    return (meta.get("train_config") or {}).get("latent_positions", LEGACY_LATENTS)
 
-    with_meta: return (trainable, meta) instead; meta is {} when falling back.
-    """
+
+def trained_positions(meta):
+    """{"ahead_positions", "latent_positions"} a checkpoint was trained with: generate_ids options."""
+    return {"ahead_positions": trained_convention(meta), "latent_positions": trained_latent_positions(meta)}
+
+
+DEFAULT_POSITIONS = {"ahead_positions": DEFAULT_CONVENTION, "latent_positions": DEFAULT_LATENTS}
+
+
+def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr):
+    """(trainable arrays, their trained_positions), or (None, DEFAULT_POSITIONS) with one warning if
+    the coprocessor at path (a file or run directory) cannot be used."""
     try:
         trainable, _, meta = load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)
     except (RefimplError, OSError, ValueError, KeyError) as e:
         warn(f"coprocessor {path} not used ({e}); decoding with the decoder alone")
-        trainable, meta = None, {}
-    return (trainable, meta) if with_meta else trainable
+        return None, dict(DEFAULT_POSITIONS)
+    return trainable, trained_positions(meta)
 
 
 def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy", dtype="float32", **options):
-    """`refimpl generate`: completions of prompts by a decoder checkpoint, with a coprocessor if given.
-
-    The coprocessor decodes under the position convention it was trained with; an unusable one
-    falls back to the decoder alone with one warning. options: as `complete`.
-    """
+    """`refimpl generate`: completions of prompts by a decoder checkpoint, with a coprocessor if given,
+    decoded under the position conventions it was trained with. options: as `complete`."""
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, meta = load_decoder(decoder_path, dt, xp)
     tokenizer = load_tokenizer()
     check_tokenizer(meta, tokenizer.sha256, decoder_path)
-    trainable, cop_meta = (None, {}) if coprocessor_path is None else load_or_fallback(
-        coprocessor_path, meta["decoder_hash"], dt, xp, with_meta=True)
-    ahead = cop_meta.get("train_config", {}).get("ahead_positions", "continue")
-    return generate_text(dec_params, cfg, tokenizer, prompts, trainable, background=True,
-                         ahead_positions=ahead, **options)
+    trainable, positions = (None, DEFAULT_POSITIONS) if coprocessor_path is None else load_or_fallback(
+        coprocessor_path, meta["decoder_hash"], dt, xp)
+    return generate_text(dec_params, cfg, tokenizer, prompts, trainable, background=True, **positions,
+                         **options)

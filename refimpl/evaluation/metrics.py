@@ -1,32 +1,32 @@
 """Measurements on held-out reasoning prompts: exact-match accuracy with the coprocessor called
-once at the end of the prompt (paper Table 2, and Table 8 with latents arriving late), and the
-latency of one coprocessor call against N_L decode steps.
+once at the end of the prompt (paper Table 2, and Table 8 with latents arriving late), the
+latency of one coprocessor call against N_L decode steps, and the check that the ahead positions
+scored (the horizon) fit the held-out windows.
 """
 import time
 
 import numpy as np
 
 from ..backend import to_numpy, xp_of
-from ..core.coprocessor import augment
+from ..core.coprocessor import augment, latent_ids
 from ..core.decoder import extend, generate, prefill
 from ..errors import require
-from .generate import complete
+from .generate import DEFAULT_LATENTS, DEFAULT_POSITIONS, complete
 
 
-# ---------------------------------------------------------------------------------------------
-# Measurements
 def check_horizon(horizon, seq_len, n_traces, max_seq_len):
     """The held-out points p must satisfy p + horizon <= T - 1, with n_traces distinct ones."""
-    require(seq_len <= max_seq_len, f"--seq-len {seq_len} exceeds the decoder's max_seq_len={max_seq_len}")
+    require(seq_len <= max_seq_len, f"seq_len={seq_len} exceeds the decoder's max_seq_len={max_seq_len}")
     require(horizon >= 1 and horizon + n_traces <= seq_len,
-            f"horizon {horizon} does not fit seq_len {seq_len}: points lie in [0, T-1-horizon], "
-            f"{seq_len - horizon} of them, and {n_traces} are needed per window; use a smaller "
-            "--horizon or --n-traces, or a longer --seq-len")
+            f"horizon={horizon} does not fit seq_len={seq_len}: the points lie in [0, T-1-horizon], "
+            f"{seq_len - horizon} of them, and n_traces={n_traces} distinct ones are needed per window; "
+            "horizon + n_traces must be <= seq_len")
 
 
 def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, delay=0,
-                       prompt_batch=64, max_new_tokens=10, ahead_positions="original"):
-    """Exact-match accuracy (%) overall and per task, greedy, coprocessor once at the prompt end.
+                       prompt_batch=64, max_new_tokens=10, positions=DEFAULT_POSITIONS):
+    """Exact-match accuracy (%) overall and per task, greedy, coprocessor once at the prompt end;
+    positions: the conventions the coprocessor was trained with (generate.trained_positions).
 
     Returns (accuracy dict, row norms of every latent appended: float64 [n_prompts * N_L]).
     """
@@ -36,7 +36,7 @@ def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, del
         idx = order[start:start + prompt_batch]
         texts, dec = complete(dec_params, cfg, tokenizer, [problems[i]["prompt"] for i in idx],
                               trainable, max_new_tokens=max_new_tokens, delay=delay, stop_at_newline=True,
-                              ahead_positions=ahead_positions)
+                              **positions)
         for i, text in zip(idx, texts):
             predictions[i] = text.strip()
         if dec.latents is not None:
@@ -52,27 +52,29 @@ def row_norms(x):
 
 
 def _accuracy(problems, correct, predictions):
-    pct = lambda c, n: 100.0 * c / max(n, 1)
-    by_task = {}
+    """{overall (%), correct, n, by_task: {task: {correct, n, accuracy}}, the first 5 examples, predictions}."""
+    def score(oks):
+        return {"correct": int(sum(oks)), "n": len(oks), "accuracy": 100.0 * sum(oks) / max(len(oks), 1)}
+    tasks = {}
     for prob, ok in zip(problems, correct):
-        t = by_task.setdefault(prob["task"], {"correct": 0, "n": 0})
-        t["correct"], t["n"] = t["correct"] + int(ok), t["n"] + 1
-    for t in by_task.values():
-        t["accuracy"] = pct(t["correct"], t["n"])
+        tasks.setdefault(prob["task"], []).append(ok)
+    total = score(correct)
     examples = [{"prompt": p["prompt"], "answer": p["answer"], "prediction": pred}
                 for p, pred in zip(problems[:5], predictions[:5])]
-    return {"overall": pct(sum(correct), len(correct)), "correct": int(sum(correct)), "n": len(correct),
-            "by_task": dict(sorted(by_task.items())), "examples": examples, "predictions": predictions}
+    return {"overall": total["accuracy"], "correct": total["correct"], "n": total["n"],
+            "by_task": {t: score(oks) for t, oks in sorted(tasks.items())}, "examples": examples,
+            "predictions": predictions}
 
 
-def latency(dec_params, cfg, trainable, prompt_ids, repeats=5):
+def latency(dec_params, cfg, trainable, prompt_ids, repeats=5, latent_positions=DEFAULT_LATENTS):
     """Median seconds of (one coprocessor call + the decoder over its N_L latents) vs N_L decode steps."""
     xp = xp_of(dec_params["embed_tokens"])
     logits, cache = prefill(dec_params, cfg, xp.asarray([prompt_ids]))
     n = int(trainable["soft_tokens"].shape[0])
 
     def augmented():
-        extend(dec_params, cfg, cache, augment(trainable, cfg, cache))      # cache + N_L slots
+        z = augment(trainable, cfg, cache, latent_positions)                 # [1, N_L, D]
+        extend(dec_params, cfg, cache, z, latent_ids(cache, n, latent_positions))  # cache + N_L slots
 
     def sequential():
         generate(dec_params, cfg, cache, logits[:, -1], n)                  # N_L extend calls

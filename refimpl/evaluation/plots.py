@@ -5,6 +5,7 @@
     accuracy_vs_nl.png      Table 2 overall accuracy against N_L, the decoder alone as a line
     attention_mask.png      the packed multi-trace mask of a small example (the paper's Fig. 2b)
     latent_norms.png        latent norms (held-out prompts) vs token-embedding norms (Coconut's trap)
+    breakeven.png           the gap at position 1 and over 2..N_A against traces seen (log axis)
 
 `make_plots(report, runs, out_dir)` draws whatever the report has data for and returns the paths.
 """
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,7 +30,8 @@ def make_plots(report, runs, out_dir):
                ("ppl_by_position.png", lambda ax: plot_ppl_by_position(ax, report)),
                ("accuracy_vs_nl.png", lambda ax: plot_accuracy(ax, report)),
                ("attention_mask.png", plot_mask),
-               ("latent_norms.png", lambda ax: plot_norms(ax, report))]
+               ("latent_norms.png", lambda ax: plot_norms(ax, report)),
+               ("breakeven.png", lambda ax: plot_breakeven(ax, report))]
     paths = []
     for name, draw in figures:
         fig, ax = plt.subplots(figsize=(6, 4.5 if name != "attention_mask.png" else 6))
@@ -43,21 +46,13 @@ def make_plots(report, runs, out_dir):
 
 
 def _histories(report, runs):
-    """{run name: metrics history} from Run records, run dirs, or the report's run paths."""
-    items = runs if runs else [r["path"] for r in report.get("runs", [])]
-    out = {}
-    for item in items:
-        if hasattr(item, "metrics"):
-            name, metrics = item.name, item.metrics
-        else:
-            path = Path(item)
-            folder = path if path.is_dir() else path.parent
-            name = folder.name
-            file = folder / "metrics.json"
-            metrics = json.loads(file.read_text()) if file.is_file() else None
-        if metrics and metrics.get("history"):
-            out[name] = metrics["history"]
-    return out
+    """{run name: training history}, from Run records or else from each report run's metrics.json."""
+    if runs:
+        metrics = {r.name: r.metrics for r in runs}
+    else:
+        files = {r["name"]: Path(r["path"]).parent / "metrics.json" for r in report.get("runs", [])}
+        metrics = {name: json.loads(f.read_text()) if f.is_file() else None for name, f in files.items()}
+    return {name: m["history"] for name, m in metrics.items() if m and m.get("history")}
 
 
 def _table(report, tid):
@@ -141,4 +136,25 @@ def plot_norms(ax, report):
         ax.hist(norms, bins=bins, histtype="step", lw=1.5, label=f"latents {name}")
     ax.set(xscale="log", xlabel="L2 norm (log scale)", ylabel="count",
            title="Latent vs token-embedding norms")
+    ax.legend(fontsize=7)
+
+
+def plot_breakeven(ax, report):
+    """Per run: position 1 (solid) and the mean over 2..N_A (dashed) against traces seen, log x."""
+    t = _table(report, "breakeven")
+    if not t or not t.get("curves"):
+        return False
+    for i, (name, c) in enumerate(t["curves"].items()):
+        colour = f"C{i}"
+        ax.plot(c["traces"], c["position_1"], color=colour, marker=".", ms=3, label=f"{name}: position 1")
+        rest = [(x, y) for x, y in zip(c["traces"], c["positions_2_on"]) if y is not None]
+        if rest:
+            ax.plot(*zip(*rest), color=colour, ls="--", marker=".", ms=3,
+                    label=f"{name}: mean of 2..{c['n_ahead']}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)      # +100% at the start, fractions of a percent later
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.set(xlabel="traces seen (step x batch x K, log)", ylabel="perplexity change (%, symlog)",
+           title="Break-even: gap to the decoder alone (< 0: helps)")
     ax.legend(fontsize=7)

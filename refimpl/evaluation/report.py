@@ -1,7 +1,10 @@
 """The paper's tables, rebuilt from one evaluation's measurements, and the report files.
 
-Each table is a view of the numbers `runner.measure` took, with the paper's own numbers beside
-ours for shape, not for size. A table whose runs are missing says "not run"; nothing is filled in.
+Each table is a view of the numbers `runner.measure` took, every run measured once, with the
+paper's own numbers beside ours for shape, not for size. A table whose runs are missing says
+"not run"; nothing is filled in. What each measurement is: docs/method.md.
+
+A table: {id, title, note, status, missing, header, rows, sources}; cells are numbers or text.
 """
 import json
 from collections import Counter
@@ -11,55 +14,59 @@ import numpy as np
 
 from .. import __version__
 from ..training.checkpoint import atomic_write_bytes
+from ..training.train import TrainConfig, saved_train_config
 
-# =============================================================================================
-# `refimpl eval`: the paper's tables, reproduced in kind on held-out data
-#
-# Every run is measured once (ahead-token nll at positions 1..H on fixed held-out windows and
-# points; exact-match accuracy on the held-out reasoning prompts); the tables are then views of
-# those numbers. A table whose runs are missing says "not run"; nothing is filled in.
-PAPER = {  # SPEC §8: Gemma-2 2B, N_A = 16
-    "table1": {8: {1: -1.53, 2: -1.67, 4: -1.39, 8: -1.22, 16: -0.85, 32: -0.55},
-               16: {1: -2.48, 2: -2.41, 4: -1.98, 8: -1.56, 16: -1.08, 32: -0.64},
-               32: {1: -3.28, 2: -3.15, 4: -2.66, 8: -2.11, 16: -1.50, 32: -0.88},
-               64: {1: -3.94, 2: -3.70, 4: -3.17, 8: -2.61, 16: -1.88, 32: -1.20}},
-    "gsm8k_baseline": 21.38, "gsm8k": {4: 22.67, 8: 23.12, 16: 24.72, 32: 26.76, 64: 31.43},
-    "mmlu_baseline": 52.00, "mmlu": {64: 56.70},
-    "table3": {"baseline": (10.96, 21.38), "pause": (11.63, 22.37), "augmented": (10.60, 26.76)},
-    "table5": {"random": 25.78, "copy": 26.76},
-    "table6": {4: 24.03, 8: 24.11, 16: 24.72, 32: 23.73},
-    "table8": {0: 31.43, 1: 27.2, 2: 27.1, 3: 26.9},
+CITATION = ("Liu et al., Deliberation in Latent Space via Differentiable Cache Augmentation, ICML 2025, "
+            "arXiv 2412.17747")
+# The paper's numbers (Gemma-2 2B decoder, N_A = 16 unless the table varies it), each block with its source.
+PAPER = {
+    "table1": {"source": "Liu et al. 2025, Table 1 (relative perplexity change, %, by ahead position; "
+                         "N_L = 8/16/32/64)",
+               "by_nl": {8: {1: -1.53, 2: -1.67, 4: -1.39, 8: -1.22, 16: -0.85, 32: -0.55},
+                         16: {1: -2.48, 2: -2.41, 4: -1.98, 8: -1.56, 16: -1.08, 32: -0.64},
+                         32: {1: -3.28, 2: -3.15, 4: -2.66, 8: -2.11, 16: -1.50, 32: -0.88},
+                         64: {1: -3.94, 2: -3.70, 4: -3.17, 8: -2.61, 16: -1.88, 32: -1.20}}},
+    "table2": {"source": "Liu et al. 2025, Table 2 (GSM8K for N_L = 4..64, MMLU at N_L = 64)",
+               "gsm8k_baseline": 21.38, "gsm8k": {4: 22.67, 8: 23.12, 16: 24.72, 32: 26.76, 64: 31.43},
+               "mmlu_baseline": 52.00, "mmlu": {64: 56.70}},
+    "table3": {"source": "Liu et al. 2025, Table 3 (pause tokens vs augmentation at 32 embeddings: "
+                         "perplexity, GSM8K)",
+               "baseline": (10.96, 21.38), "pause": (11.63, 22.37), "augmented": (10.60, 26.76)},
+    "table5": {"source": "Liu et al. 2025, Table 5 (GSM8K: coprocessor trained from scratch vs full finetune from "
+                         "the decoder's weights)", "random": 25.78, "copy": 26.76},
+    "table6": {"source": "Liu et al. 2025, Table 6 (GSM8K by N_A at 16 latents)",
+               "by_na": {4: 24.03, 8: 24.11, 16: 24.72, 32: 23.73}},
+    "table8": {"source": "Liu et al. 2025, Table 8 (GSM8K with the latents on time or 1/2/3 tokens late)",
+               "by_delay": {0: 31.43, 1: 27.2, 2: 27.1, 3: 26.9}},
 }
-
-
 TABLE1_POSITIONS = (1, 2, 4, 8, 16, 32)
-
-
 NOT_RUN = "not run"
+POSITION_FIELDS = ("ahead_positions", "latent_positions")
+DEFAULT_POSITIONS = tuple(getattr(TrainConfig, f) for f in POSITION_FIELDS)   # of a new `refimpl train`
+# TrainConfig fields that do not change what a run learns (only how often it is measured and saved)
+NOT_TRAINING = ("eval_every", "eval_batches")
 
 
 # ---------------------------------------------------------------------------------------------
 # Which runs each table compares
-def _all_copy_runs(runs):
-    return [r for r in runs if r.mode == "coprocessor" and r.init == "copy"]
-
-
-def main_convention(runs):
-    """The ahead_positions convention shared by most copy-init runs (ties: "original", the default)."""
-    counts = Counter(r.ahead_positions for r in _all_copy_runs(runs))
-    return max(counts, key=lambda c: (counts[c], c == "original")) if counts else "original"
+def positions_of(r):
+    """(ahead_positions, latent_positions) run r was trained with."""
+    return r.ahead_positions, r.latent_positions
 
 
 def copy_runs(runs):
-    """Copy-init coprocessor runs under the main position convention (the other is Table P's)."""
-    main = main_convention(runs)
-    return [r for r in _all_copy_runs(runs) if r.ahead_positions == main]
+    """Copy-init coprocessor runs under the position conventions most of them share (ties: the
+    defaults); the other conventions' runs appear only in Table P."""
+    copies = [r for r in runs if r.mode == "coprocessor" and r.init == "copy"]
+    counts = Counter(positions_of(r) for r in copies)
+    main = max(counts, key=lambda c: (counts[c], c == DEFAULT_POSITIONS), default=DEFAULT_POSITIONS)
+    return [r for r in copies if positions_of(r) == main]
 
 
 def main_n_ahead(runs):
-    """The N_A shared by most copy-init coprocessor runs (ties: the larger), or None."""
+    """The N_A shared by most main copy-init runs (ties: the larger), or None."""
     counts = Counter(r.n_ahead for r in copy_runs(runs))
-    return max(counts, key=lambda n: (counts[n], n)) if counts else None
+    return max(counts, key=lambda n: (counts[n], n), default=None)
 
 
 def table1_runs(runs):
@@ -70,16 +77,24 @@ def table1_runs(runs):
 
 def _partner(runs, like):
     """The copy-init coprocessor run with like's N_L (same N_A preferred), or None."""
-    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents and r.ahead_positions == like.ahead_positions]
+    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents and positions_of(r) == positions_of(like)]
     return next((r for r in same if r.n_ahead == like.n_ahead), same[0] if same else None)
 
 
+def _groups(runs, key, varies, order):
+    """Runs grouped by key (groups in order of first appearance), each sorted by order; only the
+    groups whose runs differ in varies."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return [sorted(g, key=order) for g in groups.values() if len({varies(r) for r in g}) > 1]
+
+
 # ---------------------------------------------------------------------------------------------
-# Tables: {id, title, note, status, missing, header, rows, sources}; cells are numbers or text
+# Table pieces
 def _table(tid, title, note, header, rows, sources, missing=None, **extra):
     """missing: why the table's runs are absent; the table is then "not run" (rows kept in JSON)."""
-    status = NOT_RUN if missing else "ok"
-    return {"id": tid, "title": title, "note": note, "status": status, "missing": missing,
+    return {"id": tid, "title": title, "note": note, "status": NOT_RUN if missing else "ok", "missing": missing,
             "header": header, "rows": rows, "sources": sources, **extra}
 
 
@@ -91,152 +106,201 @@ def _ppl(nll, n):
     return float(np.exp(np.mean(nll[:n])))
 
 
+def _overall(m, r=None):
+    """Overall accuracy (%) of run r, or of the decoder alone."""
+    return (m["baseline"] if r is None else m["runs"][r.name])["accuracy"]["overall"]
+
+
+def _changes(m, r):
+    """Relative perplexity change (%) of run r at ahead positions 1..H."""
+    return m["runs"][r.name]["relative_ppl_change_pct"]
+
+
+def _change_cells(m, r, n):
+    """Run r's perplexity change (%) at positions 1..n ("" past the horizon), then its mean over 1..H."""
+    ch = _changes(m, r)
+    return [ch[i] if i < len(ch) else "" for i in range(n)] + [float(np.mean(ch))]
+
+
+def _labelled(label, r, sources):
+    sources[f"{label} ({r.name})"] = r.path
+    return f"{label} ({r.name})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables
 def table1(m, runs):
-    main, H = table1_runs(runs), m["horizon"]
+    main, H, paper = table1_runs(runs), m["horizon"], PAPER["table1"]
     shown = sorted({p for p in TABLE1_POSITIONS if p <= H} | {p for p in (main_n_ahead(runs), H) if p and p <= H})
-    paper = PAPER["table1"]
-    header = ["position n"] + [_col(r) for r in main] + [f"paper N_L={k}" for k in paper]
-    rows = [[n] + [m["runs"][r.name]["relative_ppl_change_pct"][n - 1] for r in main]
-            + [paper[k].get(n, "") for k in paper] for n in shown]
+    header = ["position n"] + [_col(r) for r in main] + [f"paper N_L={k}" for k in paper["by_nl"]]
+    rows = [[n] + [_changes(m, r)[n - 1] for r in main] + [v.get(n, "") for v in paper["by_nl"].values()]
+            for n in shown]
     return _table("table1", "Table 1: relative perplexity change (%) of the n-th token after the augmentation point",
                   f"Held-out val windows of {m['seq_len']} tokens, the same sampled points for the decoder alone and "
-                  f"every run; 100*(exp(nll_aug - nll_base) - 1) at each ahead position 1..{H} (all in report.json).",
-                  header, rows, {_col(r): r.path for r in main},
-                  None if main else "no copy-init coprocessor run given",
-                  positions=list(range(1, H + 1)),
-                  relative_ppl_change_pct={r.name: m["runs"][r.name]["relative_ppl_change_pct"] for r in main})
+                  f"every run; 100*(exp(nll_aug - nll_base) - 1) at each ahead position 1..{H} (all in report.json). "
+                  f"Paper: {paper['source']}.", header, rows, {_col(r): r.path for r in main},
+                  None if main else "no copy-init coprocessor run given", positions=list(range(1, H + 1)),
+                  relative_ppl_change_pct={r.name: _changes(m, r) for r in main})
 
 
 def table2(m, runs):
-    main, base = table1_runs(runs), m["baseline"]["accuracy"]
+    main, base, paper = table1_runs(runs), m["baseline"]["accuracy"], PAPER["table2"]
     accs = [m["runs"][r.name]["accuracy"] for r in main]
     header = ["task", "decoder alone"] + [_col(r) for r in main]
-    rows = [[t, base["by_task"][t]["accuracy"]] + [a["by_task"][t]["accuracy"] for a in accs]
-            for t in base["by_task"]]
+    rows = [[t, base["by_task"][t]["accuracy"]] + [a["by_task"][t]["accuracy"] for a in accs] for t in base["by_task"]]
     rows.append(["overall", base["overall"]] + [a["overall"] for a in accs])
     for bench in ("gsm8k", "mmlu"):
-        rows.append([f"paper {bench.upper()}", PAPER[bench + "_baseline"]]
-                    + [PAPER[bench].get(r.n_latents, "") for r in main])
+        by_nl = paper[bench]
+        rows.append([f"paper {bench.upper()}", paper[bench + "_baseline"]] + [by_nl.get(r.n_latents, "") for r in main])
     return _table("table2", "Table 2: exact-match accuracy (%) on held-out reasoning prompts",
                   f"{base['n']} prompts, [eot]+prompt, coprocessor called once at the end of the prompt, greedy "
-                  "decoding to the first newline, exact match; prompts batched with left padding.",
-                  header, rows, {_col(r): r.path for r in main},
+                  "decoding to the first newline, exact match; prompts batched with left padding. "
+                  f"Paper: {paper['source']}.", header, rows, {_col(r): r.path for r in main},
                   None if main else "no copy-init coprocessor run given")
 
 
 def table3(m, runs):
-    pause = [r for r in runs if r.mode == "pause"]
+    pause, paper = [r for r in runs if r.mode == "pause"], PAPER["table3"]
     header = ["method", "N_L", "ppl n=1..N_A", "ppl n=1", "accuracy %", "paper ppl", "paper GSM8K"]
-    rows, sources, missing = [], {}, None if pause else "no pause-token run given (`refimpl train --mode pause`)"
+    rows, sources = [], {}
     for p in pause:
-        aug, n_a = _partner(runs, p), p.n_ahead
-        base_nll = m["baseline"]["ahead_nll"]
-        rows.append(["decoder alone", 0, _ppl(base_nll, n_a), _ppl(base_nll, 1),
-                     m["baseline"]["accuracy"]["overall"], *PAPER["table3"]["baseline"]])
-        for label, r, key in (("pause tokens", p, "pause"), ("cache augmentation", aug, "augmented")):
+        n_a, base_nll = p.n_ahead, m["baseline"]["ahead_nll"]
+        rows.append(["decoder alone", 0, _ppl(base_nll, n_a), _ppl(base_nll, 1), _overall(m), *paper["baseline"]])
+        for label, r, key in (("pause tokens", p, "pause"), ("cache augmentation", _partner(runs, p), "augmented")):
             if r is None:
-                rows.append([label, p.n_latents, NOT_RUN, NOT_RUN, NOT_RUN, *PAPER["table3"][key]])
+                rows.append([label, p.n_latents, NOT_RUN, NOT_RUN, NOT_RUN, *paper[key]])
                 continue
-            mr = m["runs"][r.name]
-            rows.append([f"{label} ({r.name})", r.n_latents, _ppl(mr["ahead_nll"], n_a), _ppl(mr["ahead_nll"], 1),
-                         mr["accuracy"]["overall"], *PAPER["table3"][key]])
-            sources[f"{label} ({r.name})"] = r.path
+            nll = m["runs"][r.name]["ahead_nll"]
+            rows.append([_labelled(label, r, sources), r.n_latents, _ppl(nll, n_a), _ppl(nll, 1), _overall(m, r),
+                         *paper[key]])
     return _table("table3", "Table 3: pause tokens vs cache augmentation at the same N_L",
+                  "Pause tokens: the N_L latents are the trained soft tokens themselves and do NOT depend on the "
+                  "input (no coprocessor reads the cache); cache augmentation computes them from the prompt's cache. "
                   "Perplexity = exp(mean held-out nll over ahead positions 1..N_A of the pause run), same points "
-                  "for every row; accuracy as in Table 2. Paper: 32 embeddings, Gemma-2 2B.",
-                  header, rows, sources, missing)
+                  f"for every row; accuracy as in Table 2. Paper: {paper['source']}.", header, rows, sources,
+                  None if pause else "no pause-token run given (`refimpl train --mode pause`)")
 
 
 def table5(m, runs):
-    rand = [r for r in runs if r.mode == "coprocessor" and r.init == "random"]
-    header = ["coprocessor init", "N_L", "N_A", "ppl change n=1 %", "mean ppl change n=1..N_A %",
-              "accuracy %", "paper GSM8K"]
+    rand, paper = [r for r in runs if r.mode == "coprocessor" and r.init == "random"], PAPER["table5"]
+    header = ["coprocessor init", "N_L", "N_A", "ppl change n=1 %", "mean ppl change n=1..N_A %", "accuracy %",
+              "paper GSM8K"]
     rows, sources = [], {}
-    missing = None if rand else "no random-init coprocessor run given (`refimpl train --init random`)"
     for rr in rand:
-        rows.append(["decoder alone", 0, rr.n_ahead, 0.0, 0.0, m["baseline"]["accuracy"]["overall"],
-                     PAPER["gsm8k_baseline"]])
+        rows.append(["decoder alone", 0, rr.n_ahead, 0.0, 0.0, _overall(m), PAPER["table2"]["gsm8k_baseline"]])
         for label, r in (("random", rr), ("copy", _partner(runs, rr))):
             if r is None:
-                rows.append([label, rr.n_latents, rr.n_ahead, NOT_RUN, NOT_RUN, NOT_RUN, PAPER["table5"][label]])
+                rows.append([label, rr.n_latents, rr.n_ahead, NOT_RUN, NOT_RUN, NOT_RUN, paper[label]])
                 continue
-            mr = m["runs"][r.name]
-            ch = mr["relative_ppl_change_pct"]
-            rows.append([f"{label} ({r.name})", r.n_latents, r.n_ahead, ch[0], float(np.mean(ch[:r.n_ahead])),
-                         mr["accuracy"]["overall"], PAPER["table5"][label]])
-            sources[f"{label} ({r.name})"] = r.path
+            ch = _changes(m, r)
+            rows.append([_labelled(label, r, sources), r.n_latents, r.n_ahead, ch[0], float(np.mean(ch[:r.n_ahead])),
+                         _overall(m, r), paper[label]])
     return _table("table5", "Tables 5/7: random-init vs copy-init coprocessor",
-                  "Same held-out points and prompts as Tables 1-2. Paper (Table 5, GSM8K): trained from scratch "
-                  "vs full finetune from the decoder's weights.", header, rows, sources, missing)
+                  f"Same held-out points and prompts as Tables 1-2. Paper: {paper['source']}.", header, rows, sources,
+                  None if rand else "no random-init coprocessor run given (`refimpl train --init random`)")
 
 
 def table6(m, runs):
-    by_nl = {}
-    for r in copy_runs(runs):
-        by_nl.setdefault(r.n_latents, []).append(r)
-    groups = {k: sorted(v, key=lambda r: (r.n_ahead, r.name)) for k, v in sorted(by_nl.items())
-              if len({r.n_ahead for r in v}) > 1}
-    H = m["horizon"]
+    H, paper = m["horizon"], PAPER["table6"]
+    groups = _groups(sorted(copy_runs(runs), key=lambda r: r.n_latents), lambda r: r.n_latents,
+                     lambda r: r.n_ahead, order=lambda r: (r.n_ahead, r.name))
     header = ["N_A", "N_L", "ppl change n=1 %", f"mean ppl change n=1..{H} %", "accuracy %",
               "paper GSM8K (16 latents)"]
-    rows, sources = [], {}
-    for group in groups.values():
-        for r in group:
-            mr = m["runs"][r.name]
-            ch = mr["relative_ppl_change_pct"]
-            rows.append([f"{r.n_ahead} ({r.name})", r.n_latents, ch[0], float(np.mean(ch)),
-                         mr["accuracy"]["overall"], PAPER["table6"].get(r.n_ahead, "")])
-            sources[r.name] = r.path
+    rows = [[f"{r.n_ahead} ({r.name})", r.n_latents, *_change_cells(m, r, 1), _overall(m, r),
+             paper["by_na"].get(r.n_ahead, "")] for g in groups for r in g]
     return _table("table6", "Table 6: N_A ablation (copy-init runs that differ in n_ahead)",
-                  f"Every run scored on the same points at positions 1..{H}, whatever N_A it was trained with.",
-                  header, rows, sources,
+                  f"Every run scored on the same points at positions 1..{H}, whatever N_A it was trained with. "
+                  f"Paper: {paper['source']}.", header, rows, {r.name: r.path for g in groups for r in g},
                   None if groups else "no two copy-init runs with the same N_L and different N_A")
 
 
+def _all_but_positions(r):
+    """What run r trained with, its position conventions left out: runs with equal keys differ only
+    in those."""
+    tc = saved_train_config(r.meta.get("train_config") or {})
+    rest = tuple(sorted((k, v) for k, v in tc.items() if k not in POSITION_FIELDS + NOT_TRAINING
+                        and k not in ("mode", "init", "n_latents", "n_ahead")))
+    return (r.mode, r.init, r.n_latents, r.n_ahead) + rest
+
+
 def table_positions(m, runs):
-    """Runs that differ only in the ahead tokens' position ids (SPEC §5 convention)."""
-    key = lambda r: (r.mode, r.init, r.n_latents, r.n_ahead)
-    groups = {}
-    for r in runs:
-        groups.setdefault(key(r), []).append(r)
-    groups = {k: v for k, v in groups.items() if len({r.ahead_positions for r in v}) > 1}
+    """Runs that differ only in a position convention (of the ahead tokens or of the latents), the
+    defaults first."""
     H = m["horizon"]
-    header = ["ahead positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
-              f"mean ppl change n=1..{H} %", "accuracy %"]
-    rows, sources = [], {}
-    for group in groups.values():
-        for r in sorted(group, key=lambda r: (r.ahead_positions != "original", r.name)):
-            mr = m["runs"][r.name]
-            ch = mr["relative_ppl_change_pct"]
-            rows.append([r.ahead_positions, r.name, r.n_latents, ch[0], ch[1] if len(ch) > 1 else "",
-                         float(np.mean(ch)), mr["accuracy"]["overall"]])
-            sources[r.name] = r.path
-    return _table("positions", "Table P: position ids of the ahead tokens (SPEC §5 choice)",
-                  "'continue': tokens after the latents keep counting after them (the default); 'original': "
-                  "they keep their positions in the sequence. Not in the paper.",
-                  header, rows, sources,
-                  None if groups else "no two runs that differ only in --ahead-positions")
+    groups = _groups(runs, _all_but_positions, positions_of,
+                     order=lambda r: (positions_of(r) != DEFAULT_POSITIONS, positions_of(r), r.name))
+    header = ["ahead positions", "latent positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
+              "mean ppl change n=2..N_A %", f"mean ppl change n=1..{H} %", "accuracy %"]
+    rows = [[*positions_of(r), r.name, r.n_latents, *_change_cells(m, r, 2)[:2], _mean_rest(m, r),
+             _change_cells(m, r, 2)[2], _overall(m, r)] for g in groups for r in g]
+    ahead, latent = DEFAULT_POSITIONS
+    return _table("positions", "Table P: position ids of the ahead tokens and of the latents (not in the paper)",
+                  f"Ahead tokens: '{ahead}' (the default) keep their positions in the sequence, as if the latents "
+                  "took none; 'continue': they count on after the latents. Latents: 'after' at p+1..p+N_L; "
+                  "'behind' at p-N_L+1..p, so the last latent sits where the decoder predicts x_{p+1} "
+                  f"(default '{latent}'). Runs in a group differ in nothing else (docs/choices.md).",
+                  header, rows, {r.name: r.path for g in groups for r in g},
+                  None if groups else "no two runs that differ only in --ahead-positions or --latent-positions")
+
+
+def _mean_rest(m, r):
+    """Run r's mean perplexity change (%) over ahead positions 2..N_A ("" with N_A = 1)."""
+    ch = _changes(m, r)[1:r.n_ahead]
+    return float(np.mean(ch)) if len(ch) else ""
+
+
+def table_breakeven(m, runs):
+    """The held-out gap against traces seen, from the evaluations each run made while training."""
+    curves = {r.name: m["curves"][r.name] for r in runs if r.name in (m.get("curves") or {})}
+    header = ["run", "step", "traces seen", "ppl change n=1 %", "mean ppl change n=2..N_A %"]
+    rows = [[name, c["steps"][i], c["traces"][i], c["position_1"][i], c["positions_2_on"][i]]
+            for name, c in curves.items() for i in log_spaced(c["traces"])]
+    even = {name: {key: next((t for t, v in zip(c["traces"], c[key]) if v is not None and v <= 0), None)
+                   for key in ("position_1", "positions_2_on")} for name, c in curves.items()}
+    said = "; ".join(f"{name}: position 1 {_crossing(e['position_1'], curves[name]['position_1'][-1])}, "
+                     f"positions 2..N_A {_crossing(e['positions_2_on'], curves[name]['positions_2_on'][-1])}"
+                     for name, e in even.items())
+    return _table("breakeven", "Break-even: the gap to the decoder alone against traces seen",
+                  "Each run's own held-out val windows and points, measured while it trained (every "
+                  "--eval-every steps); traces seen = step x batch x K; 100*(exp(nll_aug - nll_base) - 1). "
+                  f"Rows log-spaced (all evaluations in report.json). {said}.", header, rows,
+                  {r.name: r.path for r in runs if r.name in curves},
+                  None if curves else "no run with evaluations while training (`refimpl train --eval-every N`)",
+                  curves=curves, break_even=even)
+
+
+def log_spaced(xs, per_decade=3):
+    """Indices of about per_decade entries per decade of the increasing positive xs, and the last."""
+    if not xs:
+        return []
+    picked, k = [], 0
+    for i, x in enumerate(xs):
+        if x >= xs[0] * 10 ** (k / per_decade):        # the first entry at or past each grid point
+            picked.append(i)
+            while x >= xs[0] * 10 ** (k / per_decade):
+                k += 1
+    return picked if picked[-1] == len(xs) - 1 else picked + [len(xs) - 1]
+
+
+def _crossing(traces, last):
+    return f"at zero or below from {traces:,} traces" if traces is not None else f"not yet ({last:+.2f}% at the end)"
 
 
 def table8(m, runs):
-    paths = {r.name: r.path for r in runs}
-    a = m.get("async") if (m.get("async") or {}).get("run") in paths else None
+    paper, measured = PAPER["table8"], m.get("async") or {}
+    run = next((r for r in runs if r.name == measured.get("run")), None)
     header = ["latents arrive", "accuracy %", "paper GSM8K"]
-    rows = [["decoder alone", m["baseline"]["accuracy"]["overall"], PAPER["gsm8k_baseline"]]]
-    if a:
-        rows += [["on time" if d == "0" else f"{d} token{'s' if d != '1' else ''} late", acc["overall"],
-                  PAPER["table8"].get(int(d), "")] for d, acc in a["by_delay"].items()]
-    src = {a["run"]: paths[a["run"]]} if a else {}
+    rows = [["decoder alone", _overall(m), PAPER["table2"]["gsm8k_baseline"]]]
+    for d, acc in (measured["by_delay"].items() if run else ()):
+        late = "on time" if d == "0" else f"{d} token{'s' if d != '1' else ''} late"
+        rows.append([late, acc["overall"], paper["by_delay"].get(int(d), "")])
+    which = (f"; run {run.name} (largest N_L; tokens after the latents: {run.ahead_positions} positions, "
+             f"latents {run.latent_positions})") if run else ""
     return _table("table8", "Table 8: asynchronous use (latents arriving late)",
                   "The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
                   "latents, then the latents are appended after them and decoding goes on from the last latent"
-                  + (f"; run {a['run']} (largest N_L; tokens after the latents: {_convention(runs, a['run'])} "
-                     "positions)." if a else "."),
-                  header, rows, src, None if a else "no copy-init coprocessor run given")
-
-
-def _convention(runs, name):
-    return next(r.ahead_positions for r in runs if r.name == name)
+                  f"{which}. Paper: {paper['source']}.", header, rows, {run.name: run.path} if run else {},
+                  None if run else "no copy-init coprocessor run given")
 
 
 def table_latency(m, runs):
@@ -244,29 +308,62 @@ def table_latency(m, runs):
     lat = [x for x in m.get("latency") or [] if x["run"] in paths]
     header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / sequential"]
     rows = [[x["run"], x["n_latents"], x["augment_s"], x["sequential_s"], x["ratio"]] for x in lat]
-    reps = lat[0]["repeats"] if lat else 0
     return _table("latency", "Latency: N_L latents in one call vs N_L tokens one by one",
-                  f"Median of {reps} repeats on one held-out prompt: one coprocessor call + one decoder pass over "
-                  "its N_L latents, vs N_L sequential decoder extend calls (greedy).",
-                  header, rows, {x["run"]: paths[x["run"]] for x in lat},
-                  None if lat else "no coprocessor run given")
+                  f"Median of {lat[0]['repeats'] if lat else 0} repeats on one held-out prompt: one coprocessor call "
+                  "+ one decoder pass over its N_L latents, vs N_L sequential decoder extend calls (greedy).",
+                  header, rows, {x["run"]: paths[x["run"]] for x in lat}, None if lat else "no coprocessor run given")
 
 
-TABLES = (table1, table2, table3, table5, table6, table_positions, table8, table_latency)
+TABLES = (table1, table2, table3, table5, table6, table_positions, table_breakeven, table8, table_latency)
 
 
 # ---------------------------------------------------------------------------------------------
 # The report
 def build_report(m, runs, config):
     return {"refimpl_version": __version__, "config": config, "runs": [r.summary() for r in runs],
-            "measurements": m, "tables": [t(m, runs) for t in TABLES]}
+            "headline": headline(m, runs), "measurements": m, "tables": [t(m, runs) for t in TABLES]}
+
+
+def traces_of(r):
+    """Training traces run r has seen: its step x batch x K (None if its config is not recorded)."""
+    tc = r.meta.get("train_config") or {}
+    return r.meta.get("step", 0) * tc["batch_size"] * tc["n_traces"] if "batch_size" in tc else None
+
+
+def headline(m, runs):
+    """One sentence: where augmentation helps at this scale and where it does not yet, from the
+    largest-N_L Table 1 run with the least training and the run with the most (None without runs)."""
+    main = [r for r in table1_runs(runs) if traces_of(r) is not None]
+    if not main:
+        return None
+    top = max(r.n_latents for r in main)
+    chosen = [min((r for r in main if r.n_latents == top), key=traces_of), max(main, key=traces_of)]
+    chosen = chosen[:1] if chosen[0] is chosen[1] else chosen
+    n_a = chosen[0].n_ahead
+    first = {r.name: _changes(m, r)[0] for r in chosen}
+    rest = {r.name: float(np.mean(_changes(m, r)[1:n_a])) for r in chosen}
+    where = {f"ahead positions 2..{n_a}": rest, "ahead position 1 (the token read at the last latent)": first}
+    longest = chosen[-1].name
+    helps = [w for w, v in where.items() if v[longest] < 0]
+    not_yet = [w for w, v in where.items() if v[longest] >= 0]
+    said = ("helps at " + " and ".join(helps) + (" and does not yet help at " + " and ".join(not_yet)
+                                                  if not_yet else "") if helps
+            else "does not yet help at " + " or ".join(not_yet))
+    details = "; ".join(f"{r.name} after {traces_of(r):,} training traces: position 1 {first[r.name]:+.1f}%, "
+                        f"positions 2..{n_a} {rest[r.name]:+.2f}%" for r in chosen)
+    return (f"At this scale, augmentation {said} ({details} perplexity against the decoder alone on held-out "
+            "windows; the break-even curve shows how the gaps move with training).")
 
 
 def render_markdown(report):
     c = report["config"]
-    lines = ["# Evaluation report", "",
-             f"Decoder `{c['decoder']}` (hash {c['decoder_hash'][:12]}), {len(report['runs'])} runs. "
-             f"Paper numbers (Gemma-2 2B, SPEC §8) are beside ours for shape, not for size.", ""]
+    intro = (f"Decoder `{c['decoder']}` (hash {c['decoder_hash'][:12]}), {len(report['runs'])} runs; the method is "
+             f"docs/method.md. Paper numbers: {CITATION} (Gemma-2 2B, N_A = 16), each table's note naming the paper "
+             "table they come from; they are beside ours for shape, not for size.")
+    lines = ["# Evaluation report", ""] + ([f"**{report['headline']}**", ""] if report.get("headline") else [])
+    if any(Path(p).name == "breakeven.png" for p in report.get("plots") or []):
+        lines += ["![break-even curve](breakeven.png)", ""]
+    lines += [intro, ""]
     for t in report["tables"]:
         lines += [f"## {t['title']}", ""]
         if t["status"] == NOT_RUN:

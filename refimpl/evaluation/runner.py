@@ -1,8 +1,9 @@
 """`refimpl eval`: load a decoder and coprocessor runs, measure everything once, build the report.
 
-Every run is measured once (ahead-token nll at positions 1..H on fixed held-out windows and
-points; exact-match accuracy on the held-out reasoning prompts); the tables of `report` are then
-views of those numbers.
+Every run is measured once: ahead-token nll at positions 1..H on fixed held-out windows and
+points (the same for every run and the decoder alone), and exact-match accuracy on the held-out
+reasoning prompts, decoded under the position convention the run was trained with. The tables of
+`report` are views of those numbers.
 """
 import json
 from dataclasses import asdict, dataclass
@@ -14,9 +15,10 @@ from ..backend import get_dtype, get_xp
 from ..data.corpus import load_reasoning_eval, load_tokens
 from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
-from ..training.checkpoint import check_tokenizer, load_coprocessor, load_decoder
+from ..training.checkpoint import check_tokenizer, coprocessor_file, load_coprocessor, load_decoder
 from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
-from .generate import coprocessor_file
+from ..training.train import saved_train_config
+from .generate import DEFAULT_POSITIONS, trained_convention, trained_latent_positions
 from .metrics import check_horizon, latency, reasoning_accuracy, row_norms
 from .report import build_report, table1_runs
 
@@ -29,6 +31,7 @@ class EvalConfig:
     n_traces: int = 16          # augmentation points per window
     horizon: int = 0            # ahead positions scored; 0: 2 * the largest N_A among the runs
     seed: int = 1234            # of the held-out points
+    skip_windows: int = 0       # held-out windows skipped first (64: past every training-time evaluation)
     split: str = "test"         # reasoning prompts
     limit: int = 0              # 0: all prompts
     prompt_batch: int = 64      # prompts decoded together (left-padded)
@@ -48,7 +51,10 @@ class Run:
     mode = property(lambda self: self.meta["mode"])
     init = property(lambda self: self.meta["init"])
     n_latents = property(lambda self: int(self.meta["n_latents"]))
-    ahead_positions = property(lambda self: self.meta.get("train_config", {}).get("ahead_positions", "continue"))
+    ahead_positions = property(lambda self: trained_convention(self.meta))
+    latent_positions = property(lambda self: trained_latent_positions(self.meta))
+    positions = property(lambda self: {"ahead_positions": self.ahead_positions,
+                                       "latent_positions": self.latent_positions})
     n_ahead = property(lambda self: int(self.meta["n_ahead"]))
 
     def summary(self):
@@ -57,14 +63,14 @@ class Run:
                 "train_config": self.meta.get("train_config")}
 
 
-def run_paths(coprocessors=(), runs_dir=None):
-    """Checkpoint paths from --coprocessor (files or run dirs) and --runs DIR (its subdirs)."""
+def run_paths(coprocessors=(), runs=None):
+    """Checkpoint paths of coprocessors (files or run folders) and of every run folder in `runs`."""
     paths = [coprocessor_file(p) for p in coprocessors]
-    if runs_dir is not None:
-        runs_dir = Path(runs_dir)
-        require(runs_dir.is_dir(), f"--runs {runs_dir} is not a directory: pass the folder holding run subfolders")
-        found = sorted(d / "coprocessor.npz" for d in runs_dir.iterdir() if (d / "coprocessor.npz").is_file())
-        require(found, f"--runs {runs_dir} holds no run (no subfolder with coprocessor.npz): train some "
+    if runs is not None:
+        runs = Path(runs)
+        require(runs.is_dir(), f"runs={runs} is not a directory: pass the folder holding run subfolders")
+        found = sorted(d / "coprocessor.npz" for d in runs.iterdir() if (d / "coprocessor.npz").is_file())
+        require(found, f"runs={runs} holds no run (no subfolder with coprocessor.npz): train some "
                        "with `refimpl train --out DIR/NAME`")
         paths += found
     return paths
@@ -94,26 +100,59 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
     T = ec.seq_len or cfg.max_seq_len
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
     check_horizon(H, T, ec.n_traces, cfg.max_seq_len)
-    heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed)
-    acc = lambda t, delay=0, ahead="original": reasoning_accuracy(
-        dec_params, cfg, tokenizer, problems, t, delay, ec.prompt_batch, ec.max_new_tokens, ahead)
+    heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed,
+                          ec.skip_windows)
+
+    def acc(run=None, delay=0):
+        """(accuracy, latent norms) of the decoder alone, or with run's latents `delay` tokens late."""
+        trainable, positions = (None, DEFAULT_POSITIONS) if run is None else (run.trainable, run.positions)
+        return reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable, delay, ec.prompt_batch,
+                                  ec.max_new_tokens, positions)
+
     log(f"decoder alone: ahead nll at 1..{H}, accuracy on {len(problems)} prompts")
     base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, H)
-    out = {"horizon": H, "seq_len": T, "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc(None)[0]},
+    out = {"horizon": H, "seq_len": T, "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc()[0]},
            "runs": {}, "latent_norms": {}}
     for r in runs:
         log(f"run {r.name} ({r.mode}, {r.init}, N_L={r.n_latents}, N_A={r.n_ahead})")
-        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.ahead_positions)
-        accuracy, norms = acc(r.trainable, 0, r.ahead_positions)
+        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.ahead_positions,
+                        r.latent_positions)
+        accuracy, norms = acc(r)
         out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
                                "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
                                "mean_latent_norm": float(norms.mean()) if norms.size else None}
         out["latent_norms"][r.name] = np.round(norms[:4096], 4).tolist()          # for the histogram
     out["embedding_norm"] = embedding_norm(dec_params)
     out["embedding_row_norms"] = np.round(row_norms(dec_params["embed_tokens"]), 4).tolist()
+    out["curves"] = _measure_curves(dec_params, cfg, runs, val_tokens, log)
     out["async"] = _measure_async(runs, ec, acc, log)
     out["latency"] = _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log)
     return out
+
+
+def _measure_curves(dec_params, cfg, runs, val_tokens, log):
+    """{run: break-even curve} for runs whose metrics.json holds at least two evaluations: the
+    held-out gap at ahead position 1 and its mean over 2..N_A (%) against traces seen. The
+    baseline is the decoder alone on the run's own held-out set (recomputed if not recorded)."""
+    curves = {}
+    for r in runs:
+        evals = [e for e in (r.metrics or {}).get("evals", []) if e.get("ahead_loss")]
+        tc = saved_train_config((r.metrics or {}).get("train_config") or r.meta.get("train_config") or {})
+        if len(evals) < 2:
+            continue
+        base = (r.metrics or {}).get("baseline_ahead_loss")
+        if base is None:
+            log(f"break-even curve of {r.name}: the decoder alone on its held-out set")
+            T = tc["seq_len"] or cfg.max_seq_len
+            held = heldout_set(val_tokens, tc["eval_batches"], tc["batch_size"], T, tc["n_traces"], tc["n_ahead"])
+            base = ahead_nll(dec_params, None, cfg, held, 0, tc["n_ahead"]).tolist()
+        per_step = tc["batch_size"] * tc["n_traces"]
+        change = [relative_ppl_change(base, e["ahead_loss"]) for e in evals]          # [n_evals][N_A]
+        curves[r.name] = {"steps": [e["step"] for e in evals], "traces": [e["step"] * per_step for e in evals],
+                          "position_1": [float(c[0]) for c in change],
+                          "positions_2_on": [float(np.mean(c[1:])) if len(c) > 1 else None for c in change],
+                          "n_ahead": len(base), "traces_per_step": per_step}
+    return curves
 
 
 def _measure_async(runs, ec, acc, log):
@@ -122,7 +161,7 @@ def _measure_async(runs, ec, acc, log):
         return None
     r = max(main, key=lambda r: r.n_latents)
     log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
-    return {"run": r.name, "by_delay": {str(d): acc(r.trainable, d, r.ahead_positions)[0] for d in ec.delays}}
+    return {"run": r.name, "by_delay": {str(d): acc(r, d)[0] for d in ec.delays}}
 
 
 def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
@@ -131,7 +170,7 @@ def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
         return []
     log(f"latency: {len(chosen)} runs x {ec.latency_repeats} repeats")
     prompt = [tokenizer.eot_id] + tokenizer.encode(problems[0]["prompt"])
-    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats)}
+    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats, r.latent_positions)}
             for r in chosen]
 
 

@@ -25,6 +25,11 @@ SETUP = {"preset": "nano", "vocab_size": 67, "d_ff": 96, "init_std": 0.2, "seed"
 TRACE_POSITIONS = [[0, 6, 11], [3, 4, 10]]
 
 
+# The grouped-query set (tiny_data/golden/gqa): the same state with 4 query heads of 12 reading 2 key/value
+# heads (query head i reads kv head i // 2), so k_proj/v_proj are [24, 48] and the cache holds 2 heads.
+GQA = {"n_heads": 4, "n_kv_heads": 2}
+
+
 NOISE = {"decoder_norms": 0.1, "coprocessor_matrices": 0.05, "coprocessor_norms": 0.05}
 
 
@@ -34,8 +39,9 @@ ADAM = {"steps": 5, "lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weigh
 # ---------------------------------------------------------------------------------------------
 # The state: config, weights, tokens
 def golden_config(setup=SETUP):
+    heads = {k: setup[k] for k in GQA if k in setup}                  # only the GQA set names its heads
     return get_preset(setup["preset"], vocab_size=setup["vocab_size"], d_ff=setup["d_ff"],
-                      init_std=setup["init_std"])
+                      init_std=setup["init_std"], **heads)
 
 
 def make_state(seed=SETUP["seed"], setup=SETUP):
@@ -66,28 +72,24 @@ def make_state(seed=SETUP["seed"], setup=SETUP):
 # ---------------------------------------------------------------------------------------------
 # Every output, computed with the project's own functions
 def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, adam=ADAM):
-    """{name: array} of every output tensor (see `tensor_specs` for the list and meanings)."""
-    out = {}
-    logits, _, cache = forward(dec, cfg, tokens)                            # [B, T, V]
-    out["baseline.logits"] = logits
-    out["decoder_cache.k"] = np.stack(cache.k)                              # [L, B, H, T, Dh]
-    out["decoder_cache.v"] = np.stack(cache.v)
+    """{name: array} of every output tensor (manifest_text.json lists them with their meanings)."""
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    logits, _, cache = forward(dec, cfg, tokens)                             # [B, T, V]
     layout = build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-    out["packed.position_ids"] = layout.packed_positions().astype(np.int64)  # [B, S]
-    out["packed.mask"] = layout.packed_may_attend()                          # [B, S, S]
-
-    def loss_fn(tr):
-        return loss_cached(dec, tr, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)[0]
-
-    loss, res = loss_cached(dec, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-    out["latents"] = res["latents"]                                          # [B, K, N_L, D]
-    out["ahead.targets"] = layout.targets.astype(np.int64)                   # [B, K, N_A]
-    out["ahead.logits"] = res["logits"]                                      # [B, K, N_A, V]
-    out["trace_loss"] = res["nll"].mean(-1)                                  # [B, K]
-    out["loss"] = np.asarray(loss, dtype=np.float64)                         # []
+    loss, res = loss_cached(dec, trainable, *rest)
+    out = {"baseline.logits": logits,
+           "decoder_cache.k": np.stack(cache.k),                             # [L, B, Hkv, T, Dh]
+           "decoder_cache.v": np.stack(cache.v),
+           "packed.position_ids": layout.packed_positions().astype(np.int64),  # [B, S]
+           "packed.mask": layout.packed_may_attend(),                        # [B, S, S]
+           "latents": res["latents"],                                        # [B, K, N_L, D]
+           "ahead.targets": layout.targets.astype(np.int64),                 # [B, K, N_A]
+           "ahead.logits": res["logits"],                                    # [B, K, N_A, V]
+           "trace_loss": res["nll"].mean(-1),                                # [B, K]
+           "loss": np.asarray(loss, dtype=np.float64)}                       # []
     state, losses, params = adam_init(trainable), [], dict(trainable)
     for step in range(adam["steps"]):
-        value, grads, _ = value_and_grad(loss_fn, params)
+        value, grads, _ = value_and_grad(lambda tr: loss_cached(dec, tr, *rest)[0], params)
         if step == 0:
             out.update({_grad_name(n): g for n, g in grads.items()})
         losses.append(float(value))
@@ -100,13 +102,11 @@ def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ah
 def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, rtol=1e-9):
     """Raise AssertionError unless packed, cached and sequential forms agree (loss, logits,
     latents, every gradient). Run at export time; cheap at golden size."""
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
     results = {}
     for name, fn in (("cached", loss_cached), ("packed", loss_packed), ("sequential", loss_sequential)):
-        def loss_fn(tr, fn=fn):
-            loss, res = fn(dec, tr, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-            return loss, {}
-        _, res = fn(dec, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
-        loss, grads, _ = value_and_grad(loss_fn, trainable)
+        _, res = fn(dec, trainable, *rest)
+        loss, grads, _ = value_and_grad(lambda tr, fn=fn: fn(dec, tr, *rest)[0], trainable)
         results[name] = {"loss": loss, "logits": res["logits"], "latents": res["latents"],
                          **{"grad." + k: g for k, g in grads.items()}}
     for name in ("packed", "sequential"):
@@ -118,7 +118,5 @@ def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead
                                      "run tests/test_objective.py")
 
 
-# ---------------------------------------------------------------------------------------------
-# Names, meanings and tolerances
 def _grad_name(name):
     return "grad.soft_tokens" if name == SOFT_TOKENS else "grad.coprocessor." + name

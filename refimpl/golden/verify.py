@@ -1,4 +1,4 @@
-"""Verify: compare refimpl (recomputed from a golden file's own inputs) or another implementation's
+"""Verify: compare refimpl (recomputed from a golden set's own inputs) or another implementation's
 outputs with a golden set, tensor by tensor, the llm.c `test_gpt2` way: the first values side by
 side, max abs and max rel difference, OK / NOT OK, and PASS or FAIL.
 """
@@ -13,8 +13,10 @@ from ..config import ModelConfig
 from ..core.coprocessor import SOFT_TOKENS
 from ..core.decoder import unflatten_params
 from ..errors import RefimplError, require
-from .spec import FORMAT_VERSION, MANIFEST, TENSORS
+from .spec import CONVENTIONS, FORMAT_VERSION, MANIFEST, TENSORS
 from .state import ADAM, compute
+
+FIX = "regenerate it with `refimpl golden export DIR`"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,19 +31,15 @@ def load(directory):
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise RefimplError(f"golden manifest {mpath} is not valid JSON ({e}): regenerate it with "
-                           "`refimpl golden export DIR`") from None
+        raise RefimplError(f"golden manifest {mpath} is not valid JSON ({e}): {FIX}") from None
     require(isinstance(manifest, dict) and isinstance(manifest.get("tensors"), dict)
-            and "config" in manifest, f"golden manifest {mpath} lacks 'tensors' or 'config': "
-            "regenerate it with `refimpl golden export DIR`")
+            and "config" in manifest, f"golden manifest {mpath} lacks 'tensors' or 'config': {FIX}")
     version = manifest.get("format_version")
     require(version == FORMAT_VERSION, f"golden manifest {mpath} has format_version {version!r}, "
             f"this refimpl reads {FORMAT_VERSION}: use the matching refimpl or regenerate the file")
     _check_manifest(manifest, mpath)
-    arrays = load_npz(tpath, "golden tensors")
-    specs = manifest["tensors"]
-    missing = [n for n in specs if n not in arrays]
-    extra = [n for n in arrays if n not in specs]
+    arrays, specs = load_npz(tpath, "golden tensors"), manifest["tensors"]
+    missing, extra = [n for n in specs if n not in arrays], [n for n in arrays if n not in specs]
     require(not missing and not extra, f"golden {directory}: manifest and {TENSORS} disagree "
             f"(missing in npz {missing[:3]}, not in manifest {extra[:3]}): regenerate both together")
     for n, spec in specs.items():
@@ -53,22 +51,28 @@ def load(directory):
 
 def _check_manifest(manifest, mpath):
     """The fields that verify reads: per-tensor shape and tolerances, config, adam, generator."""
-    fix = "regenerate it with `refimpl golden export DIR`"
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
     bad = [n for n, spec in manifest["tensors"].items() if not (isinstance(spec, dict) and number(
         spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list))]
     require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list or "
-                     f"numeric rtol/atol; {fix}")
+                     f"numeric rtol/atol; {FIX}")
     c, adam = manifest["config"], manifest.get("adam")
     require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
             and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
             and isinstance(adam.get("steps"), int) and all(number(adam.get(k)) for k in ADAM)
             and isinstance(manifest.get("generator", {}), dict),
-            f"golden manifest {mpath} has a malformed config, adam or generator section; {fix}")
+            f"golden manifest {mpath} has a malformed config, adam or generator section; {FIX}")
+    require(ahead_positions(manifest) in CONVENTIONS, f"golden manifest {mpath} has config.ahead_positions "
+            f"{c.get('ahead_positions')!r}, not one of {', '.join(CONVENTIONS)}; {FIX}")
     try:
         ModelConfig.from_dict(c["model"])
     except RefimplError as e:
-        raise RefimplError(f"golden manifest {mpath}: {e}; {fix}") from None
+        raise RefimplError(f"golden manifest {mpath}: {e}; {FIX}") from None
+
+
+def ahead_positions(manifest):
+    """The set's position convention; manifests from before the field existed used "continue"."""
+    return manifest["config"].get("ahead_positions", "continue")
 
 
 def load_npz(path, what="tensors"):
@@ -80,36 +84,31 @@ def load_npz(path, what="tensors"):
     try:
         with np.load(path, allow_pickle=False) as z:
             return {n: z[n] for n in z.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower():
+    except Exception as e:  # noqa: BLE001  (damage shows as OSError, BadZipFile, EOFError, zlib.error, ...)
+        if isinstance(e, ValueError) and "pickle" in str(e).lower():
             raise RefimplError(f"{what} file {path} holds object arrays, which are never "
                                "unpickled: save plain numeric arrays (np.savez)") from None
-        raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
-                           "np.savez") from None
-    except Exception as e:  # OSError, zipfile.BadZipFile, EOFError, zlib.error, ...
         raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
                            "np.savez") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# Verify
+# Compare and report
 def recompute(manifest, arrays):
-    """Every output tensor, recomputed from the inputs stored in a golden file."""
+    """Every output tensor, recomputed from the inputs stored in a golden set."""
     c = manifest["config"]
     cfg = ModelConfig.from_dict(c["model"])
-    dec_flat = {n[len("decoder."):]: arrays[n] for n in arrays if n.startswith("decoder.")}
-    dec = unflatten_params(dec_flat, cfg.n_layers)
-    require("embed_tokens" in dec, "golden file lacks decoder.model.embed_tokens.weight: "
-            "regenerate it")
-    trainable = {n[len("coprocessor."):]: arrays[n] for n in arrays if n.startswith("coprocessor.")}
+    dec = unflatten_params({n[len("decoder."):]: a for n, a in arrays.items() if n.startswith("decoder.")},
+                           cfg.n_layers)
+    require("embed_tokens" in dec, f"golden file lacks decoder.model.embed_tokens.weight: {FIX}")
+    trainable = {n[len("coprocessor."):]: a for n, a in arrays.items() if n.startswith("coprocessor.")}
     trainable[SOFT_TOKENS] = arrays["soft_tokens"]
-    return compute(cfg, dec, trainable, arrays["tokens"], arrays["trace_positions"],
-                   c["n_latents"], c["n_ahead"], c.get("ahead_positions", "continue"),
-                   {k: manifest["adam"][k] for k in ADAM})
+    return compute(cfg, dec, trainable, arrays["tokens"], arrays["trace_positions"], c["n_latents"],
+                   c["n_ahead"], ahead_positions(manifest), {k: manifest["adam"][k] for k in ADAM})
 
 
 def compare(name, spec, expected, actual):
-    """One comparison -> dict(ok, max_abs, max_rel, line) for the report."""
+    """One comparison -> dict(ok, missing, max_abs, max_rel, line) for the report."""
     e = np.asarray(expected)
     if actual is None:
         status = "MISSING" if spec.get("required") else "missing (optional)"
@@ -125,17 +124,15 @@ def compare(name, spec, expected, actual):
         max_abs, max_rel = float(diff.max(initial=0)), None
     else:
         a64, e64 = a.astype(np.float64), e.astype(np.float64)
-        diff = np.abs(a64 - e64)
-        finite = bool(np.isfinite(a64).all())
+        diff, finite = np.abs(a64 - e64), bool(np.isfinite(a64).all())
         ok = finite and bool((diff <= spec["atol"] + spec["rtol"] * np.abs(e64)).all())
+        big = np.abs(e64) > max(spec["atol"], 1e-300)                 # near zero: judged by atol
         max_abs = float(diff.max(initial=0)) if finite else float("inf")
-        big = np.abs(e64) > max(spec["atol"], 1e-300)
         max_rel = float((diff[big] / np.abs(e64[big])).max(initial=0)) if finite else float("inf")
     first = "  ".join(f"{_fmt(x)}|{_fmt(y)}" for x, y in zip(e.ravel()[:3], a.ravel()[:3]))
     rel = "-" if max_rel is None else f"{max_rel:.2e}"
-    line = (f"{'OK' if ok else 'NOT OK':<8} {name} {list(e.shape)}  max_abs {max_abs:.2e}  "
-            f"max_rel {rel}  (rtol {spec['rtol']:g}, atol {spec['atol']:g})  "
-            f"expected|actual: {first}")
+    line = (f"{'OK' if ok else 'NOT OK':<8} {name} {list(e.shape)}  max_abs {max_abs:.2e}  max_rel {rel}  "
+            f"(rtol {spec['rtol']:g}, atol {spec['atol']:g})  expected|actual: {first}")
     return {"ok": ok, "missing": False, "line": line, "max_abs": max_abs, "max_rel": max_rel}
 
 
@@ -147,7 +144,7 @@ def _fmt(x):
 def verify(directory, actual=None, out=None):
     """Compare tensor by tensor and print a report; True iff every compared tensor is OK.
 
-    actual None: recompute every output from the golden file's own inputs with refimpl.
+    actual None: recompute every output from the golden set's own inputs with refimpl.
     actual FILE.npz: compare another implementation's tensors (same names). A name absent from
     FILE is MISSING; it fails only if the manifest lists it in required_for_actual.
     """
@@ -155,38 +152,33 @@ def verify(directory, actual=None, out=None):
     manifest, golden = load(directory)
     specs = manifest["tensors"]
     if actual is None:
-        got = recompute(manifest, golden)
+        got, source = recompute(manifest, golden), "refimpl recomputed from the file's inputs"
         names = [n for n, s in specs.items() if s.get("role") == "output"]
-        source = "refimpl recomputed from the file's inputs"
     else:
-        got = load_npz(actual, "actual tensors")
-        names = list(specs)
-        source = str(actual)
-    gen = manifest.get("generator", {})
+        got, source, names = load_npz(actual, "actual tensors"), str(actual), list(specs)
     print(f"golden {directory} (format {manifest['format_version']}, refimpl "
-          f"{gen.get('refimpl_version', '?')}) vs {source}", file=out)
+          f"{manifest.get('generator', {}).get('refimpl_version', '?')}, ahead_positions "
+          f"{ahead_positions(manifest)}) vs {source}", file=out)
     rows = [compare(n, specs[n], golden[n], got.get(n)) for n in names]
     for r in rows:
         print(r["line"], file=out)
-    bad = [n for n, r in zip(names, rows) if not r["ok"]]
-    checked = [r for r in rows if not r["missing"]]
-    n_missing = sum(r["missing"] for r in rows)
     extra = sorted(set(got) - set(specs)) if actual is not None else []
     if extra:
         print(f"note: {len(extra)} names not in the golden file were ignored: {', '.join(extra[:5])}"
               + (" ..." if len(extra) > 5 else ""), file=out)
+    bad = [n for n, r in zip(names, rows) if not r["ok"]]
+    checked = [r for r in rows if not r["missing"]]
     worst = max((r["max_rel"] for r in checked if r["max_rel"] is not None), default=0.0)
-    n_ok = sum(r["ok"] for r in checked)
-    n_req = sum(r["missing"] and not r["ok"] for r in rows)
-    print(f"{'PASS' if not bad else 'FAIL'}: {n_ok}/{len(checked)} compared tensors OK, "
-          f"{n_missing} missing ({n_req} required), worst max_rel {worst:.2e}"
+    print(f"{'PASS' if not bad else 'FAIL'}: {sum(r['ok'] for r in checked)}/{len(checked)} compared "
+          f"tensors OK, {sum(r['missing'] for r in rows)} missing "
+          f"({sum(r['missing'] and not r['ok'] for r in rows)} required), worst max_rel {worst:.2e}"
           + (f"; NOT OK or MISSING: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}" if bad else ""),
           file=out)
     return not bad
 
 
 def verify_all(directory, actual=None, out=None):
-    """`verify` on DIR, or on each convention's set in DIR/*/ (tiny_data/golden holds two)."""
+    """`verify` on DIR, or on each set in DIR/*/ (tiny_data/golden holds one per convention, and GQA)."""
     directory = Path(directory)
     if (directory / MANIFEST).is_file() or not directory.is_dir():
         return verify(directory, actual, out)
@@ -194,6 +186,7 @@ def verify_all(directory, actual=None, out=None):
     require(sets, f"golden directory {directory} holds no {MANIFEST}, nor subfolders with one: pass a "
                   "directory written by `refimpl golden export DIR`")
     require(actual is None or len(sets) == 1, f"{directory} holds {len(sets)} golden sets "
-            f"({', '.join(d.name for d in sets)}): pass --actual with the one your port checks, e.g. "
-            f"{sets[0]}")
-    return all([verify(d, actual, out) for d in sets])
+            f"({', '.join(d.name for d in sets)}): compare the outputs with the one set your port computes, "
+            f"e.g. {next((d for d in sets if d.name == 'original'), sets[0])}")
+    results = [verify(d, actual, out) for d in sets]                 # every set reports, even after a FAIL
+    return all(results)

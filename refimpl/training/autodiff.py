@@ -5,7 +5,7 @@ dict, every `params[name]` lookup records a container op whose backward pass all
 copy of the whole tree. Here instead every trainable leaf gets its own root node on one shared
 trace, the loss function receives a plain dict of boxed leaves, and one backward pass collects
 the gradient that reaches each root. Arrays that are not in `trainable` (the frozen decoder)
-are never boxed, so autograd never computes a gradient for them: SPEC §7 invariant 2.
+are never boxed, so autograd never computes a gradient for them (docs/method.md §6, invariant 2).
 
 This uses autograd's tracer API (`trace_stack`, `new_box`, `VJPNode`, `toposort`,
 `add_outgrads`), the same pieces `autograd.core.make_vjp` is built from.

@@ -1,28 +1,20 @@
 """Checkpoints: one `.npz` of named arrays plus a sidecar `.json` of metadata, written atomically.
 
-    ckpt.npz   params by Hugging Face name; optimizer moments as adam.m.<name>, adam.v.<name>
-    ckpt.json  {"format_version", "kind" ("decoder" | "coprocessor" | ...), "config", "step",
-                "rng" (the bit_generator state, for exact resume), "tokenizer_sha256",
-                "data_hash", "extra", "arrays" ({name: [shape, dtype]}), "npz_sha256",
-                "meta_sha256" (of the JSON's own other fields), ...}
+    NAME.npz   arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>
+    NAME.json  {"format_version", "kind" ("decoder" | "coprocessor"), "config", "step", the
+               sampler's rng state, "tokenizer_sha256", "data_hash", "arrays" ({name: spec}),
+               "npz_sha256", "meta_sha256" (of the JSON's own other fields), ...}
 
-Each file is written to a temporary file in the same directory, flushed and fsync'ed, moved over
-the old one with os.replace, and the directory is fsync'ed: a crash leaves either the old file or
-the new one, never a mix. A pair is saved as: both temporary files complete, then the npz renamed,
-then the JSON. The JSON carries the npz's sha256, so a pair from two different saves is detected
-on load; a process killed between the two renames leaves the new npz, the old JSON and the new
-JSON's complete temporary file, and loading then uses that temporary JSON (it matches the npz by
-sha256): a kill at any moment leaves a loadable checkpoint, the old one or the new one. Loading
-never unpickles (`allow_pickle=False`), and every problem is a one-line RefimplError naming the
-file and the fix.
+A pair is saved as: both temporary files complete and fsync'ed, the npz renamed over the old one,
+then the JSON (os.replace). A kill between the two renames leaves the new npz, the old JSON and
+the new JSON's temporary file; loading takes the JSON whose npz_sha256 matches, so a kill at any
+moment leaves the old checkpoint or the new one (docs/robustness.md). Loading never unpickles, and
+every problem is a one-line RefimplError naming the file and the fix. Arrays are saved from the
+host and load onto any backend.
 
 Test hook (never set in normal use): with REFIMPL_TEST_HOOK_SAVE_PAUSE=FLAG in the environment,
-every atomic write pauses after its temporary file is complete and before os.replace; it writes
-the destination path into the file FLAG and waits until FLAG is deleted (or 60 s pass), so that a
-test can kill the process in the middle of a save (tests/test_robustness.py).
-
-Arrays are saved from the host (`to_numpy`) and loaded onto any backend, so a checkpoint written
-on a GPU loads on a CPU and back.
+every atomic write pauses before os.replace, writes its destination into the file FLAG and waits
+until FLAG is deleted (or 60 s pass), so that tests/test_robustness.py can kill it mid-save.
 """
 import hashlib
 import io
@@ -30,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +33,10 @@ from ..core.coprocessor import INITS, MODES, SOFT_TOKENS
 from ..core.decoder import flatten_params, param_shapes, unflatten_params
 from ..errors import RefimplError, require
 
-FORMAT_VERSION = 1
-ADAM_PREFIX_M, ADAM_PREFIX_V = "adam.m.", "adam.v."
-KNOWN_VERSIONS = (1,)
+FORMAT_VERSION, KNOWN_VERSIONS = 1, (1,)
+ADAM_M, ADAM_V = "adam.m.", "adam.v."
 RETRAIN = "restore it from a backup or retrain"
+TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -65,72 +57,60 @@ def checkpoint_exists(path):
 # Atomic writes
 def atomic_write_bytes(path, blob):
     """Write blob to path so that a crash leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = _write_temp(path, blob)
-    try:
-        _commit(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_temp(path, blob):
-    """A complete, fsync'ed temporary file next to path, holding blob; returns its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return tmp
-
-
-def _commit(tmp, path):
-    _test_hook_pause(path)
-    os.replace(tmp, path)
-
-
-def _unlink(tmp):
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-
-
-TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
-
-
-def _test_hook_pause(path):
-    """Test hook (see the module docstring): announce `path` in FLAG, wait until FLAG is deleted."""
-    flag = os.environ.get(TEST_HOOK_SAVE_PAUSE)
-    if not flag:
-        return
-    Path(flag + ".new").write_text(str(path))
-    os.replace(flag + ".new", flag)
-    deadline = time.monotonic() + 60
-    while os.path.exists(flag) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _write_atomically([(Path(path), blob)])
 
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def _write_atomically(files):
+    """[(path, bytes)]: every file to a complete, fsync'ed temporary file next to it, then each one
+    renamed over its path in order; an exception removes the temporary files that are left."""
+    temps = []
+    try:
+        for path, blob in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, (path, _) in zip(temps, files):
+            _pause_for_test(path)
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(files[0][0].parent)
+
+
+def _pause_for_test(path):
+    """The test hook (see the module docstring)."""
+    flag = os.environ.get(TEST_HOOK_SAVE_PAUSE)
+    if flag:
+        Path(flag + ".new").write_text(str(path))
+        os.replace(flag + ".new", flag)
+        deadline = time.monotonic() + 60
+        while os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _temp_files(path):
+    """Temporary files of earlier saves of path that were killed before their rename."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def _fsync_dir(directory):
-    try:
+    with suppress(OSError):  # e.g. platforms that cannot open or fsync directories
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -155,7 +135,7 @@ def run_lock(directory):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise RefimplError(f"another refimpl run is writing to {directory} (it holds {lock}): "
-                               "wait for it to end or stop it, or choose another --out") from None
+                               "wait for it to end or stop it, or write to another directory") from None
         yield
     finally:
         os.close(fd)
@@ -165,19 +145,17 @@ def run_lock(directory):
 
 
 # ---------------------------------------------------------------------------------------------
-# Save and load
+# Save and load a pair
 def save_checkpoint(path, arrays, meta):
     """Write arrays ({name: array}, any backend) and meta (JSON-able dict with "kind") as a pair."""
-    require(isinstance(meta.get("kind"), str), "checkpoint metadata needs a 'kind' string "
-                                               "(e.g. 'decoder'); pass it in meta")
+    require(isinstance(meta.get("kind"), str),
+            "checkpoint metadata needs a 'kind' string (e.g. 'decoder'); pass it in meta")
     host = {name: np.ascontiguousarray(to_numpy(a)) for name, a in arrays.items()}
     bad = [n for n, a in host.items() if a.dtype.hasobject]
-    require(not bad, f"array {bad[:1]} has dtype object, which a checkpoint cannot hold: "
-                     "pass numeric arrays")
+    require(not bad, f"array {bad[:1]} has dtype object, which a checkpoint cannot hold: pass numeric arrays")
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **host)
-    blob = buf.getvalue()
-    npz_path, json_path = checkpoint_paths(path)
+    blob, (npz_path, json_path) = buf.getvalue(), checkpoint_paths(path)
     full = {**meta, "format_version": FORMAT_VERSION, "npz_file": npz_path.name,
             "npz_sha256": hashlib.sha256(blob).hexdigest(),
             "arrays": {n: array_spec(a) for n, a in sorted(host.items())}}
@@ -185,54 +163,36 @@ def save_checkpoint(path, arrays, meta):
         full["meta_sha256"] = meta_sha256(json.loads(json.dumps(full, allow_nan=False)))
         text = json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise RefimplError(f"checkpoint metadata is not plain JSON ({e}): pass only str, int, "
-                           "finite float, list and dict values") from None
-    temps = []
-    try:  # both temporary files complete, then the npz renamed, then the JSON (see module doc)
-        temps.append(_write_temp(npz_path, blob))
-        temps.append(_write_temp(json_path, (text + "\n").encode()))
-        _commit(temps[0], npz_path)
-        _commit(temps[1], json_path)
-    except BaseException:
-        for tmp in temps:
-            _unlink(tmp)
-        raise
-    _fsync_dir(npz_path.parent)
+        raise RefimplError(f"checkpoint metadata is not plain JSON ({e}): pass only str, int, finite float, "
+                           "list and dict values") from None
+    _write_atomically([(npz_path, blob), (json_path, (text + "\n").encode())])  # npz first, then the JSON
     for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
-        _unlink(stale)
-
-
-def _temp_files(path):
-    """Temporary files of earlier saves of path that were killed before their rename."""
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
     """(arrays {name: host np.ndarray}, meta dict); RefimplError if anything is missing or corrupt."""
     npz_path, json_path = checkpoint_paths(path)
-    require(not Path(path).is_dir(), f"checkpoint path {path} is a directory: pass the checkpoint "
-                                     f"file in it (e.g. {Path(path) / 'ckpt.npz'})")
+    require(not Path(path).is_dir(), f"checkpoint path {path} is a directory: pass the checkpoint file in it "
+                                     f"(e.g. {Path(path) / 'ckpt.npz'})")
     for p in (json_path, npz_path):
         require(p.is_file(), f"checkpoint file {p} is missing: check the path, or create it "
                              "(`refimpl pretrain` writes decoders, `refimpl train` coprocessors)")
-    meta = _read_meta(json_path)
-    blob = npz_path.read_bytes()
+    meta, blob = _read_meta(json_path), npz_path.read_bytes()
     sha = hashlib.sha256(blob).hexdigest()
     if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
         meta = next((m for m in map(_try_read_meta, _temp_files(json_path))
                      if m is not None and m["npz_sha256"] == sha), meta)
-    require(sha == meta["npz_sha256"],
-            f"checkpoint {npz_path} is corrupt (sha256 mismatch with {json_path.name}): it was "
-            f"truncated, modified or its save was interrupted; {RETRAIN}")
+    require(sha == meta["npz_sha256"], f"checkpoint {npz_path} is corrupt (sha256 mismatch with "
+                                       f"{json_path.name}): it was truncated, modified or its save was "
+                                       f"interrupted; {RETRAIN}")
     arrays = _read_arrays(blob, npz_path)
-    listed = meta.get("arrays", {})
-    missing = sorted(set(listed) - set(arrays))
+    missing = sorted(set(meta["arrays"]) - set(arrays))
     require(not missing, f"checkpoint {npz_path} lacks arrays {missing[:3]} that {json_path.name} "
                          f"lists: the pair is inconsistent; {RETRAIN}")
-    for name, spec in listed.items():
-        require(array_spec(arrays[name]) == spec,
-                f"checkpoint {npz_path}: array {name} is {array_spec(arrays[name])}, but "
-                f"{json_path.name} says {spec}; {RETRAIN}")
+    for name, spec in meta["arrays"].items():
+        require(array_spec(arrays[name]) == spec, f"checkpoint {npz_path}: array {name} is "
+                f"{array_spec(arrays[name])}, but {json_path.name} says {spec}; {RETRAIN}")
     return arrays, meta
 
 
@@ -257,18 +217,17 @@ def _read_meta(json_path):
             f"checkpoint metadata {json_path} has no format_version: it is not a refimpl "
             "checkpoint; pass the .npz/.json pair written by refimpl")
     version = meta["format_version"]
-    require(version in KNOWN_VERSIONS,
-            f"checkpoint {json_path} has format_version {version!r}, but this refimpl reads "
-            f"{list(KNOWN_VERSIONS)}: upgrade refimpl or re-save the checkpoint")
+    require(version in KNOWN_VERSIONS, f"checkpoint {json_path} has format_version {version!r}, but this "
+                                       f"refimpl reads {list(KNOWN_VERSIONS)}: upgrade refimpl or re-save it")
     require(meta.get("meta_sha256", None) in (None, meta_sha256(meta)),  # absent in older files
-            f"checkpoint metadata {json_path} was modified or damaged after it was saved "
-            f"(meta_sha256 mismatch); {RETRAIN}")
+            f"checkpoint metadata {json_path} was modified or damaged after it was saved (meta_sha256 "
+            f"mismatch); {RETRAIN}")
     require(isinstance(meta.get("npz_sha256"), str) and isinstance(meta.get("arrays"), dict),
             f"checkpoint metadata {json_path} lacks npz_sha256 or arrays: it is corrupt; {RETRAIN}")
-    step = meta.get("step", 0)
-    require(isinstance(meta.get("kind"), str) and isinstance(step, int) and not isinstance(step, bool)
-            and step >= 0, f"checkpoint metadata {json_path} has kind {meta.get('kind')!r} and step "
-            f"{step!r} (expected a string and an int >= 0): it is corrupt; {RETRAIN}")
+    kind, step = meta.get("kind"), meta.get("step", 0)
+    require(isinstance(kind, str) and isinstance(step, int) and not isinstance(step, bool) and step >= 0,
+            f"checkpoint metadata {json_path} has kind {kind!r} and step {step!r} (expected a string and an "
+            f"int >= 0): it is corrupt; {RETRAIN}")
     return meta
 
 
@@ -285,13 +244,27 @@ def _read_arrays(blob, npz_path):
             return {name: z[name] for name in z.files}
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise RefimplError(f"checkpoint {npz_path} holds an object (pickled) array, which "
-                               "refimpl never loads because unpickling can run code: re-save "
-                               "it with numeric arrays only") from None
+            raise RefimplError(f"checkpoint {npz_path} holds an object (pickled) array, which refimpl never "
+                               "loads because unpickling can run code: re-save it with numeric arrays "
+                               "only") from None
         raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({e}); {RETRAIN}") from None
     except Exception as e:  # zipfile.BadZipFile, EOFError, OSError ...
         raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({type(e).__name__}: "
                            f"{e}); {RETRAIN}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam's state as named arrays (adam.m.<name>, adam.v.<name>); its step goes to the metadata
+def adam_to_arrays(adam):
+    """{"adam.m.<name>": m, "adam.v.<name>": v} of an optim.adam_init / adam_update state."""
+    return {**{ADAM_M + k: a for k, a in adam["m"].items()}, **{ADAM_V + k: a for k, a in adam["v"].items()}}
+
+
+def adam_from_arrays(arrays, step, xp=np, dtype=None):
+    """The Adam state held in checkpoint arrays (whatever moments they hold), onto backend xp."""
+    def moments(prefix):
+        return {k[len(prefix):]: to_xp(a, xp, dtype) for k, a in arrays.items() if k.startswith(prefix)}
+    return {"m": moments(ADAM_M), "v": moments(ADAM_V), "step": step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +283,7 @@ def save_decoder(path, params, cfg, meta_extra=None, arrays_extra=None):
     """Save decoder params (nested or flat) with kind "decoder", its config and decoder_hash.
 
     meta_extra: more top-level metadata (step, rng, tokenizer_sha256, data_hash, extra, ...).
-    arrays_extra: more arrays, e.g. the optimizer state from optim.state_to_arrays.
+    arrays_extra: more arrays, e.g. Adam's state from adam_to_arrays.
     """
     flat = flatten_params(params) if "layers" in params else dict(params)
     check_decoder_shapes(flat, cfg, checkpoint_paths(path)[0])
@@ -326,9 +299,8 @@ def load_decoder(path, dtype=np.float32, xp=np):
     """
     arrays, meta = load_checkpoint(path)
     npz_path = checkpoint_paths(path)[0]
-    require(meta.get("kind") == "decoder",
-            f"checkpoint {npz_path} holds a {meta.get('kind')!r}, not a decoder: pass the "
-            "checkpoint written by `refimpl pretrain`")
+    require(meta.get("kind") == "decoder", f"checkpoint {npz_path} holds a {meta.get('kind')!r}, not a "
+                                           "decoder: pass the checkpoint written by `refimpl pretrain`")
     cfg = decoder_config(meta, npz_path)
     flat = {n: a for n, a in arrays.items() if n.startswith("model.")}
     check_decoder_shapes(flat, cfg, npz_path)
@@ -337,15 +309,6 @@ def load_decoder(path, dtype=np.float32, xp=np):
             f"checkpoint {npz_path}: its weights do not match the decoder_hash in its metadata; {RETRAIN}")
     flat = {n: to_xp(a, xp, dtype) for n, a in flat.items()}
     return unflatten_params(flat, cfg.n_layers), cfg, meta
-
-
-def check_tokenizer(meta, tokenizer_sha256, where):
-    """Refuse a checkpoint trained with another tokenizer (one that records none passes)."""
-    saved = meta.get("tokenizer_sha256")
-    require(saved is None or saved == tokenizer_sha256,
-            f"checkpoint {where} was trained with another tokenizer (sha256 {str(saved)[:12]}..., "
-            f"the current tokenizer file has {tokenizer_sha256[:12]}...): restore the tokenizer it "
-            "was trained with, or retrain it")
 
 
 def decoder_config(meta, where):
@@ -362,43 +325,29 @@ def decoder_config(meta, where):
 def check_decoder_shapes(flat, cfg, where):
     """Every decoder weight present with the shape cfg implies; a one-line error otherwise."""
     for name, shape in param_shapes(cfg).items():
-        require(name in flat, f"checkpoint {where} lacks decoder weight {name}: it was written "
-                              "for another model; pass a checkpoint that matches its config")
+        require(name in flat, f"checkpoint {where} lacks decoder weight {name}: it was written for another "
+                              "model; pass a checkpoint that matches its config")
         got = tuple(flat[name].shape)
-        require(got == tuple(shape), f"checkpoint {where}: {name} has shape {list(got)}, but its "
-                                     f"config implies {list(shape)}; the file and config do not "
-                                     "belong together; re-save or retrain it")
+        require(got == tuple(shape), f"checkpoint {where}: {name} has shape {list(got)}, but its config "
+                                     f"implies {list(shape)}; the file and config do not belong together; "
+                                     "re-save or retrain it")
+
+
+def check_tokenizer(meta, tokenizer_sha256, where):
+    """Refuse a checkpoint trained with another tokenizer (one that records none passes)."""
+    saved = meta.get("tokenizer_sha256")
+    require(saved is None or saved == tokenizer_sha256,
+            f"checkpoint {where} was trained with another tokenizer (sha256 {str(saved)[:12]}..., "
+            f"the current tokenizer file has {tokenizer_sha256[:12]}...): restore the tokenizer it "
+            "was trained with, or retrain it")
 
 
 # ---------------------------------------------------------------------------------------------
-# The coprocessor's trainable arrays, and Adam's state as named arrays (adam.m.<name>, adam.v.<name>)
-# ---------------------------------------------------------------------------------------------
-# The state as named arrays (for checkpoint.py): adam.m.<name>, adam.v.<name>; step goes to JSON.
-def state_to_arrays(state):
-    """{"adam.m.<name>": m, "adam.v.<name>": v} (the step is saved separately, in the metadata)."""
-    out = {ADAM_PREFIX_M + k: a for k, a in state["m"].items()}
-    out.update({ADAM_PREFIX_V + k: a for k, a in state["v"].items()})
-    return out
-
-
-def state_from_arrays(arrays, names, step, xp, dtype=None, where="checkpoint"):
-    """Rebuild the state for parameters `names` from checkpoint arrays, onto backend xp."""
-    missing = [n for n in names for pre in (ADAM_PREFIX_M, ADAM_PREFIX_V) if pre + n not in arrays]
-    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without "
-                         "optimizer state; start a new run instead of --resume")
-    require(isinstance(step, int) and step >= 0,
-            f"{where} has optimizer step {step!r}: expected an int >= 0; the metadata is corrupt")
-    return {"m": {n: to_xp(arrays[ADAM_PREFIX_M + n], xp, dtype) for n in names},
-            "v": {n: to_xp(arrays[ADAM_PREFIX_V + n], xp, dtype) for n in names}, "step": step}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of the trainable part
+# The coprocessor: its trainable arrays (and Adam's state), tied to the decoder it was trained against
 def save_coprocessor(path, trainable, adam, meta):
-    arrays = {k: to_numpy(v) for k, v in trainable.items()}
-    arrays.update({ADAM_PREFIX_M + k: to_numpy(v) for k, v in adam["m"].items()})
-    arrays.update({ADAM_PREFIX_V + k: to_numpy(v) for k, v in adam["v"].items()})
-    save_checkpoint(path, arrays, {**meta, "kind": "coprocessor", "step": adam["step"]})
+    """Write the trainable arrays and Adam's state with kind "coprocessor" and step adam["step"]."""
+    save_checkpoint(path, {**trainable, **adam_to_arrays(adam)},
+                    {**meta, "kind": "coprocessor", "step": adam["step"]})
 
 
 def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
@@ -406,22 +355,20 @@ def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
     against the decoder whose stored hash is want_decoder_hash (the decoder checkpoint's meta)."""
     arrays, meta = load_checkpoint(path)
     require(meta.get("kind") == "coprocessor",
-            f"{path} is a {meta.get('kind')!r} checkpoint, not a coprocessor: pass a file written by `refimpl train`")
-    want = want_decoder_hash
-    require(meta.get("decoder_hash") == want,
-            f"coprocessor {path} was trained against another decoder (hash {str(meta.get('decoder_hash'))[:12]}, "
-            f"this one is {want[:12]}): pass the decoder it was trained with, or retrain it")
-    _check_coprocessor_meta({k: v for k, v in arrays.items() if not k.startswith("adam.")}, meta, path)
-    load = lambda a: to_xp(a, xp, dtype)
-    trainable = {k: load(v) for k, v in arrays.items() if not k.startswith(("adam.",))}
-    adam = {"m": {k[len(ADAM_PREFIX_M):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_PREFIX_M)},
-            "v": {k[len(ADAM_PREFIX_V):]: load(v) for k, v in arrays.items() if k.startswith(ADAM_PREFIX_V)},
-            "step": int(meta["step"])}
-    return trainable, adam, meta
+            f"{path} is a {meta.get('kind')!r} checkpoint, not a coprocessor: pass a file written by "
+            "`refimpl train`")
+    require(meta.get("decoder_hash") == want_decoder_hash,
+            f"coprocessor {path} was trained against another decoder (hash "
+            f"{str(meta.get('decoder_hash'))[:12]}, this one is {want_decoder_hash[:12]}): pass the decoder "
+            "it was trained with, or retrain it")
+    trainable = {k: a for k, a in arrays.items() if not k.startswith("adam.")}
+    _check_coprocessor_meta(trainable, meta, path)
+    trainable = {k: to_xp(a, xp, dtype) for k, a in trainable.items()}
+    return trainable, adam_from_arrays(arrays, meta["step"], xp, dtype), meta
 
 
 def _check_coprocessor_meta(trainable, meta, path):
-    """The metadata that eval, generate and --resume read must agree with the arrays."""
+    """The metadata that eval, generate and resuming read must agree with the arrays."""
     soft, n = trainable.get(SOFT_TOKENS), meta.get("n_latents")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     problems = [what for what, ok in (
@@ -437,8 +384,6 @@ def _check_coprocessor_meta(trainable, meta, path):
                           "restore it from a backup or retrain it with `refimpl train`")
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading a coprocessor, with a clean fallback
 def coprocessor_file(path):
     """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
     path = Path(path)

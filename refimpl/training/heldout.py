@@ -7,28 +7,34 @@ numbers differ only by the latents.
 """
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import to_numpy, xp_of
 from ..core.layout import sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import iter_eval_batches
 
 
-def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234):
-    """Fixed held-out windows and trace positions: a list of (tokens [B, T], positions [B, K])."""
+def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234, skip_windows=0):
+    """Fixed held-out windows and trace positions: a list of (tokens [B, T], positions [B, K]).
+
+    skip_windows: start after the first skip_windows windows of T tokens (training evaluates on at
+    most the first 64, so an evaluation past them scores windows no choice was made on)."""
     rng = np.random.default_rng(seed)
     out = []
-    for tokens in iter_eval_batches(val_tokens, batch_size, seq_len):
+    for tokens in iter_eval_batches(val_tokens[skip_windows * seq_len:], batch_size, seq_len):
         if len(out) == n_batches:
             break
         out.append((tokens, sample_trace_positions(rng, tokens.shape[0], seq_len, n_traces, n_ahead)))
     return out
 
 
-def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original"):
-    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
+def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original",
+              latent_positions="after"):
+    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1); the two
+    conventions are those the coprocessor was trained with (layout.build_layout)."""
     total, count = np.zeros(n_ahead), 0
     for tokens, positions in heldout:
-        _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead, ahead_positions)
+        _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead,
+                             ahead_positions, latent_positions)
         nll = to_numpy(out["nll"]).astype(np.float64)                       # [B, K, N_A]
         total += nll.sum((0, 1))
         count += nll.shape[0] * nll.shape[1]
@@ -40,10 +46,15 @@ def relative_ppl_change(base_nll, aug_nll):
     return 100.0 * np.expm1(np.asarray(aug_nll) - np.asarray(base_nll))
 
 
+def row_norm(x):
+    """Mean L2 norm of the rows of x [..., D], in float64 on x's device: a 0-d array."""
+    x = x.astype(np.float64)
+    return xp_of(x).sqrt((x * x).sum(-1)).mean()
+
+
 def mean_row_norm(x):
     """Mean L2 norm of the rows of x [..., D] (latents or token embeddings), a float."""
-    x = to_numpy(x).astype(np.float64)
-    return float(np.sqrt((x * x).sum(-1)).mean())
+    return float(to_numpy(row_norm(x)))
 
 
 def embedding_norm(dec_params):

@@ -1,31 +1,31 @@
-"""`refimpl train`: train the coprocessor (or pause tokens) against a FROZEN decoder (SPEC §6).
+"""`refimpl train`: train the coprocessor (or pause tokens) against a FROZEN decoder (paper §3.2;
+docs/method.md §4); loop.run does the loop.
 
-Each step samples B windows of T tokens and K augmentation points per window, computes the
-cached-form loss (objective.loss_cached) and its gradient with respect to the coprocessor's
-arrays and soft tokens only; the decoder's arrays are constants that autograd never sees as
-variables. Adam(W) with warmup and cosine decay, global-norm clipping, a NaN/inf guard.
-
-A checkpoint holds only the trainable arrays, Adam's state, the step, the data RNG state, and
-the hash of the frozen decoder; loading it against another decoder is refused.
+Each step samples B windows of T tokens and K augmentation points per window; the loss is the
+cached form (objective.loss_cached), differentiated with respect to the coprocessor's arrays and
+soft tokens only (the decoder's arrays are constants autograd never sees as variables). Evaluated:
+the held-out ahead-token loss every eval_every steps and at the stop (the decoder alone once, as the
+baseline). Checkpoint (DIR/coprocessor.npz + .json, with every evaluation): the trainable arrays,
+Adam's state, the step, the sampler's rng state and the frozen decoder's hash. DIR/metrics.json:
+{"partial": true, "step", "train_config", "baseline_ahead_loss", "evals", "history"} while training
+(the evals and the baseline are the break-even curve of `refimpl eval`), the full record
+(baseline_*, augmented_*, ...) at the end.
 """
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from autograd.tracer import getval
 
-from ..backend import get_dtype, get_xp, to_numpy
-from ..core.coprocessor import INITS, MODES, init_coprocessor
-from ..core.layout import AHEAD_POSITIONS, sample_trace_positions
+from ..backend import get_dtype, get_xp
+from ..core.coprocessor import INITS, MODES, SOFT_TOKENS, init_coprocessor
+from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
-from ..data.corpus import data_hash, load_tokens, sample_batch
-from ..data.tokenizer import load_tokenizer
-from ..errors import RefimplError, require
-from .autodiff import value_and_grad
+from ..data.corpus import sample_batch
+from ..errors import require
+from . import loop
 from .checkpoint import (
     atomic_write_json,
     check_tokenizer,
@@ -34,9 +34,11 @@ from .checkpoint import (
     load_decoder,
     save_coprocessor,
 )
-from .heldout import ahead_nll, embedding_norm, heldout_set, mean_row_norm, relative_ppl_change
-from .optim import adam_init, adam_update, clip_by_global_norm, lr_schedule
-from .progress import Progress
+from .heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
+from .optim import adam_init
+
+
+SOFT_INITS = ("normal", "embed", "zero")
 
 
 @dataclass(frozen=True)
@@ -53,56 +55,116 @@ class TrainConfig:
     clip: float = 1.0
     init: str = "copy"
     mode: str = "coprocessor"
-    ahead_positions: str = "original"   # the ahead tokens keep their positions, or "continue" after the latents
+    ahead_positions: str = "original"   # ahead tokens keep their positions, or "continue" after the latents
+    latent_positions: str = "behind"    # latent j at p-N_L+1+j (clamped at 0), or "after": p+1+j (results.md)
+    soft_init: str = "normal"           # soft tokens ~ N(0, std(E)), "embed": rows of E, "zero"
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
 
     def validate(self):
         for name in ("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"):
-            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         for name in ("steps", "seq_len", "eval_every", "warmup", "seed"):
-            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         require(0 < self.lr < math.inf and 0 < self.clip < math.inf and 0 <= self.weight_decay < math.inf,
-                "--lr and --clip must be finite and > 0, --weight-decay finite and >= 0")
-        require(self.mode in MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(MODES)}")
-        require(self.init in INITS, f"unknown --init {self.init!r}: use one of {', '.join(INITS)}")
-        require(self.ahead_positions in AHEAD_POSITIONS, f"unknown --ahead-positions {self.ahead_positions!r}: "
-                f"use one of {', '.join(AHEAD_POSITIONS)}")
+                f"lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay}: lr and clip must be "
+                "finite and > 0, weight_decay finite and >= 0")
+        for name, known in (("mode", MODES), ("init", INITS), ("ahead_positions", AHEAD_POSITIONS),
+                            ("latent_positions", LATENT_POSITIONS), ("soft_init", SOFT_INITS)):
+            require(getattr(self, name) in known, f"{name}={getattr(self, name)!r} is unknown: use one of "
+                                                  f"{', '.join(known)}")
 
 
-def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr,
-               kept="the last good checkpoint is kept"):
-    """One update. Returns new trainable, new adam state, and host stats (loss, norms).
-
-    A non-finite loss or gradient norm raises RefimplError before any update; `kept` says which
-    checkpoint is left (for the message)."""
-    def loss_fn(t):
-        loss, out = loss_cached(dec_params, t, cfg, tokens, positions, tc.n_latents, tc.n_ahead,
-                                tc.ahead_positions)
-        return loss, {"latents": getval(out["latents"])}
-
-    loss, grads, aux = value_and_grad(loss_fn, trainable)
-    loss = float(to_numpy(loss))
-    grads, grad_norm = clip_by_global_norm(grads, tc.clip)
-    step = adam["step"]
-    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if not math.isfinite(value):
-            raise RefimplError(f"training diverged at step {step + 1}: the {name} is {value} (not finite); "
-                               f"{kept}: lower --lr or --clip, then --resume or start again")
-    trainable, adam = adam_update(trainable, grads, adam, lr, weight_decay=tc.weight_decay)
-    return trainable, adam, {"loss": loss, "grad_norm": grad_norm,
-                             "latent_norm": mean_row_norm(aux["latents"])}
+# What a run saved before a field existed trained with (not necessarily today's default)
+PREDATED = {"latent_positions": "after", "soft_init": "normal"}
 
 
+def saved_train_config(saved):
+    """A checkpoint's train_config with the fields it predates filled in: PREDATED, else the default."""
+    return {**asdict(TrainConfig()), **PREDATED, **saved}
 
 
+def init_soft_tokens(trainable, dec_params, soft_init, seed):
+    """trainable with its soft tokens [N_L, D] re-initialised: "normal" keeps init_coprocessor's
+    N(0, std(E)); "embed" takes N_L distinct rows of the token embedding E (seeded); "zero" zeros."""
+    if soft_init == "normal":
+        return trainable
+    soft, E = trainable[SOFT_TOKENS], dec_params["embed_tokens"]
+    if soft_init == "zero":
+        return {**trainable, SOFT_TOKENS: soft * 0}
+    rows = np.random.default_rng(seed + 7).choice(E.shape[0], size=soft.shape[0], replace=False)
+    return {**trainable, SOFT_TOKENS: E[rows].copy()}
 
 
+def coprocessor_loss(dec_params, trainable, cfg, tc, batch):
+    """(loss, latents [B, K, N_L, D]) of the cached form on a batch (tokens [B, T], positions [B, K])."""
+    tokens, positions = batch
+    loss, out = loss_cached(dec_params, trainable, cfg, tokens, positions, tc.n_latents, tc.n_ahead,
+                            tc.ahead_positions, tc.latent_positions)
+    return loss, out["latents"]
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
+def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
+    """One update of the trainable arrays -> (trainable, adam, stats {"loss", "grad_norm", "latent_norm"})."""
+    return loop.update(lambda t: coprocessor_loss(dec_params, t, cfg, tc, (tokens, positions)), trainable,
+                       adam, lr, tc.clip, tc.weight_decay)
+
+
+class CoprocessorTraining:
+    unit = "slot"
+
+    def __init__(self, out, tc, T, stop, dec_params, cfg, meta, corpus):
+        self.out, self.tc, self.T, self.dec_params, self.cfg, self.meta = out, tc, T, dec_params, cfg, meta
+        self.label = f"train {tc.mode} N_L={tc.n_latents}"
+        self.ckpt, self.metrics_path = out / "coprocessor.npz", out / "metrics.json"
+        self.train_tokens = corpus.train
+        self.slots = tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
+        self.heldout = heldout_set(corpus.val, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
+        self.schedule = loop.Schedule(tc.steps, stop, tc.lr, tc.warmup, tc.clip, tc.weight_decay,
+                                      tc.eval_every, save_every=tc.eval_every, eval_at=stop)
+        self.baseline = None      # the decoder alone on the held-out set, [N_A] (set before the loop)
+
+    def ahead_nll(self, trainable):
+        """Held-out nll per ahead position [N_A]: with these latents, or the decoder alone (None)."""
+        n_latents = 0 if trainable is None else self.tc.n_latents
+        if trainable is None:
+            return ahead_nll(self.dec_params, None, self.cfg, self.heldout, 0, self.tc.n_ahead)
+        return ahead_nll(self.dec_params, trainable, self.cfg, self.heldout, n_latents, self.tc.n_ahead,
+                         self.tc.ahead_positions, self.tc.latent_positions)
+
+    def header(self, state):
+        n, tc = sum(int(a.size) for a in state.trainable.values()), self.tc
+        return (f"train: {tc.mode} N_L={tc.n_latents} N_A={tc.n_ahead} ({n:,} trainable values), batch "
+                f"{tc.batch_size}x{self.T}, K={tc.n_traces}, steps {state.step}->{self.schedule.stop} of "
+                f"{tc.steps}; writing {self.out}/")
+
+    def sample(self, rng):
+        tokens = sample_batch(self.train_tokens, self.tc.batch_size, self.T, rng)                  # [B, T]
+        return tokens, sample_trace_positions(rng, self.tc.batch_size, self.T, self.tc.n_traces,
+                                              self.tc.n_ahead)                                    # [B, K]
+
+    def loss(self, trainable, batch):
+        return coprocessor_loss(self.dec_params, trainable, self.cfg, self.tc, batch)
+
+    def evaluate(self, state, metrics, rate):
+        aug = self.ahead_nll(state.trainable)
+        return {"step": state.step, "heldout_loss": float(aug.mean()), "ahead_loss": aug.tolist()}
+
+    def describe(self, rec):
+        return f"held-out ahead loss {rec['heldout_loss']:.4f}"
+
+    def metrics_json(self, metrics, step):   # no "steps" until the run is done
+        base = {} if self.baseline is None else {"baseline_ahead_loss": self.baseline.tolist()}
+        return {"partial": True, "step": step, "train_config": asdict(self.tc), **base, **metrics}
+
+    def read_metrics(self, saved):
+        return saved.get("evals", []), saved["history"]
+
+    def save(self, state):
+        save_coprocessor(self.ckpt, state.trainable, state.adam, {**self.meta, "rng_state": state.rng_state})
+
+
 def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=False, quiet=False,
           stop_after=None):
     """Train, evaluate on held-out data, and write out_dir/{coprocessor.npz, .json, metrics.json}.
@@ -111,100 +173,46 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     with resume=True. The resumed run is bit-identical to an uninterrupted one.
     """
     tc.validate()
-    require(stop_after is None or stop_after >= 1, f"--stop-after must be >= 1, got {stop_after}")
+    require(stop_after is None or stop_after >= 1, f"stop_after={stop_after} must be >= 1")
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
     T = tc.seq_len or cfg.max_seq_len
-    require(T <= cfg.max_seq_len, f"--seq-len {T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
+    require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
     sample_trace_positions(np.random.default_rng(0), 1, T, tc.n_traces, tc.n_ahead)  # validates K, N_A vs T
-    tok = load_tokenizer()
-    check_tokenizer(dec_meta, tok.sha256, decoder_path)
     out_dir = Path(out_dir)
-    ckpt, metrics_path = out_dir / "coprocessor.npz", out_dir / "metrics.json"
-    require(not resume or checkpoint_exists(ckpt), f"no coprocessor checkpoint in {out_dir} to resume: "
-            "drop --resume to start a new run, or pass the right --out")
-    train_tokens, val_tokens = load_tokens("train", tok), load_tokens("val", tok)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dec_hash = dec_meta["decoder_hash"]
-    meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_hash,
-            "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init,
-            "n_latents": tc.n_latents, "n_ahead": tc.n_ahead, "seq_len": T,
-            "tokenizer_sha256": tok.sha256, "data_hash": data_hash()}
-    rng = np.random.default_rng(tc.seed)
-    history, evals, saved_step = [], [], None
+    ckpt = out_dir / "coprocessor.npz"
+    loop.check_out(out_dir, checkpoint_exists(ckpt), resume, "coprocessor checkpoint", overwrite=True)
+    corpus = loop.load_corpus()
+    check_tokenizer(dec_meta, corpus.tokenizer_sha256, decoder_path)
+    meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_meta["decoder_hash"],
+            "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents,
+            "n_ahead": tc.n_ahead, "seq_len": T, "tokenizer_sha256": corpus.tokenizer_sha256,
+            "data_hash": corpus.data_hash}
+    stop = min(tc.steps, stop_after or tc.steps)
+    task = CoprocessorTraining(out_dir, tc, T, stop, dec_params, cfg, meta, corpus)
     if resume:
-        trainable, adam, old = load_coprocessor(ckpt, dec_hash, dt, xp)
-        now = asdict(tc)
-        differ = [f"--{k.replace('_', '-')} {now.get(k)} vs {old['train_config'].get(k)}"
-                  for k in sorted(set(now) | set(old["train_config"])) if now.get(k) != old["train_config"].get(k)]
-        require(not differ, f"--resume with other options than {ckpt} was trained with "
-                            f"({', '.join(differ)}): rerun with the options it was trained with")
-        for key, current in (("tokenizer_sha256", tok.sha256), ("data_hash", meta["data_hash"])):
-            require(old.get(key) == current, f"coprocessor {ckpt} was trained with other data ({key} "
-                    f"{str(old.get(key))[:12]}... vs {current[:12]}...): restore that data, or start a new run")
-        try:
-            rng.bit_generator.state = old["rng_state"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefimplError(f"coprocessor {ckpt} has no usable rng_state ({type(e).__name__}): it "
-                               "cannot be resumed exactly; start a new run") from None
-        history, evals = _resumed_metrics(metrics_path, adam["step"])
-        saved_step = adam["step"]
+        trainable, adam, old = load_coprocessor(ckpt, dec_meta["decoder_hash"], dt, xp)
+        loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"]), ckpt)
+        state = loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
     else:
-        trainable = init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
-        adam = adam_init(trainable)
-    heldout = heldout_set(val_tokens, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
-    base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, tc.n_ahead)
-    progress = Progress(tc.steps, start=adam["step"], label=f"train {tc.mode} N_L={tc.n_latents}",
-                        stream=io.StringIO() if quiet else None)
-    t0, tokens_done = time.perf_counter(), 0
-    end = min(tc.steps, stop_after or tc.steps)
-    while adam["step"] < end:
-        step = adam["step"]
-        tokens = sample_batch(train_tokens, tc.batch_size, T, rng)
-        positions = sample_trace_positions(rng, tc.batch_size, T, tc.n_traces, tc.n_ahead)
-        lr = lr_schedule(step, tc.lr, tc.warmup, tc.steps)
-        kept = ("no checkpoint was written" if saved_step is None else
-                f"the last good checkpoint {ckpt} (step {saved_step}) is untouched")
-        trainable, adam, stats = train_step(dec_params, trainable, adam, cfg, tc,
-                                            xp.asarray(tokens), positions, lr, kept)
-        tokens_done += tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
-        history.append({"step": adam["step"], "lr": lr, **stats})
-        elapsed = time.perf_counter() - t0
-        progress.update(adam["step"], loss=stats["loss"], latent_norm=stats["latent_norm"],
-                        grad_norm=stats["grad_norm"], slots_per_s=tokens_done / elapsed)
-        last = adam["step"] == end
-        if (tc.eval_every and adam["step"] % tc.eval_every == 0) or last:
-            aug = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead, tc.ahead_positions)
-            evals.append({"step": adam["step"], "heldout_loss": float(aug.mean()), "ahead_loss": aug.tolist()})
-            # metrics first: a kill before the checkpoint leaves them ahead, and --resume cuts them back
-            atomic_write_json(metrics_path, {"partial": True, "step": adam["step"], "train_config": asdict(tc),
-                                             "evals": evals, "history": history})  # no "steps" until done
-            save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
-            saved_step = adam["step"]
-    progress.close()
-    aug_nll = ahead_nll(dec_params, trainable, cfg, heldout, tc.n_latents, tc.n_ahead, tc.ahead_positions)
-    metrics = {
+        trainable = init_soft_tokens(init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed),
+                                     dec_params, tc.soft_init, tc.seed)
+        rng = np.random.default_rng(tc.seed)
+        state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
+    base_nll = task.baseline = task.ahead_nll(None)
+    t0 = time.perf_counter()
+    state, metrics, saved = loop.run(task, state, resume, io.StringIO() if quiet else None)
+    last = metrics["evals"][-1] if metrics["evals"] else {"step": None}
+    aug_nll = np.array(last["ahead_loss"]) if last["step"] == state.step else task.ahead_nll(state.trainable)
+    final = {
         "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents, "n_ahead": tc.n_ahead,
-        "steps": adam["step"], "train_config": asdict(tc), "decoder_path": str(decoder_path),
+        "steps": state.step, "train_config": asdict(tc), "decoder_path": str(decoder_path),
         "baseline_ahead_loss": base_nll.tolist(), "augmented_ahead_loss": aug_nll.tolist(),
         "baseline_heldout_loss": float(base_nll.mean()), "augmented_heldout_loss": float(aug_nll.mean()),
         "relative_ppl_change_pct": relative_ppl_change(base_nll, aug_nll).tolist(),
-        "embedding_norm": embedding_norm(dec_params), "evals": evals, "history": history,
-        "train_seconds": time.perf_counter() - t0,
+        "embedding_norm": embedding_norm(dec_params), **metrics, "train_seconds": time.perf_counter() - t0,
     }
-    atomic_write_json(metrics_path, metrics)
-    if not resume or adam["step"] > 0:
-        save_coprocessor(ckpt, trainable, adam, {**meta, "rng_state": rng.bit_generator.state})
-    return metrics
-
-
-def _resumed_metrics(path, step):
-    """(history, evals) of the run so far from metrics.json, cut back to the checkpoint's step."""
-    try:
-        m = json.loads(path.read_text())
-        return ([h for h in m["history"] if h["step"] <= step],
-                [e for e in m.get("evals", []) if e["step"] <= step])
-    except (OSError, ValueError, KeyError, TypeError):
-        return [], []   # history lost; the training itself stays exact
-
-
+    atomic_write_json(task.metrics_path, final)
+    if saved != state.step:
+        task.save(state)
+    return final

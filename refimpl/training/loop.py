@@ -1,0 +1,289 @@
+"""The one training loop of `refimpl pretrain` (the decoder) and `refimpl train` (the coprocessor).
+
+    while state.step < stop:
+        batch = task.sample(rng)                          # host arrays, from the run's own generator
+        loss, grads = value_and_grad(task.loss)           # on the arrays' device, no host sync
+        norm = global_norm(grads)                         # one device reduction
+        loss, norm, latent norm -> host in ONE transfer   # a non-finite one stops the run here
+        trainable, adam = adam_update(..., grad_scale=clip_scale(norm, clip))   # clipping folded in
+        evaluate every eval_every steps; every save_every steps write metrics.json, then the checkpoint
+
+A run stops at `stop` (<= the schedule's `steps`), on Ctrl-C (which saves first) or at a non-finite
+loss (the last checkpoint stays untouched), and resumes bit for bit: the checkpoint holds the
+trainable arrays, Adam's state, the step and the sampler's rng state; metrics.json, written first,
+is cut back to the checkpoint's step.
+
+A task (pretrain.Pretraining, train.CoprocessorTraining) says what differs. Attributes: label and
+unit (the progress line), slots (counted per step), out, ckpt (the .npz), metrics_path, schedule.
+Methods: header(state) -> line; sample(rng) -> batch of host arrays; loss(trainable, batch) ->
+(loss, latents or None); evaluate(state, metrics, rate) -> {"step", ...}; describe(record) -> line;
+metrics_json(metrics, step) -> dict and read_metrics(dict) -> (evals, history); save(state).
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from autograd.tracer import getval
+
+from ..backend import to_numpy, xp_of
+from ..data.corpus import data_hash, load_tokens
+from ..data.tokenizer import load_tokenizer
+from ..errors import RefimplError, require
+from .autodiff import value_and_grad
+from .checkpoint import atomic_write_json
+from .heldout import row_norm
+from .optim import adam_update, clip_scale, global_norm, lr_schedule
+
+BETAS, EPS = (0.9, 0.95), 1e-8
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything a run needs to continue after `step` updates (replaced, never mutated)."""
+    step: int
+    trainable: dict   # flat {name: array}: what the optimizer moves
+    adam: dict        # optim.adam_init / adam_update state
+    rng_state: dict   # bit_generator state of the batch sampler
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int                  # the LR schedule's length (warmup, then cosine decay)
+    stop: int                   # this run trains up to this step
+    lr: float                   # peak learning rate
+    warmup: int
+    clip: float                 # max global gradient norm (0: off)
+    weight_decay: float
+    eval_every: int             # 0: only at eval_at
+    save_every: int             # 0: only at stop
+    eval_at: int                # a step that is always evaluated
+    eval_first: bool = False    # evaluate the untrained state of a new run too
+    decay: frozenset = None     # names that get weight decay (None: all)
+
+
+# ---------------------------------------------------------------------------------------------
+# One update
+def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kept="no update was made"):
+    """One Adam(W) update of `trainable` -> (trainable, adam, stats).
+
+    loss_fn(boxed trainable) -> (scalar loss, latents or None). Everything stays on the arrays'
+    device until ONE transfer brings stats to the host: {"loss", "grad_norm"[, "latent_norm"]} as
+    Python floats. A non-finite loss or gradient norm raises RefimplError before the update; `kept`
+    says what is left (and what to do).
+    """
+    def traced(boxed):
+        loss, latents = loss_fn(boxed)
+        return loss, {} if latents is None else {"latent_norm": row_norm(getval(latents))}
+
+    loss, grads, aux = value_and_grad(traced, trainable)
+    norm = global_norm(grads)                                   # one device reduction
+    xp = xp_of(norm)
+    host = to_numpy(xp.stack([xp.asarray(loss, dtype=xp.float64), norm, *aux.values()]))  # the one read
+    stats = dict(zip(("loss", "grad_norm", *aux), host.tolist()))
+    for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+        if not math.isfinite(stats[key]):
+            raise RefimplError(f"training diverged at step {adam['step'] + 1}: the {what} is {stats[key]} "
+                               f"(not finite); {kept}")
+    trainable, adam = adam_update(trainable, grads, adam, lr, *BETAS, EPS, weight_decay, decay,
+                                  grad_scale=clip_scale(norm, clip))
+    return trainable, adam, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+def run(task, state, resumed=False, stream=None):
+    """Train from state (resumed: from the checkpoint in task.out) to task.schedule.stop.
+
+    Returns (final state, metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk).
+    """
+    metrics = resumed_metrics(task, state.step) if resumed else {"evals": [], "history": []}
+    sched, saved = task.schedule, state.step if resumed else None
+    bar = Progress(sched.steps, start=state.step, label=task.label, stream=stream)
+    bar.write(task.header(state))
+    n_slots, seconds = 0, 0.0
+    try:
+        if state.step == 0 and sched.eval_first:
+            _evaluate(task, state, metrics, bar, None)
+        while state.step < sched.stop:
+            t0 = time.perf_counter()
+            state, record = _step(task, state, saved)
+            metrics["history"].append(record)
+            n_slots, seconds = n_slots + task.slots, seconds + time.perf_counter() - t0
+            rate = n_slots / seconds
+            bar.update(state.step, **{k: v for k, v in record.items() if k not in ("step", "lr")},
+                       **{f"{task.unit}/s": f"{rate:,.0f}"})
+            if _due(state.step, sched.eval_every, sched.eval_at):
+                _evaluate(task, state, metrics, bar, rate)
+                n_slots, seconds = 0, 0.0
+            if _due(state.step, sched.save_every, sched.stop):
+                _save(task, state, metrics)
+                saved = state.step
+    except KeyboardInterrupt:
+        bar.close()
+        metrics["history"][:] = [h for h in metrics["history"] if h["step"] <= state.step]
+        if saved != state.step:
+            _save(task, state, metrics)
+        raise RefimplError(f"interrupted after step {state.step}: checkpoint saved in {task.out}/; "
+                           "resume it to continue") from None
+    bar.close()
+    last = metrics["evals"][-1] if metrics["evals"] else None
+    evaluated = f"; last evaluation (step {last['step']}): {task.describe(last)}" if last else ""
+    bar.write(f"{task.label}: done at step {state.step}{evaluated}; checkpoint {task.ckpt}")
+    return state, metrics, saved
+
+
+def _step(task, state, saved):
+    """One update on a fresh batch -> (new state, history record)."""
+    sched, rng = task.schedule, sampler(state.rng_state, "the run")
+    batch = task.sample(rng)
+    lr = lr_schedule(state.step, sched.lr, sched.warmup, sched.steps)
+    kept = (f"the last good checkpoint {task.ckpt} (step {saved}) is untouched" if saved is not None
+            else "no checkpoint was written")
+    advice = f"{kept}: lower lr={sched.lr} or clip={sched.clip}, then resume or start again"
+    trainable, adam, stats = update(lambda t: task.loss(t, batch), state.trainable, state.adam, lr,
+                                    sched.clip, sched.weight_decay, sched.decay, advice)
+    new = State(state.step + 1, trainable, adam, rng.bit_generator.state)
+    return new, {"step": new.step, "lr": lr, **stats}
+
+
+def _due(step, every, also):
+    return bool(every) and step % every == 0 or step == also
+
+
+def _evaluate(task, state, metrics, bar, rate):
+    record = task.evaluate(state, metrics, rate)
+    metrics["evals"].append(record)
+    atomic_write_json(task.metrics_path, task.metrics_json(metrics, state.step))
+    bar.write(f"step {record['step']}: {task.describe(record)}")
+
+
+def _save(task, state, metrics):
+    atomic_write_json(task.metrics_path, task.metrics_json(metrics, state.step))  # first: a resume cuts back
+    task.save(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, and the checks of a resumed run
+@dataclass(frozen=True)
+class Corpus:
+    n_vocab: int
+    tokenizer_sha256: str
+    data_hash: str
+    train: np.ndarray   # int32 [N]
+    val: np.ndarray     # int32 [M]
+
+
+def load_corpus():
+    """The pretraining mixture (train and val splits) and the hashes a checkpoint records."""
+    tok = load_tokenizer()
+    return Corpus(tok.n_vocab, tok.sha256, data_hash(), load_tokens("train", tok), load_tokens("val", tok))
+
+
+def check_out(out, exists, resume, what, overwrite=False):
+    """A resumed run needs its checkpoint in out; a new one refuses to replace it unless overwrite."""
+    require(exists or not resume, f"no {what} in {out} to resume: start a new run instead, or check the "
+                                  "output directory")
+    require(resume or overwrite or not exists, f"{out} already holds a {what}: resume it, or choose "
+                                               "another output directory")
+
+
+def check_resumed(meta, corpus, given, saved, where):
+    """A resumed run reads the data it was started with and keeps the hyperparameters in `given`
+    (compared with `saved`, those it was started with)."""
+    for key, now in (("tokenizer_sha256", corpus.tokenizer_sha256), ("data_hash", corpus.data_hash)):
+        require(meta.get(key) == now, f"{where} was trained with other data ({key} "
+                                      f"{str(meta.get(key))[:12]}... vs {now[:12]}...): restore that data, "
+                                      "or start a new run")
+    differ = [k for k in given if given[k] != saved.get(k)]
+    if differ:
+        first, *rest = differ
+        also = "".join(f", {k}={given[k]} from {saved.get(k)}" for k in rest)
+        raise RefimplError(f"{first}={given[first]} differs from the resumed run's {saved.get(first)}{also} "
+                           f"(in {where}): resume with the values it was started with, or start a new run in "
+                           "another directory")
+
+
+def resumed_state(step, trainable, adam, rng_state, where):
+    """The State of a checkpoint, or a one-line error: Adam's state must be complete for the trainable
+    arrays (it is put in their order) and the sampler's rng state usable."""
+    names = list(trainable)
+    missing = [pre + n for n in names for pre, got in (("adam.m.", adam["m"]), ("adam.v.", adam["v"]))
+               if n not in got]
+    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without it and cannot "
+                         "be resumed; start a new run")
+    require(isinstance(adam["step"], int) and not isinstance(adam["step"], bool) and adam["step"] >= 0,
+            f"{where} has optimizer step {adam['step']!r}: expected an int >= 0; the metadata is corrupt")
+    adam = {**{key: {n: adam[key][n] for n in names} for key in ("m", "v")}, "step": adam["step"]}
+    sampler(rng_state, where)
+    return State(step, trainable, adam, rng_state)
+
+
+def sampler(rng_state, where):
+    """A numpy Generator positioned at rng_state (a bit_generator state), or a one-line error."""
+    try:
+        name = rng_state["bit_generator"]
+        if name not in BIT_GENERATORS:
+            raise ValueError(f"unknown bit generator {name!r}")
+        rng = np.random.Generator(getattr(np.random, name)())
+        rng.bit_generator.state = rng_state
+        return rng
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise RefimplError(f"{where} has no usable rng state ({type(e).__name__}): it cannot be resumed "
+                           "exactly; start a new run") from None
+
+
+def resumed_metrics(task, step):
+    """The metrics of the run so far, cut back to `step`; empty if metrics.json is unreadable (the
+    history is lost then, the training itself stays exact)."""
+    try:
+        evals, history = task.read_metrics(json.loads(task.metrics_path.read_text()))
+        return {"evals": [e for e in evals if e["step"] <= step],
+                "history": [h for h in history if h["step"] <= step]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"evals": [], "history": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# The progress line
+class Progress:
+    """`label step 120/1000 | 0:12<1:28 | loss 2.31 | tok/s 5,120`: one line rewritten with \\r (at
+    most every 0.1 s) on a terminal, else a plain line every tenth of the run."""
+
+    def __init__(self, total, start=0, label="", stream=None):
+        self.total, self.start, self.label, self.stream = total, start, label, stream or sys.stdout
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every, self.t0, self.last, self.dirty = max(1, (total - start) // 10), time.time(), 0.0, False
+
+    def update(self, step, **fields):
+        now, final = time.time(), step >= self.total
+        if not final and (now - self.last < 0.1 if self.tty else (step - self.start) % self.every):
+            return
+        self.last, elapsed, done = now, now - self.t0, step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        parts = [f"{self.label} step {step}/{self.total}", f"{_clock(elapsed)}<{_clock(eta)}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+        line = " | ".join(parts)
+        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        self.dirty = self.tty
+        self.stream.flush()
+
+    def write(self, message):
+        """A permanent line that does not garble the bar."""
+        self.stream.write(("\r\x1b[K" if self.dirty else "") + message + "\n")
+        self.dirty = False
+        self.stream.flush()
+
+    def close(self):
+        if self.dirty:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.dirty = False
+
+
+def _clock(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
