@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 import refimpl
-from refimpl.backend import get_dtype, get_xp, to_numpy
+from refimpl import memory
+from refimpl.backend import get_dtype, get_xp, to_numpy, trace_runs
 from refimpl.config import get_preset
 from refimpl.core.coprocessor import augment, init_coprocessor
 from refimpl.core.decoder import extend, flatten_params, generate, init_params, prefill, sample_next
@@ -122,8 +123,9 @@ def make_case(bc, n_traces=None):
 
 
 def train_step_fn(case, lr=1e-4):
-    """A closure running `train_step` on the case (state carried over); returns the loss."""
-    tokens = case["xp"].asarray(case["tokens"])
+    """A closure running `train_step` on the case (state carried over); returns the loss. The token
+    ids stay on the host: the loss checks them there and moves them to the device itself."""
+    tokens = case["tokens"]
 
     def step():
         case["trainable"], case["adam"], stats = train_step(
@@ -255,7 +257,8 @@ def make_torch_step(case, bc, threads):
     host = lambda tree: {k: to_numpy(v) for k, v in tree.items()}  # noqa: E731
     step = module.TorchStep(host(flatten_params(case["dec"])), host(case["trainable"]),
                             case["cfg"].to_dict(), bc.n_latents, bc.n_ahead, device=device,
-                            ahead_positions=case["tc"].ahead_positions)
+                            ahead_positions=case["tc"].ahead_positions,
+                            latent_positions=case["tc"].latent_positions)
     return step, None
 
 
@@ -389,6 +392,7 @@ def _memory_probe(conf):
            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if pool is not None:                            # CuPy's pool keeps what it allocated: its peak
         out["gpu_step_mb"] = (pool.total_bytes() - pool_before) / 2 ** 20
+        out["gpu_before_mb"] = pool_before / 2 ** 20                    # weights, Adam state, the case
     print(json.dumps(out))
 
 
@@ -433,11 +437,42 @@ def run_bench(bc, log=lambda m: None):
         result["gpu_step_mb_by_traces"] = {k: v[key] for k, v in mem.items()}
     if "32" in mem and "64" in mem:
         result["memory_growth_32_64"] = mem["64"][key] / mem["32"][key]
+    result.update(memory_estimates(bc, mem))
     result.update(measure_latency(bc, log))
+    result["array_ops_per_step"] = count_ops(bc, log)
     result["flops_formula"] = FLOPS_FORMULA
     result["load_average_end"] = _load()
     result["targets"] = check_targets(result)
     return result
+
+
+def memory_estimates(bc, mem):
+    """refimpl.memory's estimate beside each measured peak: the whole process on a CPU (VmHWM), the
+    device arrays on a GPU (the pool's growth during the step, against the estimate without the
+    process allowance)."""
+    cfg = get_preset(bc.preset)
+    itemsize = get_dtype(bc.dtype)().itemsize
+    est = {k: memory.train_step(cfg, bc.batch_size, cfg.max_seq_len, int(k), bc.n_latents, bc.n_ahead,
+                                itemsize=itemsize).total / 2**20 for k in mem}
+    if bc.backend == "cupy":
+        est = {k: v - memory.PROCESS_BYTES / 2**20 for k, v in est.items()}
+        measured = {k: v["gpu_step_mb"] + v.get("gpu_before_mb", 0.0) for k, v in mem.items()}
+    else:
+        measured = {k: v["peak_rss_mb"] for k, v in mem.items()}
+    return {"memory_estimate_mb_by_traces": est, "memory_measured_mb_by_traces": measured,
+            "memory_estimate_ratio_by_traces": {k: est[k] / measured[k] for k in mem if measured[k]}}
+
+
+def count_ops(bc, log):
+    """Array operations of one training step at this preset and size, counted on the CPU exactly as
+    the backend runs it (benchmarks/op_count.py)."""
+    spec = importlib.util.spec_from_file_location("refimpl_bench_op_count", Path(__file__).with_name("op_count.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = trace_runs(get_xp(bc.backend))
+    n = module.count_train_step(bc.preset, bc.batch_size, bc.n_traces, bc.n_latents, bc.n_ahead, trace_runs=runs)
+    log(f"array operations per step: {n['total']} (trace runs: {runs})")
+    return n["total"]
 
 
 def check_targets(r):

@@ -19,6 +19,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refimpl import backend  # noqa: E402
+from refimpl.config import get_preset  # noqa: E402
+from refimpl.core.coprocessor import init_coprocessor  # noqa: E402
+from refimpl.core.decoder import init_params  # noqa: E402
+from refimpl.core.layout import sample_trace_positions  # noqa: E402
+from refimpl.training.optim import adam_init  # noqa: E402
+from refimpl.training.train import TrainConfig, train_step  # noqa: E402
 
 METADATA = {"result_type", "shape", "ndim", "size", "broadcast_to", "may_share_memory", "iscomplexobj"}
 
@@ -91,16 +98,17 @@ def register_with_autograd():
 
 def count_train_step(preset="demo", batch_size=8, n_traces=32, n_latents=16, n_ahead=16, trace_runs=None):
     """{total, by_op} for one form-B training step (loss, gradients, clipping, Adam) at these sizes."""
-    from refimpl.config import get_preset
-    from refimpl.core.coprocessor import init_coprocessor
-    from refimpl.core.decoder import init_params
-    from refimpl.core.layout import sample_trace_positions
-    from refimpl.training.optim import adam_init
-    from refimpl.training.train import TrainConfig, train_step
     register_with_autograd()
+    saved = dict(backend.TRACE_RUNS)
     if trace_runs is not None:                              # count as another backend runs it (cupy: 1)
-        from refimpl import backend
         backend.TRACE_RUNS["numpy"] = trace_runs
+    try:
+        return _count(preset, batch_size, n_traces, n_latents, n_ahead)
+    finally:
+        backend.TRACE_RUNS.update(saved)
+
+
+def _count(preset, batch_size, n_traces, n_latents, n_ahead):
     cfg = get_preset(preset)
     T = cfg.max_seq_len
     rng = np.random.default_rng(0)

@@ -6,7 +6,8 @@ PyTorch user would write it, and never imports refimpl:
   2. the coprocessor over the K*N_L soft slots, each trace attending to the decoder's cached
      x_0..x_p and causally to its own soft slots;
   3. the frozen decoder over the K groups [z_1..z_N_L, x_p+1..x_p+N_A-1] against the same cache,
-     the latents at positions p+1..p+N_L and the ahead tokens at their own positions p+1..p+N_A-1
+     the latents at positions p-N_L+1..p (clamped at 0; "behind", refimpl's default) or p+1..p+N_L
+     ("after"), and the ahead tokens at their own positions p+1..p+N_A-1
      (ahead_positions="original", refimpl's default) or counting on after the latents ("continue");
   4. tied LM head on the N_A read-out slots of each group, mean cross-entropy.
 Attention over "context cache + own group" is one softmax over the concatenated scores
@@ -81,7 +82,8 @@ def llama_layers(w, x, pos, cfg, attend_for_layer):
     return rms_norm(x, w["model.norm.weight"], eps), kvs
 
 
-def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg, ahead_positions="original"):
+def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg, ahead_positions="original",
+                latent_positions="behind"):
     """Mean cross-entropy over B*K*N_A ahead targets. tokens, trace_positions: int64 tensors."""
     B, T = tokens.shape
     K, D, NL, NA = trace_positions.shape[1], soft.shape[1], n_latents, n_ahead
@@ -96,17 +98,17 @@ def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg
     def against_cache(G_):
         return lambda i: lambda q, k, v: trace_attend(q, k, v, *cache[i], ctx_bias, G_)
 
-    slot = arange(G)
-    pos_lat = (trace_positions[..., None] + 1 + slot[:NL]).reshape(B, K * NL)
+    lat = trace_positions[..., None] + 1 + arange(NL)                        # [B, K, N_L]: "after"
+    if latent_positions == "behind":
+        lat = (lat - NL).clamp(min=0)                                         # p-N_L+1..p, clamped at 0
+    pos_lat = lat.reshape(B, K * NL)
     z, _ = llama_layers(cop, soft.expand(B, K, NL, D).reshape(B, K * NL, D), pos_lat, cfg,
                         against_cache(NL))                                    # 2. coprocessor
     targets = torch.gather(tokens[:, None, :].expand(B, K, T), 2,
                            trace_positions[..., None] + 1 + arange(NA))       # [B, K, N_A]
     groups = torch.cat([z.view(B, K, NL, D), E[targets[..., :-1]]], 2).view(B, K * G, D)
-    pos_grp = trace_positions[..., None] + 1 + slot                          # [B, K, G]: "continue"
-    if ahead_positions == "original":
-        pos_grp[..., NL:] -= NL                                               # x_{p+j} at p+j
-    pos_grp = pos_grp.reshape(B, K * G)
+    start = trace_positions[..., None] if ahead_positions == "original" else lat[..., -1:]
+    pos_grp = torch.cat([lat, start + 1 + arange(NA - 1)], -1).reshape(B, K * G)   # x_{p+j} at start + j
     h, _ = llama_layers(dec, groups, pos_grp, cfg, against_cache(G))         # 3. decoder groups
     h_read = h.view(B, K, G, D)[:, :, NL - 1:]                                # [B, K, N_A, D]
     logits = h_read @ E.T                                                     # 4. head, loss
@@ -117,9 +119,9 @@ class TorchStep:
     """State and one training step (loss, backward, clip, Adam) from NumPy weights."""
 
     def __init__(self, dec_np, trainable_np, cfg, n_latents, n_ahead, lr=1e-4, clip=1.0, device="cpu",
-                 ahead_positions="original"):
+                 ahead_positions="original", latent_positions="behind"):
         self.cfg, self.n_latents, self.n_ahead, self.lr, self.clip = cfg, n_latents, n_ahead, lr, clip
-        self.ahead_positions = ahead_positions
+        self.ahead_positions, self.latent_positions = ahead_positions, latent_positions
         self.device = device
         self.dec = {k: torch.tensor(v, device=device) for k, v in dec_np.items()}
         self.train = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in trainable_np.items()}
@@ -129,7 +131,7 @@ class TorchStep:
         t = {k: v for k, v in self.train.items() if k != "soft_tokens"}
         as_ids = lambda a: torch.as_tensor(a, dtype=torch.int64, device=self.device)  # noqa: E731
         return loss_cached(self.dec, t, self.train["soft_tokens"], as_ids(tokens), as_ids(trace_positions),
-                           self.n_latents, self.n_ahead, self.cfg, self.ahead_positions)
+                           self.n_latents, self.n_ahead, self.cfg, self.ahead_positions, self.latent_positions)
 
     def step(self, tokens, trace_positions):
         self.opt.zero_grad(set_to_none=True)

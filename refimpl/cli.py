@@ -119,7 +119,7 @@ def _demo(args):
                       key=lambda tc: tc.n_latents * tc.n_traces * tc.batch_size)
         _preflight(lambda **k: train_step(cfg, **k), dict(batch_size=largest.batch_size, seq_len=cfg.max_seq_len,
                    n_traces=largest.n_traces, n_latents=largest.n_latents, n_ahead=largest.n_ahead), [], args)
-    run_demo(args.out, args.quick, args.decoder, args.backend)
+    run_demo(args.out, args.quick, _decoder_path(args), args.backend)
 
 
 # ---------------------------------------------------------------------------------------------

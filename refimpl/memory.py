@@ -6,8 +6,8 @@ normed inputs, q and k after RoPE, v, the attention output, its merged heads, th
 and gated activations: 9·D + 3·F numbers), for the coprocessor's K·N_L soft slots and the
 decoder's K·G group slots; the logits and softmax of every read-out; the decoder's cache; the
 coprocessor's weights and Adam state; and the larger of two transients: the backward pass (the
-tape, the logits, the largest block of attention scores) or the Adam update (gradients and the new
-weights and moments, 4 x the trainable arrays). Evaluation and generation keep no tape:
+tape, the logits, the largest block of attention scores) or the Adam update (the gradients, the new
+weights and moments, and one chunk's flat copies and temporaries). Evaluation and generation keep no tape:
 their peak is one layer's working set, the read-out logits and the cache. A fixed allowance covers
 the interpreter, NumPy, autograd, the tokenizer and the data (PROCESS_BYTES, measured).
 
@@ -23,6 +23,7 @@ from .errors import RefimplError, require
 
 PROCESS_BYTES = 60 * 2**20      # python, numpy, autograd, tiktoken and the data: 56 MB measured (bench probe)
 TAPE_FACTOR = 1.15              # measured: NumPy temporaries and the allocator on top of the arrays counted
+ADAM_CHUNK = 2**23              # elements Adam updates at once (training.optim.CHUNK)
 ENV_AVAILABLE = "REFIMPL_MEMORY_AVAILABLE"
 GB = 1e9
 
@@ -72,7 +73,7 @@ def train_step(cfg, batch_size, seq_len, n_traces, n_latents, n_ahead, mode="cop
         "decoder weights": decoder_size(cfg),
         "coprocessor weights and Adam state": 3 * trainable,
         "decoder cache": _cache(cfg, B, T),
-        "backward pass or Adam update, the larger": max(backward, 4 * trainable),
+        "backward pass or Adam update, the larger": max(backward, _update(trainable)),
     }, itemsize)
 
 
@@ -80,8 +81,13 @@ def pretrain_step(cfg, batch_size, seq_len, itemsize=4):
     """One decoder pretraining step: every weight trains."""
     B, T, P = batch_size, seq_len, decoder_size(cfg)
     backward = TAPE_FACTOR * _tape(cfg, B * T) + B * T * cfg.vocab_size + 2 * B * cfg.n_heads * T * T
-    return _estimate({"weights and Adam state": 3 * P, "backward pass or Adam update, the larger": max(backward, 4 * P)},
+    return _estimate({"weights and Adam state": 3 * P, "backward pass or Adam update, the larger": max(backward, _update(P))},
                      itemsize)
+
+
+def _update(n):
+    # Adam's transient: the gradients, the new weights and moments, one chunk's flat copies and temporaries
+    return TAPE_FACTOR * (4 * n + 6 * min(n, ADAM_CHUNK))
 
 
 def evaluation(cfg, batch_size, seq_len, n_traces, n_latents, horizon, itemsize=4):

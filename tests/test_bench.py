@@ -94,9 +94,10 @@ def test_step_flops_by_hand():
 
 # ---------------------------------------------------------------------------------------------
 # The PyTorch baseline computes the same loss and gradients
-@pytest.mark.parametrize("ahead_positions", ["original", "continue"])
+@pytest.mark.parametrize("ahead_positions, latent_positions", [("original", "behind"), ("continue", "after"),
+                                                               ("original", "after")])
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-10), (np.float32, 1e-5)])
-def test_torch_step_equals_refimpl(dtype, rtol, ahead_positions):
+def test_torch_step_equals_refimpl(dtype, rtol, ahead_positions, latent_positions):
     module, why = load_torch_step()
     if module is None:
         pytest.skip(why)
@@ -107,9 +108,9 @@ def test_torch_step_equals_refimpl(dtype, rtol, ahead_positions):
     tokens = rng.integers(0, CFG.vocab_size, (2, 24))
     positions = sample_trace_positions(rng, 2, 24, 5, 4)
     loss, grads, _ = value_and_grad(
-        lambda t: loss_cached(dec, t, CFG, tokens, positions, 3, 4, ahead_positions)[0], trainable)
+        lambda t: loss_cached(dec, t, CFG, tokens, positions, 3, 4, ahead_positions, latent_positions)[0], trainable)
     step = module.TorchStep(flatten_params(dec), trainable, CFG.to_dict(), 3, 4,
-                            ahead_positions=ahead_positions)
+                            ahead_positions=ahead_positions, latent_positions=latent_positions)
     t_loss = step.loss(tokens, positions)
     t_loss.backward()
     assert abs(t_loss.item() - float(loss)) <= rtol * abs(float(loss))

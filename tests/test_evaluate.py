@@ -209,6 +209,13 @@ def test_log_spaced_rows():
     assert log_spaced([]) == [] and log_spaced([5]) == [0]
 
 
+def test_break_even_is_the_first_crossing_and_where_the_gap_stays_below():
+    from refimpl.evaluation.report import _crossings
+    assert _crossings([1, 2, 3, 4], [5.0, -1.0, 2.0, -1.0]) == {"first": 2, "stays": 4}
+    assert _crossings([1, 2], [3.0, 1.0]) == {"first": None, "stays": None}
+    assert _crossings([1, 2], [None, -1.0]) == {"first": 2, "stays": 2}
+
+
 def test_long_split_holds_multi_digit_answers_only():
     """The long split: 3..5-digit answers, correct, held out from every other split."""
     long = load_reasoning_eval("long")
@@ -238,3 +245,17 @@ def test_headline_says_where_augmentation_helps_and_where_not_yet():
     m["runs"]["long"]["relative_ppl_change_pct"][0] = -1.0
     assert "helps at ahead positions 2..3 and ahead position 1" in headline(m, runs)
     assert headline(m, []) is None
+
+
+def test_the_shipped_coprocessor_carries_its_break_even_curve():
+    """tiny_data/shipped-coprocessor/metrics.json: 100 evaluations over 640,000 traces, the last below the
+    decoder alone at every ahead position on its own held-out points (docs/results.md)."""
+    from refimpl.data.corpus import TINY_DATA
+    from refimpl.evaluation.runner import _measure_curves
+    folder = TINY_DATA / "shipped-coprocessor"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    run = Run("shipped", str(folder / "coprocessor.npz"), {"train_config": metrics["train_config"]}, None, metrics)
+    curve = _measure_curves(None, None, [run], None, lambda m: None)["shipped"]
+    assert len(curve["traces"]) == 100 and curve["traces"][-1] == 640_000
+    assert curve["position_1"][0] > 50 and curve["position_1"][-1] < 0 and curve["positions_2_on"][-1] < -0.5
+    assert max(relative_ppl_change(metrics["baseline_ahead_loss"], metrics["evals"][-1]["ahead_loss"])) < 0

@@ -8,7 +8,7 @@ import pytest
 
 from refimpl.cli import main
 from refimpl.config import get_preset
-from refimpl.core.coprocessor import augment, latent_ids
+from refimpl.core.coprocessor import augment
 from refimpl.core.decoder import extend, generate, init_params, prefill
 from refimpl.data.tokenizer import load_tokenizer
 from refimpl.evaluation.generate import (
@@ -198,3 +198,21 @@ def test_token_positions_after_latents(setup, ahead, latents, delay):
     latents = list(range(q + 1, q + 1 + N_L) if latents == "after" else range(q - N_L + 1, q + 1))
     start = latents[-1] + 1 if ahead == "continue" else p + 1 + delay
     assert pos == early + latents + [start, start + 1]                        # the last token is not fed back
+
+
+def test_the_shipped_coprocessor_decodes_against_the_shipped_decoder():
+    """tiny_data/shipped-coprocessor: trained against the shipped decoder with the latents behind the
+    point; `refimpl generate --coprocessor tiny_data/shipped-coprocessor` uses it at once."""
+    from refimpl.data.corpus import SHIPPED_DECODER, TINY_DATA
+    from refimpl.evaluation.generate import generate_from_files, trained_positions
+    params, cfg, meta = load_decoder(SHIPPED_DECODER)
+    trainable, _, cop_meta = load_coprocessor(TINY_DATA / "shipped-coprocessor" / "coprocessor.npz",
+                                              meta["decoder_hash"])
+    assert trained_positions(cop_meta) == {"ahead_positions": "original", "latent_positions": "behind"}
+    assert cop_meta["step"] == 10000 and trainable["soft_tokens"].shape == (8, cfg.d_model)
+    warnings = []
+    prompt = ["Q: 348+275=? A:"]
+    got = generate_from_files(SHIPPED_DECODER, TINY_DATA / "shipped-coprocessor", prompt, max_new_tokens=6,
+                              warn=warnings.append)
+    assert not warnings and got == [" 691\n"]                      # the decoder alone: " 611\n" (623 is right)
+    assert generate_from_files(SHIPPED_DECODER, None, prompt, max_new_tokens=6) == [" 611\n"]

@@ -4,15 +4,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl.core.layout import (AHEAD, AHEAD_POSITIONS, LATENT, ORIGINAL, build_layout, format_mask,
-                                 sample_trace_positions)
+from refimpl.core.layout import (
+    AHEAD,
+    AHEAD_POSITIONS,
+    LATENT,
+    ORIGINAL,
+    build_layout,
+    format_mask,
+    sample_trace_positions,
+)
 from refimpl.errors import RefimplError
 
 
 @pytest.mark.parametrize("convention, group_positions", [("original", [2, 2, 4, 4]), ("continue", [2, 3, 4, 5])])
 def test_worked_example(convention, group_positions):
     # N_L=1, N_A=2, traces at b (1) and d (3) of "a b c d e f" (docs/method.md, the worked mask)
-    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=1, n_ahead=2, ahead_positions=convention)
+    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=1, n_ahead=2, ahead_positions=convention,
+                          latent_positions="after")
     m = layout.packed_may_attend()[0]
     names = list("abcdef") + ["b'", "c+", "d'", "e+"]
     sees = {names[i]: {names[j] for j in np.flatnonzero(m[i])} for i in range(len(names))}
@@ -39,7 +47,7 @@ def layouts(draw):
     positions = sample_trace_positions(rng, B, T, K, n_ahead)
     tokens = rng.integers(0, 50, (B, T))
     convention = draw(st.sampled_from(AHEAD_POSITIONS))
-    return tokens, build_layout(tokens, positions, n_latents, n_ahead, convention), convention
+    return tokens, build_layout(tokens, positions, n_latents, n_ahead, convention, "after"), convention
 
 
 @given(layouts())
@@ -118,3 +126,11 @@ def test_layout_errors(kwargs, words):
 def test_too_many_traces():
     with pytest.raises(RefimplError, match="n_traces"):
         sample_trace_positions(np.random.default_rng(0), 1, 8, 6, 4)
+
+
+def test_latents_behind_the_point():
+    """'behind': latent j at max(0, p-N_L+1+j), the last latent at p; ahead tokens at p+1.. either way."""
+    for convention in AHEAD_POSITIONS:
+        layout = build_layout(np.arange(10)[None], np.array([[1, 5]]), n_latents=3, n_ahead=3,
+                              ahead_positions=convention, latent_positions="behind")
+        np.testing.assert_array_equal(layout.group_positions[0], [[0, 0, 1, 2, 3], [3, 4, 5, 6, 7]])

@@ -31,7 +31,8 @@ from refimpl.errors import RefimplError
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package: pip install -e .[llm]")
 from refimpl.data.gguf import Vocab, permute_rows, read_gguf, unpermute_rows
-from refimpl.llm.fetch import convert_gguf, load_model
+from refimpl.llm.fetch import convert_gguf
+from refimpl.training.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=262, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=96,

@@ -82,3 +82,8 @@ def test_estimate_agrees_with_the_measured_peak(case):
     estimate = memory.train_step(cfg, case["batch_size"], cfg.max_seq_len, case["n_traces"], case["n_latents"],
                                  case["n_ahead"]).total
     assert 0.75 <= estimate / measured <= 1.25, (estimate / 2**20, measured / 2**20)
+
+
+def test_the_model_knows_adams_chunk():
+    from refimpl.training import optim
+    assert memory.ADAM_CHUNK == optim.CHUNK

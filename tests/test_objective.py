@@ -171,13 +171,13 @@ def test_float32_stays_float32():
 def test_ahead_positions_conventions():
     """The two conventions differ only in the ahead tokens' position ids (docs/choices.md)."""
     tokens = np.arange(12)[None] % V
-    cont = build_layout(tokens, np.array([[3]]), 2, 3, "continue").group_positions[0, 0]
-    orig = build_layout(tokens, np.array([[3]]), 2, 3, "original").group_positions[0, 0]
+    cont = build_layout(tokens, np.array([[3]]), 2, 3, "continue", "after").group_positions[0, 0]
+    orig = build_layout(tokens, np.array([[3]]), 2, 3, "original", "after").group_positions[0, 0]
     np.testing.assert_array_equal(cont, [4, 5, 6, 7])        # z1 z2 at 4 5; x4 x5 at 6 7
     np.testing.assert_array_equal(orig, [4, 5, 4, 5])        # z1 z2 at 4 5; x4 x5 keep 4 5
     trainable = init_coprocessor(DEC, CFG, 2, seed=3)
-    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "continue")[1]
-    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "original")[1]
+    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "continue", "after")[1]
+    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "original", "after")[1]
     np.testing.assert_array_equal(a["latents"], b["latents"])              # the coprocessor is unchanged
     np.testing.assert_array_equal(a["logits"][:, :, 0], b["logits"][:, :, 0])  # x_{p+1} read at the last latent
     assert np.abs(a["logits"][:, :, 1:] - b["logits"][:, :, 1:]).max() > 1e-6

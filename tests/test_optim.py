@@ -7,7 +7,14 @@ import pytest
 from refimpl.errors import RefimplError
 from refimpl.training.checkpoint import adam_from_arrays, adam_to_arrays
 from refimpl.training.loop import resumed_state
-from refimpl.training.optim import adam_init, adam_update, clip_by_global_norm, clip_scale, global_norm, lr_schedule
+from refimpl.training.optim import (
+    adam_init,
+    adam_update,
+    clip_by_global_norm,
+    clip_scale,
+    global_norm,
+    lr_schedule,
+)
 
 
 def reference_adam(x, grad_fn, steps, lr, b1, b2, eps, wd):
@@ -162,9 +169,11 @@ def _per_array_adam(params, grads, state, lr, b1, b2, eps, wd, decay, scale):
     return out_p, {"m": out_m, "v": out_v, "step": t}
 
 
+@pytest.mark.parametrize("chunk", [2**23, 16, 3])                       # one chunk, several, one per array
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("wd, decay, clip", [(0.0, None, None), (0.1, None, 0.5), (0.1, {"w1"}, 2.0)])
-def test_flat_adam_is_bit_identical_to_the_per_array_update(dtype, wd, decay, clip):
+def test_flat_adam_is_bit_identical_to_the_per_array_update(monkeypatch, chunk, dtype, wd, decay, clip):
+    monkeypatch.setattr("refimpl.training.optim.CHUNK", chunk)
     rng = np.random.default_rng(4)
     shapes = {"w1": (3, 5), "b": (5,), "w2": (5, 2), "unused": (4,)}
     params = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}

@@ -46,7 +46,7 @@ def run(new_tokens, threads):
     from refimpl.core.decoder import forward, generate, prefill
     from refimpl.data.corpus import TINY_DATA
     from refimpl.data.pretrained import MODELS, decoder_file
-    from refimpl.llm.fetch import load_model
+    from refimpl.training.checkpoint import load_model
 
     if threads:
         torch.set_num_threads(threads)

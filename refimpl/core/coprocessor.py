@@ -66,7 +66,7 @@ def latents(trainable, cfg, lead_shape, run):
 
 # ---------------------------------------------------------------------------------------------
 # Inference: one coprocessor call at the end of a cache (paper §3)
-def augment(trainable, cfg, cache, latent_positions="after"):
+def augment(trainable, cfg, cache, latent_positions="behind"):
     """Latents z [B, N_L, D] for a decoder cache whose last slot is the augmentation point.
 
     Soft token j gets position p + 1 + j, p the last cached position ("behind": p - N_L + 1 + j,
@@ -79,7 +79,7 @@ def augment(trainable, cfg, cache, latent_positions="after"):
                                                                       mask)[0])
 
 
-def latent_ids(cache, n_latents, latent_positions="after"):
+def latent_ids(cache, n_latents, latent_positions="behind"):
     """Position ids int [B, N_L] of N_L latents appended to a cache (layout.latent_position_ids)."""
     ids = cache.next_positions(n_latents)                                   # p+1..p+N_L
     return xp_of(ids).maximum(ids - n_latents, 0) if latent_positions == "behind" else ids

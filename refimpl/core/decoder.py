@@ -5,7 +5,7 @@ biases, tied LM head, unscaled token embeddings), written in the style of picoGP
 of a params tree that is also the checkpoint. References: picoGPT (jaymody), nanoGPT (karpathy),
 transformers' modeling_llama.py.
 
-Every layer's cache holds keys AFTER RoPE, [B, H, Tc, Dh], plus the integer position id of every
+Every layer's cache holds keys AFTER RoPE, [B, Hkv, Tc, Dh], plus the integer position id of every
 cached slot. Position id -1 marks a padding slot that no other slot may attend to. The cache is
 extended by concatenation, never by item assignment, so autograd can trace through it.
 
@@ -20,8 +20,23 @@ import numpy as np
 from ..backend import to_numpy, xp_of
 from ..errors import require
 from .checks import check_forward, check_prompt_length
-from .ops import (add, additive_mask, attention, concat, embedding, linear, merge_heads, repeat_kv, reshape,
-                  rmsnorm, rope, rope_tables, split_heads, swiglu, trace_attention)
+from .ops import (
+    add,
+    additive_mask,
+    attention,
+    concat,
+    embedding,
+    linear,
+    merge_heads,
+    repeat_kv,
+    reshape,
+    rmsnorm,
+    rope,
+    rope_tables,
+    split_heads,
+    swiglu,
+    trace_attention,
+)
 
 LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
               "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
@@ -102,8 +117,8 @@ def param_shapes(cfg):
 # The kv-cache
 @dataclass(frozen=True)
 class KVCache:
-    k: tuple            # L arrays [B, H, Tc, Dh], keys after RoPE
-    v: tuple            # L arrays [B, H, Tc, Dh]
+    k: tuple            # L arrays [B, Hkv, Tc, Dh], keys after RoPE (Hkv = n_kv_heads)
+    v: tuple            # L arrays [B, Hkv, Tc, Dh]
     positions: object   # int [B, Tc]; -1 marks padding
 
     @property

@@ -25,7 +25,7 @@ from ..errors import require
 
 ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
 AHEAD_POSITIONS = ("original", "continue")  # position ids of the ahead tokens (docs/choices.md)
-LATENT_POSITIONS = ("after", "behind")      # position ids of the latents (docs/choices.md)
+LATENT_POSITIONS = ("behind", "after")      # position ids of the latents (docs/choices.md)
 
 
 def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
@@ -92,7 +92,7 @@ class TraceLayout:
 
 
 def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="original",
-                 latent_positions="after"):
+                 latent_positions="behind"):
     """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
 
     ahead_positions: "original" (default): the ahead tokens keep the positions they have in the
@@ -135,7 +135,7 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="o
                        group_positions, readout.reshape(B, K * n_ahead))
 
 
-def latent_position_ids(points, n_latents, latent_positions="after"):
+def latent_position_ids(points, n_latents, latent_positions="behind"):
     """Position ids of the N_L latents inserted after each point p: int [..., N_L]."""
     ids = np.asarray(points)[..., None] + 1 + np.arange(n_latents)                  # after: p+1..p+N_L
     return np.maximum(ids - n_latents, 0) if latent_positions == "behind" else ids   # behind: p-N_L+1..p

@@ -25,7 +25,7 @@ from .ops import concat, cross_entropy, embedding, mean, reshape, take_rows
 
 
 def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, ahead_positions="original",
-               latent_positions="after"):
+               latent_positions="behind"):
     """Loss of the N_A tokens after x_p with the latents inserted there: nll [1, N_A], logits
     [1, N_A, V], latents [1, N_L, D] (None without a coprocessor). tokens int [1, T] on the device."""
     xp = xp_of(tokens)
@@ -33,7 +33,7 @@ def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, ahead_positions="ori
     z = None                                                            # without a coprocessor: the decoder
     if trainable is not None:
         z = augment(trainable, cfg, cache, latent_positions)            # [1, N_L, D]: ONE call
-        ids = latent_ids(cache, z.shape[1], latent_positions)           # [1, N_L]: p+1..p+N_L ("after")
+        ids = latent_ids(cache, z.shape[1], latent_positions)           # [1, N_L]: p-N_L+1..p ("behind")
         logits, cache = extend(decoder, cfg, cache, z, ids)             # [1, N_L, V]
     last = xp.full((1, 1), logits.shape[1] - 1)                         # [1, 1]: the last slot so far
     read = take_rows(logits, last)                                      # [1, 1, V]: it predicts x_{p+1}
@@ -48,7 +48,7 @@ def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, ahead_positions="ori
 
 
 def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                    ahead_positions="original", latent_positions="after"):
+                    ahead_positions="original", latent_positions="behind"):
     """Form C: `trace_loss` trace by trace. tokens int [B, T], trace_positions int [B, K] (host)."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             ahead_positions, latent_positions)
@@ -63,7 +63,7 @@ def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_laten
 
 
 def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original", latent_positions="after"):
+                ahead_positions="original", latent_positions="behind"):
     """Form B: one prefill, then the K traces' latents and decoder groups blockwise against its cache."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             ahead_positions, latent_positions)
@@ -80,7 +80,7 @@ def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original", latent_positions="after"):
+                ahead_positions="original", latent_positions="behind"):
     """Form A: one decoder pass over [original tokens; K groups] with the packed [S, S] mask."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             ahead_positions, latent_positions)

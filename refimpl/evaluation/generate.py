@@ -31,9 +31,8 @@ from ..backend import get_dtype, get_xp, xp_of
 from ..core.coprocessor import augment, latent_ids
 from ..core.decoder import KVCache, extend, prefill, sample_next
 from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
-from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
-from ..training.checkpoint import check_tokenizer, coprocessor_file, load_coprocessor, load_decoder
+from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 
 PAD_POSITION = -1
 DEFAULT_CONVENTION = "original"
@@ -128,14 +127,16 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
             "or shorten the prompt")
     logits, cache = prefill(dec_params, cfg, xp.asarray(tokens), xp.asarray(positions))
     last = logits[:, -1]                                                      # [B, V]
-    pending = None if trainable is None else latents_later(trainable, cfg, cache, background, latent_positions)
+    pending = None if trainable is None else latents_later(trainable, cfg, cache, background,
+                                                           latent_positions)
     rng, out, done, z, z_at = np.random.default_rng(seed), [], np.zeros(B, dtype=bool), None, None
     token_pos = cache.next_positions(1)                                       # [B, 1]
     for i in range(max_new_tokens):
         if pending is not None and i == delay:
             z, pending = _await(pending, warn), None
             if z is not None:
-                ids = None if latent_positions == "after" else latent_ids(cache, z.shape[1], latent_positions)
+                behind = latent_positions == "behind"                      # ids up to the last token's
+                ids = latent_ids(cache, z.shape[1], latent_positions) if behind else None
                 lg, cache = extend(dec_params, cfg, cache, z, ids)            # None: the next N_L positions
                 last, z_at = lg[:, -1], i                                     # read at the last latent
                 if ahead_positions == "continue":
@@ -219,9 +220,7 @@ def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy"
     """`refimpl generate`: completions of prompts by a decoder checkpoint, with a coprocessor if given,
     decoded under the position conventions it was trained with. options: as `complete`."""
     xp, dt = get_xp(backend), get_dtype(dtype)
-    dec_params, cfg, meta = load_decoder(decoder_path, dt, xp)
-    tokenizer = load_tokenizer()
-    check_tokenizer(meta, tokenizer.sha256, decoder_path)
+    dec_params, cfg, meta, tokenizer = load_model(decoder_path, dt, xp)
     trainable, positions = (None, DEFAULT_POSITIONS) if coprocessor_path is None else load_or_fallback(
         coprocessor_path, meta["decoder_hash"], dt, xp)
     return generate_text(dec_params, cfg, tokenizer, prompts, trainable, background=True, **positions,

@@ -255,8 +255,8 @@ def table_breakeven(m, runs):
     header = ["run", "step", "traces seen", "ppl change n=1 %", "mean ppl change n=2..N_A %"]
     rows = [[name, c["steps"][i], c["traces"][i], c["position_1"][i], c["positions_2_on"][i]]
             for name, c in curves.items() for i in log_spaced(c["traces"])]
-    even = {name: {key: next((t for t, v in zip(c["traces"], c[key]) if v is not None and v <= 0), None)
-                   for key in ("position_1", "positions_2_on")} for name, c in curves.items()}
+    even = {name: {key: _crossings(c["traces"], c[key]) for key in ("position_1", "positions_2_on")}
+            for name, c in curves.items()}
     said = "; ".join(f"{name}: position 1 {_crossing(e['position_1'], curves[name]['position_1'][-1])}, "
                      f"positions 2..N_A {_crossing(e['positions_2_on'], curves[name]['positions_2_on'][-1])}"
                      for name, e in even.items())
@@ -282,8 +282,21 @@ def log_spaced(xs, per_decade=3):
     return picked if picked[-1] == len(xs) - 1 else picked + [len(xs) - 1]
 
 
-def _crossing(traces, last):
-    return f"at zero or below from {traces:,} traces" if traces is not None else f"not yet ({last:+.2f}% at the end)"
+def _crossings(traces, gaps):
+    """{"first": traces at the first evaluation at or below zero, "stays": traces from which every
+    evaluation is} (None where there is none)."""
+    below = [g is not None and g <= 0 for g in gaps]
+    stays = next((i for i in range(len(below)) if all(below[i:])), None)
+    return {"first": next((t for t, b in zip(traces, below) if b), None),
+            "stays": None if stays is None else traces[stays]}
+
+
+def _crossing(even, last):
+    if even["first"] is None:
+        return f"not yet ({last:+.2f}% at the end)"
+    stays = f", stays there from {even['stays']:,}" if even["stays"] is not None else \
+        f", not for good ({last:+.2f}% at the end)"
+    return f"first at zero or below at {even['first']:,} traces{stays}"
 
 
 def table8(m, runs):
@@ -294,8 +307,8 @@ def table8(m, runs):
     for d, acc in (measured["by_delay"].items() if run else ()):
         late = "on time" if d == "0" else f"{d} token{'s' if d != '1' else ''} late"
         rows.append([late, acc["overall"], paper["by_delay"].get(int(d), "")])
-    which = (f"; run {run.name} (largest N_L; tokens after the latents: {run.ahead_positions} positions, "
-             f"latents {run.latent_positions})") if run else ""
+    which = (f"; run {run.name} (largest N_L, most trained; tokens after the latents: {run.ahead_positions} "
+             f"positions, latents {run.latent_positions})") if run else ""
     return _table("table8", "Table 8: asynchronous use (latents arriving late)",
                   "The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
                   "latents, then the latents are appended after them and decoding goes on from the last latent"

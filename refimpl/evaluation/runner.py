@@ -13,14 +13,13 @@ import numpy as np
 
 from ..backend import get_dtype, get_xp
 from ..data.corpus import load_reasoning_eval, load_tokens
-from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
-from ..training.checkpoint import check_tokenizer, coprocessor_file, load_coprocessor, load_decoder
+from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from ..training.train import saved_train_config
 from .generate import DEFAULT_POSITIONS, trained_convention, trained_latent_positions
 from .metrics import check_horizon, latency, reasoning_accuracy, row_norms
-from .report import build_report, table1_runs
+from .report import build_report, table1_runs, traces_of
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def _measure_async(runs, ec, acc, log):
     main = table1_runs(runs)
     if not main:
         return None
-    r = max(main, key=lambda r: r.n_latents)
+    r = max(main, key=lambda r: (r.n_latents, traces_of(r) or 0))          # ties: the most trained
     log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
     return {"run": r.name, "by_delay": {str(d): acc(r, d)[0] for d in ec.delays}}
 
@@ -177,10 +176,8 @@ def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
 def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="float32", log=lambda m: None):
     """(report, runs): load the decoder and runs, measure everything, build the tables."""
     xp, dt = get_xp(backend), get_dtype(dtype)
-    dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
+    dec_params, cfg, dec_meta, tok = load_model(decoder_path, dt, xp)
     runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
-    tok = load_tokenizer()
-    check_tokenizer(dec_meta, tok.sha256, decoder_path)
     problems = load_reasoning_eval(ec.split)
     problems = problems[:ec.limit] if ec.limit else problems
     m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)

@@ -19,7 +19,7 @@ import numpy as np
 from .. import __version__
 from ..core.decoder import flatten_params, init_params
 from ..errors import require
-from .state import ADAM, GQA, NOISE, SETUP, SOFT_TOKENS, check_forms, compute, make_state
+from .state import ADAM, GQA, LATENT_POSITIONS, NOISE, SETUP, SOFT_TOKENS, check_forms, compute, make_state
 
 FORMAT_VERSION = 1
 
@@ -84,7 +84,7 @@ def _manifest(cfg, setup, specs, ahead_positions):
         "config": {"model": cfg.to_dict(), "head_dim": cfg.head_dim,
                    **{k: setup[k] for k in ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead")},
                    "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "dtype": "float64",
-                   "ahead_positions": ahead_positions, "choices": choices},
+                   "ahead_positions": ahead_positions, "latent_positions": LATENT_POSITIONS, "choices": choices},
         "state": {"seed": setup["seed"], "preset": setup["preset"], "how": TEXT["state_how"], "noise": NOISE},
         "adam": {**ADAM, **TEXT["adam"]},
         "comparison": TEXT["comparison"],

@@ -69,13 +69,18 @@ def make_state(seed=SETUP["seed"], setup=SETUP):
     return cfg, dec, trainable, tokens, np.array(TRACE_POSITIONS, dtype=np.int64)
 
 
+# The latents' position ids of every golden set: latent j at p+1+j ("after"; `refimpl train` defaults to
+# "behind", p-N_L+1+j). The manifests state it as config.latent_positions.
+LATENT_POSITIONS = "after"
+
+
 # ---------------------------------------------------------------------------------------------
 # Every output, computed with the project's own functions
 def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, adam=ADAM):
     """{name: array} of every output tensor (manifest_text.json lists them with their meanings)."""
-    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
     logits, _, cache = forward(dec, cfg, tokens)                             # [B, T, V]
-    layout = build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    layout = build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
     loss, res = loss_cached(dec, trainable, *rest)
     out = {"baseline.logits": logits,
            "decoder_cache.k": np.stack(cache.k),                             # [L, B, Hkv, T, Dh]
@@ -102,7 +107,7 @@ def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ah
 def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, rtol=1e-9):
     """Raise AssertionError unless packed, cached and sequential forms agree (loss, logits,
     latents, every gradient). Run at export time; cheap at golden size."""
-    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions)
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
     results = {}
     for name, fn in (("cached", loss_cached), ("packed", loss_packed), ("sequential", loss_sequential)):
         _, res = fn(dec, trainable, *rest)

@@ -14,7 +14,7 @@ from ..core.coprocessor import SOFT_TOKENS
 from ..core.decoder import unflatten_params
 from ..errors import RefimplError, require
 from .spec import CONVENTIONS, FORMAT_VERSION, MANIFEST, TENSORS
-from .state import ADAM, compute
+from .state import ADAM, LATENT_POSITIONS, compute
 
 FIX = "regenerate it with `refimpl golden export DIR`"
 
@@ -64,6 +64,9 @@ def _check_manifest(manifest, mpath):
             f"golden manifest {mpath} has a malformed config, adam or generator section; {FIX}")
     require(ahead_positions(manifest) in CONVENTIONS, f"golden manifest {mpath} has config.ahead_positions "
             f"{c.get('ahead_positions')!r}, not one of {', '.join(CONVENTIONS)}; {FIX}")
+    require(c.get("latent_positions", LATENT_POSITIONS) == LATENT_POSITIONS, f"golden manifest {mpath} has "
+            f"config.latent_positions {c.get('latent_positions')!r}: this refimpl's golden sets put the latents "
+            f"{LATENT_POSITIONS!r} the point; {FIX}")
     try:
         ModelConfig.from_dict(c["model"])
     except RefimplError as e:

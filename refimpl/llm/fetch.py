@@ -1,28 +1,17 @@
 """`refimpl fetch NAME`: download a named pretrained model, convert it once, and load it with its tokenizer.
 
     fetch("smollm2-135m")    -> CACHE/smollm2-135m/decoder.npz (+ .json, tokenizer/), converted once
-    load_model(name_or_path) -> (params, cfg, meta, tokenizer) for a converted LLM or the shipped decoder
 
 The converted pair is an ordinary refimpl decoder checkpoint (float32, Hugging Face names, config with
 n_kv_heads and rope_theta); its metadata names the model, its source and its tokenizer file.
 """
 from pathlib import Path
 
-import numpy as np
-
 from ..data.gguf import gguf_module, read_gguf
 from ..data.llm_tokenizer import save_llm_tokenizer, tokenizer_from_vocab
-from ..data.pretrained import (
-    DECODER,
-    MODELS,
-    TOKENIZER,
-    decoder_file,
-    download_gguf,
-    model_dir,
-    tokenizer_for,
-)
+from ..data.pretrained import DECODER, MODELS, TOKENIZER, download_gguf, model_dir
 from ..errors import require
-from ..training.checkpoint import check_tokenizer, checkpoint_paths, load_decoder, run_lock, save_decoder
+from ..training.checkpoint import checkpoint_paths, run_lock, save_decoder
 
 
 def fetch(name, log=print):
@@ -57,15 +46,3 @@ def convert_gguf(gguf_path, directory, name=None):
             "gguf": model.info}
     save_decoder(directory / DECODER, model.arrays, model.config, meta_extra=meta)
     return directory / (DECODER + ".npz")
-
-
-def load_model(name_or_path, dtype=np.float32, xp=np):
-    """(params on xp in dtype, ModelConfig, meta, tokenizer) of a decoder: a model name such as smollm2-135m
-    (fetched first), or a checkpoint path (a converted LLM, or a decoder trained by refimpl)."""
-    path = decoder_file(name_or_path)
-    params, cfg, meta = load_decoder(path, dtype, xp)
-    tokenizer = tokenizer_for(path, meta)
-    check_tokenizer(meta, tokenizer.sha256, path)
-    require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer than "
-            f"its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong together")
-    return params, cfg, meta, tokenizer

@@ -31,6 +31,7 @@ from ..backend import to_numpy, to_xp
 from ..config import ModelConfig
 from ..core.coprocessor import INITS, MODES, SOFT_TOKENS
 from ..core.decoder import flatten_params, param_shapes, unflatten_params
+from ..data.pretrained import decoder_file, tokenizer_for
 from ..errors import RefimplError, require
 
 FORMAT_VERSION, KNOWN_VERSIONS = 1, (1,)
@@ -388,3 +389,15 @@ def coprocessor_file(path):
     """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
     path = Path(path)
     return path / "coprocessor.npz" if path.is_dir() else path
+
+
+def load_model(name_or_path, dtype=np.float32, xp=np):
+    """(params on xp in dtype, ModelConfig, meta, tokenizer) of a decoder: a model name such as smollm2-135m
+    (fetched with `refimpl fetch`), or a checkpoint path (a converted LLM, or a decoder trained by refimpl)."""
+    path = decoder_file(name_or_path)
+    params, cfg, meta = load_decoder(path, dtype, xp)
+    tokenizer = tokenizer_for(path, meta)
+    check_tokenizer(meta, tokenizer.sha256, path)
+    require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer than "
+            f"its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong together")
+    return params, cfg, meta, tokenizer

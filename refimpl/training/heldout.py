@@ -28,7 +28,7 @@ def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, s
 
 
 def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original",
-              latent_positions="after"):
+              latent_positions="behind"):
     """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1); the two
     conventions are those the coprocessor was trained with (layout.build_layout)."""
     total, count = np.zeros(n_ahead), 0

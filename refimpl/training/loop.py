@@ -177,9 +177,10 @@ class Corpus:
     val: np.ndarray     # int32 [M]
 
 
-def load_corpus():
-    """The pretraining mixture (train and val splits) and the hashes a checkpoint records."""
-    tok = load_tokenizer()
+def load_corpus(tokenizer=None):
+    """The pretraining mixture (train and val splits) as ids of `tokenizer` (default: the shipped
+    one), and the hashes a checkpoint records."""
+    tok = tokenizer or load_tokenizer()
     return Corpus(tok.n_vocab, tok.sha256, data_hash(), load_tokens("train", tok), load_tokens("val", tok))
 
 

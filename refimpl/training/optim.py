@@ -33,34 +33,57 @@ def adam_init(params_flat):
             "v": {k: zeros(p) for k, p in params_flat.items()}, "step": 0}
 
 
+CHUNK = 2**23   # Adam updates the parameters in flat chunks of at most this many elements (or one array)
+
+
 def adam_update(params_flat, grads_flat, state, lr, beta1=0.9, beta2=0.95, eps=1e-8,
                 weight_decay=0.0, decay=None, grad_scale=None):
     """One bias-corrected Adam(W) step -> (new params, new state).
 
-    Every parameter with a gradient is updated at once, as one flat vector: each element gets the
-    same arithmetic as in a per-array update (bit-identical, tests/test_optim.py), in 15 array
-    operations instead of 13 per parameter. The new arrays are views into that vector. A parameter
-    whose gradient is None (no path to the loss) keeps its value and moments. decay: names to apply
-    weight decay to (default: all). grad_scale: a 0-d device array the gradients are multiplied by
-    first (clip_scale), or None.
+    The parameters with a gradient are updated in a few flat chunks (CHUNK elements, 32 MB in
+    float32): each element gets the same arithmetic as in a per-array update (bit-identical,
+    tests/test_optim.py), in 15 array operations per chunk instead of 13 per parameter, and the
+    chunk bounds the temporaries. The new arrays are views into their chunk. A parameter whose
+    gradient is None (no path to the loss) keeps its value and moments. decay: names to apply weight
+    decay to (default: all). grad_scale: a 0-d device array the gradients are multiplied by first
+    (clip_scale), or None.
     """
     t = state["step"] + 1
-    lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
-    names = [n for n in params_flat if grads_flat.get(n) is not None]
-    if not names:
-        return dict(params_flat), {**state, "step": t}
-    p, g, m, v = (_flat([tree[n] for n in names]) for tree in (params_flat, grads_flat, state["m"], state["v"]))
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), t, grad_scale)
+    new_p, new_m, new_v = dict(params_flat), dict(state["m"]), dict(state["v"])
+    for names in _chunks([n for n in params_flat if grads_flat.get(n) is not None], params_flat):
+        trees = (params_flat, grads_flat, state["m"], state["v"])
+        p, m, v = _adam_flat(*(_flat([tree[n] for n in names]) for tree in trees), hyper,
+                             _decay_factors(params_flat, names, decay, 1.0 - float(lr) * float(weight_decay)))
+        for out, flat in ((new_p, p), (new_m, m), (new_v, v)):
+            out.update(zip(names, _unflat(flat, [params_flat[n] for n in names])))
+    return new_p, {"m": new_m, "v": new_v, "step": t}
+
+
+def _adam_flat(p, g, m, v, hyper, decay_factors):
+    # the AdamW update of flat vectors p, g, m, v [N] -> new p, m, v [N]
+    lr, beta1, beta2, eps, wd, t, grad_scale = hyper
     xp = xp_of(p)
     if grad_scale is not None:
         g = g * grad_scale.astype(g.dtype)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * (g * g)
     if wd:
-        p = p * xp.asarray(_decay_factors(params_flat, names, decay, 1.0 - lr * wd), dtype=p.dtype)
+        p = p * xp.asarray(decay_factors, dtype=p.dtype)
     p = p - (lr / (1.0 - beta1 ** t)) * m / (xp.sqrt(v) * (1.0 / math.sqrt(1.0 - beta2 ** t)) + eps)
-    new = [_unflat(a, [params_flat[n] for n in names]) for a in (p, m, v)]
-    out = [{**old, **dict(zip(names, arrays))} for old, arrays in zip((params_flat, state["m"], state["v"]), new)]
-    return out[0], {"m": out[1], "v": out[2], "step": t}
+    return p, m, v
+
+
+def _chunks(names, params):
+    # consecutive names grouped so that each group holds at most CHUNK elements (or one array)
+    groups, size = [], CHUNK
+    for n in names:
+        if size + params[n].size > CHUNK:
+            groups.append([])
+            size = 0
+        groups[-1].append(n)
+        size += params[n].size
+    return groups
 
 
 def _flat(arrays):

@@ -24,6 +24,7 @@ from ..core.coprocessor import INITS, MODES, SOFT_TOKENS, init_coprocessor
 from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import sample_batch
+from ..data.pretrained import tokenizer_for
 from ..errors import require
 from . import loop
 from .checkpoint import (
@@ -36,7 +37,6 @@ from .checkpoint import (
 )
 from .heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from .optim import adam_init
-
 
 SOFT_INITS = ("normal", "embed", "zero")
 
@@ -182,7 +182,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     out_dir = Path(out_dir)
     ckpt = out_dir / "coprocessor.npz"
     loop.check_out(out_dir, checkpoint_exists(ckpt), resume, "coprocessor checkpoint", overwrite=True)
-    corpus = loop.load_corpus()
+    corpus = loop.load_corpus(tokenizer_for(decoder_path, dec_meta))          # a real LLM brings its own
     check_tokenizer(dec_meta, corpus.tokenizer_sha256, decoder_path)
     meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_meta["decoder_hash"],
             "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents,
