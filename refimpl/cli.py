@@ -251,6 +251,11 @@ def _golden(args):
             "or `refimpl golden verify DIR [--actual FILE.npz]`")
     if command == "verify":
         return 0 if verify_all(args.dir, args.actual) else 1
+    from .golden.state import SETUP, golden_config
+    from .memory import train_step
+    cfg, s = golden_config(SETUP), SETUP                     # float64, and form C at export: a small run
+    _preflight(lambda **k: train_step(cfg, itemsize=8, **k), dict(batch_size=s["batch_size"], seq_len=s["seq_len"],
+               n_traces=s["n_traces"], n_latents=s["n_latents"], n_ahead=s["n_ahead"]), [], args)
     manifest = export(args.dir, seed=args.seed, ahead_positions=args.ahead_positions, gqa=args.gqa)
     size = sum((Path(args.dir) / f).stat().st_size for f in (MANIFEST, TENSORS))
     print(f"wrote {len(manifest['tensors'])} tensors to {args.dir}/{TENSORS} and {args.dir}/{MANIFEST} "
@@ -445,7 +450,7 @@ def main(argv=None):
         status = args._run(args)
         return 0 if status is None else int(status)
     except RefimplError as e:
-        message = flag_names(" ".join(str(e).split()), getattr(args, "_parser", None))
+        message = flag_names(" ".join(str(e).split()), getattr(args, "_parser", None)).replace("force=True", "--force")
         print(f"refimpl: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be read or written: no permission, a file for a dir, disk full
