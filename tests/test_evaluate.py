@@ -61,7 +61,7 @@ def test_report_has_the_tables_of_the_runs_given(setup):
         assert t[tid]["status"] == NOT_RUN and t[tid]["missing"]
     md = (setup["root"] / "out" / "report.md").read_text()
     assert "## Table 1" in md and md.count(f"*{NOT_RUN}*") == 4 and "copy4" in md and "-1.53" in md
-    assert "arXiv 2412.17747" in md and "docs/method.md" in md and "SPEC" not in md
+    assert "arXiv 2412.17747" in md and "docs/method.md" in md
     assert "Liu et al. 2025, Table 1 (" in t["table1"]["note"] and "Table 8 (" in t["table8"]["note"]
 
 
