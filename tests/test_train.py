@@ -121,7 +121,7 @@ def test_decoder_arrays_bit_identical_after_train_steps(decoder):
 
 
 def test_one_host_read_per_step(decoder, monkeypatch):
-    """Issue 14: the loss, the gradient norm and the latent norm reach the host in ONE transfer."""
+    """The GPU path: the loss, the gradient norm and the latent norm reach the host in ONE transfer."""
     from refimpl.core.coprocessor import init_coprocessor
     from refimpl.core.layout import sample_trace_positions
     from refimpl.training import loop
