@@ -265,6 +265,7 @@ def _golden(args):
 # ---------------------------------------------------------------------------------------------
 # eval
 def _eval_args(p):
+    from .data.corpus import EVAL_SPLITS
     from .evaluation.runner import EvalConfig
     p.add_argument("--coprocessor", action="append", default=[], metavar="PATH",
                    help="coprocessor checkpoint or run directory (repeatable)")
@@ -277,8 +278,8 @@ def _eval_args(p):
         **dict.fromkeys(("seq_len", "horizon", "limit", "seed", "skip_windows"), nonneg_int)},
         {"seq_len": "0: max_seq_len", "horizon": "0: 2 x the largest N_A", "limit": "0: all prompts",
          "seed": "of the held-out points"})
-    p.add_argument("--split", choices=("val", "test", "long"), default=EvalConfig.split,
-                   help="reasoning prompts ('long': 3..5-digit answers only)")
+    p.add_argument("--split", choices=EVAL_SPLITS, default=EvalConfig.split,
+                   help="reasoning prompts ('long': 3..5-digit answers only; 'fewshot': few-shot prompts for a real LLM)")
     p.add_argument("--delays", type=nonneg_int, nargs="+", default=list(EvalConfig.delays), help="Table 8 delays")
     _model_args(p)
     p.add_argument("--quiet", action="store_true")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from refimpl.data import reasoning
 from refimpl.data.corpus import (
     DATA_FILES,
+    EVAL_FILES,
     REPO,
     TINY_DATA,
     data_hash,
@@ -108,8 +109,8 @@ def test_generate_excludes_and_dedupes():
 
 def test_manifest_matches_files_and_hash_is_stable():
     manifest = json.loads((TINY_DATA / "MANIFEST.json").read_text())
-    assert sorted(manifest["files"]) == sorted(DATA_FILES)
-    for rel, entry in manifest["files"].items():
+    assert sorted(manifest["files"]) == sorted(DATA_FILES) and sorted(manifest["eval_files"]) == sorted(EVAL_FILES)
+    for rel, entry in {**manifest["files"], **manifest["eval_files"]}.items():
         assert hashlib.sha256((TINY_DATA / rel).read_bytes()).hexdigest() == entry["sha256"], rel
     assert re.fullmatch("[0-9a-f]{64}", data_hash()) and data_hash() == data_hash()
 
@@ -139,6 +140,35 @@ def test_eval_splits_are_held_out():
         load_reasoning_eval("train")
 
 
+NATURAL = re.compile(r"Question: What is (\d+[+*]\d+)\?\nAnswer:")
+
+
+def test_natural_question_rewrites_every_task():
+    assert reasoning.natural_question("Q: 3+4=? A:") == "Question: What is 3+4?\nAnswer:"
+    assert reasoning.natural_question("Q: 47*6=? A:") == "Question: What is 47*6?\nAnswer:"
+    assert reasoning.natural_question("Q: a=3 b=a+4 c=b*2. c=? A:") == "Question: a=3 b=a+4 c=b*2. What is c?\nAnswer:"
+
+
+def test_fewshot_split_is_held_out_easy_and_solved_in_its_shots():
+    """150 problems, 50 per (task, difficulty); each prompt: N_SHOTS correct solved problems of the same
+    task and difficulty, never the question itself, then the question in the same format."""
+    fewshot = load_reasoning_eval("fewshot")
+    cells = [(p["task"], p["difficulty"]) for p in fewshot]
+    assert {c: cells.count(c) for c in set(cells)} == {("add", 1): 50, ("add", 2): 50, ("mul", 1): 50}
+    others = {split_line(line)[0] for split in ("train", "val") for line in shipped_lines(split)}
+    others |= {p["prompt"] for split in ("val", "test", "long") for p in load_reasoning_eval(split)}
+    assert len({p["question"] for p in fewshot}) == 150 and not {p["question"] for p in fewshot} & others
+    for p in fewshot:
+        assert solve(p["question"]) == p["answer"].strip()
+        *shots, last = p["prompt"].split("\n\n")
+        assert last == reasoning.natural_question(p["question"]) and len(shots) == reasoning.N_SHOTS
+        for shot in shots:
+            question, answer = shot.rsplit(" ", 1)
+            expr = NATURAL.fullmatch(question)[1]
+            assert eval(expr) == int(answer) and expr != p["question"][3:-5]
+            assert len(re.findall(r"\d+", expr)[0]) == p["difficulty"]
+
+
 def _load_builder():
     path = REPO / "tools" / "make_tiny_data.py"
     spec = importlib.util.spec_from_file_location("make_tiny_data", path)
@@ -160,6 +190,9 @@ def test_builder_reproduces_shipped_files():
     train_lines = [reasoning.problem_line(p) for p in problems["train"]]
     assert train_lines == shipped_lines("train")
     assert problems["eval_test"] == load_reasoning_eval("test")
+    long = build.long_split(problems)
+    assert long == load_reasoning_eval("long")
+    assert build.fewshot_split(problems, long) == load_reasoning_eval("fewshot")
     sample = build.bpe_sample(train_docs, train_lines, rng)
     meta = json.loads((TINY_DATA / "tokenizer" / "meta.json").read_text())
     assert hashlib.sha256(sample.encode()).hexdigest() == meta["training_sample_sha256"]

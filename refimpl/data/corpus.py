@@ -3,9 +3,10 @@
 Everything is read from `tiny_data/` (see docs/data.md), made by `python tools/make_tiny_data.py`:
 
     text/{train,val}.txt           CPython's reference topics, "\\f\\n" between documents
-    reasoning/{train,val}.txt      one synthetic problem per line (refimpl/reasoning.py)
+    reasoning/{train,val}.txt      one synthetic problem per line (refimpl/data/reasoning.py)
     reasoning/eval_{val,test}.jsonl  held-out problems {task, difficulty, prompt, answer}
     reasoning/eval_long.jsonl      held-out problems with 3..5-digit answers (an extra test split)
+    reasoning/eval_fewshot.jsonl   easy held-out problems with few-shot prompts, for a real LLM
     tokenizer/bpe.tiktoken, meta.json
     MANIFEST.json                  sha256 of every file above ("files": those data_hash covers;
                                    "eval_files": evaluation-only files, outside it)
@@ -30,8 +31,8 @@ SHIPPED_DECODER = TINY_DATA / "checkpoints" / "decoder-demo.npz"
 DATA_FILES = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
               "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl",
               "tokenizer/bpe.tiktoken", "tokenizer/meta.json")
-EVAL_FILES = ("reasoning/eval_long.jsonl",)   # read by evaluation only: not in data_hash
-EVAL_SPLITS = ("val", "test", "long")
+EVAL_FILES = ("reasoning/eval_long.jsonl", "reasoning/eval_fewshot.jsonl")   # read by evaluation only: not in data_hash
+EVAL_SPLITS = ("val", "test", "long", "fewshot")
 DOC_SEPARATOR = "\f\n"
 MIXTURE_SEED = 0
 FIX = "re-run `python tools/make_tiny_data.py`, restore the file, or set REFIMPL_DATA"
@@ -120,10 +121,10 @@ def iter_eval_batches(tokens, batch_size, seq_len):
 
 
 def load_reasoning_eval(split="test"):
-    """The held-out reasoning problems of "val", "test" or "long" (3..5-digit answers): dicts with
-    task, difficulty, prompt, answer."""
+    """The held-out reasoning problems of "val", "test", "long" (3..5-digit answers) or "fewshot"
+    (few-shot prompts, data/reasoning.py): dicts with task, difficulty, prompt, answer."""
     require(split in EVAL_SPLITS, f"unknown eval split {split!r}; use 'val' or 'test' (or 'long': "
-                                  "multi-digit answers only)")
+                                  "multi-digit answers only; 'fewshot': few-shot prompts for a real LLM)")
     lines = _read_bytes(f"reasoning/eval_{split}.jsonl").decode("utf-8").splitlines()
     return [json.loads(line) for line in lines if line]
 

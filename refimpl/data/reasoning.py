@@ -11,6 +11,19 @@ The "long" eval split draws only the problems whose answers have 3 to 5 digits (
 the answer's first token is a space and its leading digit is the easiest one, so most of the
 difficulty sits in the later digits.
 
+The "fewshot" eval split is for a real pretrained LLM. Its problems are easier (FEWSHOT_DIFFICULTIES:
+one- and two-digit add, one digit times a digit) and each prompt is written in a plain question-answer format,
+N_SHOTS solved problems of the same task and difficulty first, blank lines between them:
+
+    Question: What is 7+8?
+    Answer: 15
+
+    ...
+    Question: What is 3+4?
+    Answer:
+
+(the answer is again a space and an integer; vars problems read "Question: a=3 b=a+4. What is b?").
+
 Exact-match evaluation: greedy-decode after the prompt until a newline or end-of-text, strip,
 compare with `answer.strip()`. The generator is pure Python on a `numpy.random.Generator`, so a
 seed fixes every line (VERSION changes whenever the output for a seed would change).
@@ -24,6 +37,8 @@ VERSION = 1
 ANSWER_MARKER = " A:"
 DIFFICULTIES = {"add": (2, 3, 4), "vars": (2, 3, 4), "mul": (2, 3)}
 LONG_DIFFICULTIES = {"add": (3, 4), "mul": (3,)}     # answers of 3..5 digits
+FEWSHOT_DIFFICULTIES = {"add": (1, 2), "mul": (1,)}    # within reach of a 135M-parameter LLM
+N_SHOTS = 5
 TASKS = tuple(DIFFICULTIES)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -71,12 +86,12 @@ def vars_problem(difficulty, rng):
 MAKERS = {"add": add_problem, "vars": vars_problem, "mul": mul_problem}
 
 
-def make_problem(task, difficulty, rng):
+def make_problem(task, difficulty, rng, difficulties=DIFFICULTIES):
     """One problem as a dict with task, difficulty, prompt (ending in " A:") and answer (" 623")."""
     require(task in MAKERS, f"unknown reasoning task {task!r}; use one of {TASKS}")
-    require(difficulty in DIFFICULTIES[task],
+    require(difficulty in difficulties.get(task, ()),
             f"difficulty {difficulty} is out of range for {task!r}; "
-            f"use one of {DIFFICULTIES[task]}")
+            f"use one of {difficulties.get(task, ())}")
     question, value = MAKERS[task](difficulty, rng)
     return {"task": task, "difficulty": difficulty,
             "prompt": question + ANSWER_MARKER, "answer": f" {value}"}
@@ -102,7 +117,7 @@ def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
             break
         task = tasks[int(rng.integers(len(tasks)))]
         difficulty = difficulties[task][int(rng.integers(len(difficulties[task])))]
-        problem = make_problem(task, difficulty, rng)
+        problem = make_problem(task, difficulty, rng, difficulties)
         if problem["prompt"] not in seen:
             seen.add(problem["prompt"])
             problems.append(problem)
@@ -114,3 +129,22 @@ def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
 def generate_lines(n, seed):
     """n training lines from a seed (a convenience for quick experiments)."""
     return [problem_line(p) for p in generate(n, np.random.default_rng(seed))]
+
+
+def natural_question(prompt):
+    """ "Q: 3+4=? A:" -> "Question: What is 3+4?\nAnswer:" (vars: "Question: a=3 b=a+4. What is b?")."""
+    body = prompt.removeprefix("Q: ").removesuffix("=?" + ANSWER_MARKER)            # "3+4", "a=3 b=a+4. b"
+    given, _, asked = body.rpartition(". ")
+    return f"Question: {given + '. ' if given else ''}What is {asked}?\nAnswer:"
+
+
+def fewshot(problems, rng, n_shots=N_SHOTS):
+    """Each problem with its few-shot prompt: n_shots solved problems of its task and difficulty
+    (never itself), then its question. The dicts keep the original prompt as "question"."""
+    out = []
+    for p in problems:
+        shots = generate(n_shots, rng, exclude={p["prompt"]}, tasks=(p["task"],),
+                         difficulties={p["task"]: (p["difficulty"],)})
+        text = "".join(natural_question(s["prompt"]) + s["answer"] + "\n\n" for s in shots)
+        out.append({**p, "question": p["prompt"], "prompt": text + natural_question(p["prompt"])})
+    return out

@@ -155,8 +155,9 @@ def table2(m, runs):
     return _table("table2", "Table 2: exact-match accuracy (%) on held-out reasoning prompts",
                   f"{base['n']} prompts, [eot]+prompt, coprocessor called once at the end of the prompt, greedy "
                   "decoding to the first newline, exact match; prompts batched with left padding. "
-                  f"Paper: {paper['source']}.", header, rows, {_col(r): r.path for r in main},
-                  None if main else "no copy-init coprocessor run given")
+                  f"Paper: {paper['source']}." + ("" if main else " No copy-init coprocessor run given: the decoder "
+                                                  "alone only."), header, rows, {_col(r): r.path for r in main},
+                  None if main or base["n"] else "no copy-init coprocessor run given and no prompts")
 
 
 def table3(m, runs):
