@@ -171,7 +171,7 @@ def _pretrain(args):
 # ---------------------------------------------------------------------------------------------
 # train
 def _train_args(p):
-    from .core.coprocessor import INITS, MODES
+    from .core.coprocessor import INITS, MODES, READOUTS
     from .core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
     from .training.train import SOFT_INITS, TrainConfig
     p.add_argument("--out", required=True, help="output directory")
@@ -191,6 +191,13 @@ def _train_args(p):
                         "docs/results.md")
     p.add_argument("--soft-init", choices=SOFT_INITS, default=d.soft_init,
                    help="soft-token init: N(0, std of the token embeddings), rows of the token embeddings, or zero")
+    p.add_argument("--soft-lr-scale", type=positive_float, default=d.soft_lr_scale,
+                   help=f"the soft tokens' learning rate as a multiple of --lr (default {d.soft_lr_scale}: "
+                        "one rate for every trainable array); docs/choices.md")
+    p.add_argument("--readout", choices=READOUTS, default=d.readout,
+                   help=f"the latents (default {d.readout}): the coprocessor's final hidden states after "
+                        "its final RMSNorm, before it (prenorm), or after it times a trainable scale per "
+                        "latent (scaled); docs/choices.md")
     _model_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",

@@ -21,7 +21,7 @@ from .errors import require
 from .evaluation.plots import make_plots
 from .evaluation.report import write_report
 from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
-from .training.train import TrainConfig, train
+from .training.train import TrainConfig, saved_train_config, train
 
 SHIPPED_COPROCESSOR = TINY_DATA / "shipped-coprocessor"   # trained against SHIPPED_DECODER (docs/results.md)
 
@@ -75,7 +75,8 @@ def _reusable(run_dir, tc):
         m = json.loads(metrics.read_text())
     except ValueError:
         return False
-    return m.get("train_config") == asdict(tc) and m.get("steps") == tc.steps
+    saved = m.get("train_config")      # a run saved before a TrainConfig field existed trained with PREDATED
+    return isinstance(saved, dict) and saved_train_config(saved) == asdict(tc) and m.get("steps") == tc.steps
 
 
 def extra_runs(decoder, shipped=SHIPPED_COPROCESSOR):

@@ -7,9 +7,14 @@ among themselves). The prefix is never recomputed with the coprocessor's weights
 its final hidden states at the soft-token slots, after its final RMSNorm. Its token embedding and
 LM head are unused, so its trainable arrays are its blocks, its final norm and the soft tokens.
 
+The read-out (docs/choices.md, C9) is told by the trainable arrays themselves, so checkpoints,
+eval and generate need nothing else: "norm" (default) as above; "prenorm" has no final norm
+(no model.norm.weight: z is the residual stream after the last block); "scaled" adds latent_scale
+[N_L] (initialised to 1), which multiplies latent j after the final norm.
+
 The pause-token baseline (paper Table 3) uses the same machinery with no coprocessor: the soft
 tokens themselves are the latents, so they do NOT depend on the input. `latents` is the one place
-that tells the two apart.
+that tells the modes and read-outs apart.
 """
 import numpy as np
 
@@ -17,22 +22,29 @@ from ..backend import trace_runs, xp_of
 from ..errors import require
 from .decoder import causal_may_attend, flatten_params, groups_hidden, hidden, init_params, unflatten_params
 from .layout import context_runs
-from .ops import broadcast_rows, reshape
+from .ops import broadcast_rows, reshape, scale_rows
 
 SOFT_TOKENS = "soft_tokens"
+LATENT_SCALE = "latent_scale"
+FINAL_NORM = "model.norm.weight"
 MODES = ("coprocessor", "pause")
 INITS = ("copy", "random")
+READOUTS = ("norm", "prenorm", "scaled")
 
 
-def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coprocessor", seed=0):
+def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coprocessor", seed=0, readout="norm"):
     """Trainable arrays as a flat dict: Hugging Face names for blocks and final norm, plus soft_tokens.
 
     init="copy" starts from the decoder's weights (paper default); "random" from a fresh init (the
     paper's ablation). Soft tokens ~ N(0, std(E)) [choice], so they look like token embeddings.
-    mode="pause" has only the soft tokens.
+    mode="pause" has only the soft tokens. readout="prenorm" leaves out the final norm; "scaled"
+    adds latent_scale, ones [N_L] (the module docstring).
     """
     require(mode in MODES, f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     require(init in INITS, f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    require(readout in READOUTS, f"unknown readout {readout!r}: use one of {', '.join(READOUTS)}")
+    require(mode == "coprocessor" or readout == "norm",
+            f"readout={readout!r} needs mode='coprocessor': pause tokens are the latents themselves")
     require(isinstance(n_latents, int) and n_latents >= 1,
             f"n_latents={n_latents!r} must be a positive int to train a coprocessor or pause tokens")
     E = decoder_params["embed_tokens"]
@@ -43,7 +55,10 @@ def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coproces
     if mode == "pause":
         return trainable
     source = decoder_params if init == "copy" else init_params(cfg, seed + 1, E.dtype, xp)
-    blocks = {k: v.copy() for k, v in flatten_params(source).items() if k != "model.embed_tokens.weight"}
+    blocks = {k: v.copy() for k, v in flatten_params(source).items()
+              if k != "model.embed_tokens.weight" and not (readout == "prenorm" and k == FINAL_NORM)}
+    if readout == "scaled":
+        trainable[LATENT_SCALE] = xp.ones(n_latents, dtype=E.dtype)
     return {**blocks, **trainable}
 
 
@@ -52,16 +67,29 @@ def is_pause(trainable):
     return set(trainable) == {SOFT_TOKENS}
 
 
+def readout_of(trainable):
+    """How the latents are read out of these trainable arrays: "norm", "prenorm" or "scaled"
+    (pause tokens: "norm", the soft tokens as they are)."""
+    if LATENT_SCALE in trainable:
+        return "scaled"
+    return "prenorm" if not is_pause(trainable) and FINAL_NORM not in trainable else "norm"
+
+
 def coprocessor_params(trainable, cfg):
-    """The flat trainable dict (possibly autograd boxes) -> nested params for the decoder code."""
-    return unflatten_params(trainable, cfg.n_layers)
+    """The flat trainable dict (possibly autograd boxes) -> nested params for the decoder code
+    (params["norm"] None for the "prenorm" read-out)."""
+    return unflatten_params(trainable, cfg.n_layers, final_norm=readout_of(trainable) != "prenorm")
 
 
 def latents(trainable, cfg, lead_shape, run):
     """The latents for soft tokens broadcast to [*lead_shape, N_L, D]: run(coprocessor params,
-    soft-token inputs) computes them; in pause mode they are the soft tokens themselves."""
+    soft-token inputs) computes them; in pause mode they are the soft tokens themselves; with
+    latent_scale, latent j is multiplied by latent_scale[j]."""
     soft_in = broadcast_rows(trainable[SOFT_TOKENS], tuple(lead_shape))    # [*lead, N_L, D]
-    return soft_in if is_pause(trainable) else run(coprocessor_params(trainable, cfg), soft_in)
+    if is_pause(trainable):
+        return soft_in
+    z = run(coprocessor_params(trainable, cfg), soft_in)                    # [*lead, N_L, D]
+    return scale_rows(z, trainable[LATENT_SCALE]) if LATENT_SCALE in trainable else z
 
 
 # ---------------------------------------------------------------------------------------------

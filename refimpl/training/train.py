@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_dtype, get_xp
-from ..core.coprocessor import INITS, MODES, SOFT_TOKENS, init_coprocessor
+from ..core.coprocessor import INITS, MODES, READOUTS, SOFT_TOKENS, init_coprocessor
 from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import sample_batch
@@ -58,6 +58,9 @@ class TrainConfig:
     ahead_positions: str = "original"   # ahead tokens keep their positions, or "continue" after the latents
     latent_positions: str = "behind"    # latent j at p-N_L+1+j (clamped at 0), or "after": p+1+j (results.md)
     soft_init: str = "normal"           # soft tokens ~ N(0, std(E)), "embed": rows of E, "zero"
+    soft_lr_scale: float = 1.0          # the soft tokens' lr = lr x this (1.0: one rate for all arrays)
+    readout: str = "norm"               # latents after the final norm; "prenorm": before it; "scaled": after
+                                        # it, x a trainable latent_scale [N_L] (coprocessor.READOUTS)
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -70,14 +73,23 @@ class TrainConfig:
         require(0 < self.lr < math.inf and 0 < self.clip < math.inf and 0 <= self.weight_decay < math.inf,
                 f"lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay}: lr and clip must be "
                 "finite and > 0, weight_decay finite and >= 0")
+        require(0 < self.soft_lr_scale < math.inf, f"soft_lr_scale={self.soft_lr_scale} must be finite and "
+                                                   "> 0 (1.0: the soft tokens train at lr like everything else)")
         for name, known in (("mode", MODES), ("init", INITS), ("ahead_positions", AHEAD_POSITIONS),
-                            ("latent_positions", LATENT_POSITIONS), ("soft_init", SOFT_INITS)):
+                            ("latent_positions", LATENT_POSITIONS), ("soft_init", SOFT_INITS),
+                            ("readout", READOUTS)):
             require(getattr(self, name) in known, f"{name}={getattr(self, name)!r} is unknown: use one of "
                                                   f"{', '.join(known)}")
+        require(self.mode == "coprocessor" or self.readout == "norm",
+                f"readout={self.readout!r} needs mode='coprocessor': pause tokens are the latents themselves")
+
+    def lr_scales(self):
+        """{name: multiplier of lr} for optim.adam_update ({} when every array trains at lr)."""
+        return {} if self.soft_lr_scale == 1.0 else {SOFT_TOKENS: float(self.soft_lr_scale)}
 
 
 # What a run saved before a field existed trained with (not necessarily today's default)
-PREDATED = {"latent_positions": "after", "soft_init": "normal"}
+PREDATED = {"latent_positions": "after", "soft_init": "normal", "soft_lr_scale": 1.0, "readout": "norm"}
 
 
 def saved_train_config(saved):
@@ -108,7 +120,7 @@ def coprocessor_loss(dec_params, trainable, cfg, tc, batch):
 def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
     """One update of the trainable arrays -> (trainable, adam, stats {"loss", "grad_norm", "latent_norm"})."""
     return loop.update(lambda t: coprocessor_loss(dec_params, t, cfg, tc, (tokens, positions)), trainable,
-                       adam, lr, tc.clip, tc.weight_decay)
+                       adam, lr, tc.clip, tc.weight_decay, lr_scales=tc.lr_scales())
 
 
 class CoprocessorTraining:
@@ -122,7 +134,8 @@ class CoprocessorTraining:
         self.slots = tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
         self.heldout = heldout_set(corpus.val, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
         self.schedule = loop.Schedule(tc.steps, stop, tc.lr, tc.warmup, tc.clip, tc.weight_decay,
-                                      tc.eval_every, save_every=tc.eval_every, eval_at=stop)
+                                      tc.eval_every, save_every=tc.eval_every, eval_at=stop,
+                                      lr_scales=tuple(tc.lr_scales().items()))
         self.baseline = None      # the decoder alone on the held-out set, [N_A] (set before the loop)
 
     def ahead_nll(self, trainable):
@@ -135,7 +148,9 @@ class CoprocessorTraining:
 
     def header(self, state):
         n, tc = sum(int(a.size) for a in state.trainable.values()), self.tc
-        return (f"train: {tc.mode} N_L={tc.n_latents} N_A={tc.n_ahead} ({n:,} trainable values), batch "
+        levers = (("readout", tc.readout, "norm"), ("soft-token lr x", tc.soft_lr_scale, 1.0))
+        extra = "".join(f", {k} {v}" for k, v, default in levers if v != default)
+        return (f"train: {tc.mode} N_L={tc.n_latents} N_A={tc.n_ahead} ({n:,} trainable values{extra}), batch "
                 f"{tc.batch_size}x{self.T}, K={tc.n_traces}, steps {state.step}->{self.schedule.stop} of "
                 f"{tc.steps}; writing {self.out}/")
 
@@ -195,8 +210,8 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"]), ckpt)
         state = loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
     else:
-        trainable = init_soft_tokens(init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed),
-                                     dec_params, tc.soft_init, tc.seed)
+        trainable = init_soft_tokens(init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed,
+                                                      tc.readout), dec_params, tc.soft_init, tc.seed)
         rng = np.random.default_rng(tc.seed)
         state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
     base_nll = task.baseline = task.ahead_nll(None)
