@@ -17,7 +17,6 @@ every atomic write pauses before os.replace, writes its destination into the fil
 until FLAG is deleted (or 60 s pass), so that tests/test_robustness.py can kill it mid-save.
 """
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -66,8 +65,9 @@ def atomic_write_json(path, obj):
 
 
 def _write_atomically(files):
-    """[(path, bytes)]: every file to a complete, fsync'ed temporary file next to it, then each one
-    renamed over its path in order; an exception removes the temporary files that are left."""
+    """[(path, bytes or write(f))]: every file to a complete, fsync'ed temporary file next to it (a
+    callable writes it, in order, to a file open for reading and writing), then each one renamed
+    over its path in order; an exception removes the temporary files that are left."""
     temps = []
     try:
         for path, blob in files:
@@ -75,8 +75,8 @@ def _write_atomically(files):
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temps.append(tmp)
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+            with os.fdopen(fd, "w+b") as f:
+                blob(f) if callable(blob) else f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, (path, _) in zip(temps, files):
@@ -154,21 +154,36 @@ def save_checkpoint(path, arrays, meta):
     host = {name: np.ascontiguousarray(to_numpy(a)) for name, a in arrays.items()}
     bad = [n for n, a in host.items() if a.dtype.hasobject]
     require(not bad, f"array {bad[:1]} has dtype object, which a checkpoint cannot hold: pass numeric arrays")
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **host)
-    blob, (npz_path, json_path) = buf.getvalue(), checkpoint_paths(path)
-    full = {**meta, "format_version": FORMAT_VERSION, "npz_file": npz_path.name,
-            "npz_sha256": hashlib.sha256(blob).hexdigest(),
+    npz_path, json_path = checkpoint_paths(path)
+    full = {**meta, "format_version": FORMAT_VERSION, "npz_file": npz_path.name, "npz_sha256": "",
             "arrays": {n: array_spec(a) for n, a in sorted(host.items())}}
+    _json_text(full)                                    # bad metadata fails before the npz is written
+
+    def write_npz(f):        # streamed to the file, then hashed from it: no copy of the arrays in memory
+        np.savez(f, allow_pickle=False, **host)
+        f.seek(0)
+        full["npz_sha256"] = _sha256_of(f)
+    _write_atomically([(npz_path, write_npz), (json_path, lambda f: f.write(_json_text(full)))])  # npz, then JSON
+    for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
+        stale.unlink(missing_ok=True)
+
+
+def _json_text(full):
+    # the metadata with its meta_sha256, as the JSON file's bytes; RefimplError if it is not plain JSON
     try:
         full["meta_sha256"] = meta_sha256(json.loads(json.dumps(full, allow_nan=False)))
-        text = json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
+        return (json.dumps(full, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
     except (TypeError, ValueError) as e:
         raise RefimplError(f"checkpoint metadata is not plain JSON ({e}): pass only str, int, finite float, "
                            "list and dict values") from None
-    _write_atomically([(npz_path, blob), (json_path, (text + "\n").encode())])  # npz first, then the JSON
-    for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
-        stale.unlink(missing_ok=True)
+
+
+def _sha256_of(f, chunk=1 << 24):
+    # hex sha256 of a binary file from its current position to its end, read in chunks
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
+    return h.hexdigest()
 
 
 def load_checkpoint(path):
@@ -179,15 +194,17 @@ def load_checkpoint(path):
     for p in (json_path, npz_path):
         require(p.is_file(), f"checkpoint file {p} is missing: check the path, or create it "
                              "(`refimpl pretrain` writes decoders, `refimpl train` coprocessors)")
-    meta, blob = _read_meta(json_path), npz_path.read_bytes()
-    sha = hashlib.sha256(blob).hexdigest()
-    if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
-        meta = next((m for m in map(_try_read_meta, _temp_files(json_path))
-                     if m is not None and m["npz_sha256"] == sha), meta)
-    require(sha == meta["npz_sha256"], f"checkpoint {npz_path} is corrupt (sha256 mismatch with "
-                                       f"{json_path.name}): it was truncated, modified or its save was "
-                                       f"interrupted; {RETRAIN}")
-    arrays = _read_arrays(blob, npz_path)
+    meta = _read_meta(json_path)
+    with open(npz_path, "rb") as f:                     # hashed and parsed from one open file, in chunks
+        sha = _sha256_of(f)
+        if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
+            meta = next((m for m in map(_try_read_meta, _temp_files(json_path))
+                         if m is not None and m["npz_sha256"] == sha), meta)
+        require(sha == meta["npz_sha256"], f"checkpoint {npz_path} is corrupt (sha256 mismatch with "
+                                           f"{json_path.name}): it was truncated, modified or its save was "
+                                           f"interrupted; {RETRAIN}")
+        f.seek(0)
+        arrays = _read_arrays(f, npz_path)
     missing = sorted(set(meta["arrays"]) - set(arrays))
     require(not missing, f"checkpoint {npz_path} lacks arrays {missing[:3]} that {json_path.name} "
                          f"lists: the pair is inconsistent; {RETRAIN}")
@@ -239,9 +256,10 @@ def _try_read_meta(json_path):
         return None
 
 
-def _read_arrays(blob, npz_path):
+def _read_arrays(f, npz_path):
+    # {name: array} of the .npz open as binary file f; a one-line RefimplError for anything unreadable
     try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        with np.load(f, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
