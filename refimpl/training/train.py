@@ -209,6 +209,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         trainable, adam, old = load_coprocessor(ckpt, dec_meta["decoder_hash"], dt, xp)
         loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"]), ckpt)
         state = loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
+        del adam
     else:
         trainable = init_soft_tokens(init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed,
                                                       tc.readout), dec_params, tc.soft_init, tc.seed)
@@ -216,7 +217,9 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
     base_nll = task.baseline = task.ahead_nll(None)
     t0 = time.perf_counter()
-    state, metrics, saved = loop.run(task, state, resume, io.StringIO() if quiet else None)
+    initial = [state]                            # handed over, so the first weights are freed after step 1
+    del state, trainable
+    state, metrics, saved = loop.run(task, initial.pop(), resume, io.StringIO() if quiet else None)
     last = metrics["evals"][-1] if metrics["evals"] else {"step": None}
     aug_nll = np.array(last["ahead_loss"]) if last["step"] == state.step else task.ahead_nll(state.trainable)
     final = {
