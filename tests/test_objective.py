@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.config import get_preset
-from refimpl.core.coprocessor import SOFT_TOKENS, augment, init_coprocessor
+from refimpl.core.coprocessor import LATENT_SCALE, READOUTS, SOFT_TOKENS, augment, init_coprocessor
 from refimpl.core.decoder import flatten_params, forward, init_params, prefill
 from refimpl.core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, build_layout, sample_trace_positions
 from refimpl.core.objective import FORMS, loss_cached, loss_sequential
@@ -28,9 +28,12 @@ def problems(draw):
     n_latents = draw(st.integers(1, 3))
     mode = draw(st.sampled_from(["coprocessor", "pause"]))
     init = draw(st.sampled_from(["copy", "random"]))
+    readout = draw(st.sampled_from(READOUTS)) if mode == "coprocessor" else "norm"
     tokens = rng.integers(0, V, (B, T))
     positions = sample_trace_positions(rng, B, T, K, n_ahead)
-    trainable = init_coprocessor(DEC, CFG, n_latents, init, mode, seed=int(rng.integers(100)))
+    trainable = init_coprocessor(DEC, CFG, n_latents, init, mode, seed=int(rng.integers(100)), readout=readout)
+    if readout == "scaled":                                  # away from its init of ones
+        trainable[LATENT_SCALE] = rng.uniform(0.5, 1.5, n_latents)
     return tokens, positions, n_latents, n_ahead, trainable
 
 
@@ -51,7 +54,8 @@ def _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead_positions
 @given(problems_any_positions())
 def test_packed_equals_cached_equals_sequential(problem):
     """Invariant 4: loss, logits, latents and EVERY gradient agree across the three forms,
-    under every position-id convention of the ahead tokens and the latents (docs/choices.md)."""
+    under every position-id convention of the ahead tokens and the latents and every read-out
+    of the latents (docs/choices.md)."""
     tokens, positions, n_latents, n_ahead, trainable, ahead, latent = problem
     ref_loss, ref_grads, ref_out = _run("sequential", trainable, tokens, positions, n_latents, n_ahead, ahead, latent)
     for form in ("cached", "packed"):

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from refimpl.backend import to_numpy  # noqa: E402
-from refimpl.core.objective import loss_cached  # noqa: E402
 from refimpl.data.corpus import load_tokens  # noqa: E402
 from refimpl.evaluation.generate import trained_convention, trained_latent_positions  # noqa: E402
 from refimpl.training.checkpoint import coprocessor_file, load_coprocessor, load_model  # noqa: E402
-from refimpl.training.heldout import heldout_set, relative_ppl_change  # noqa: E402
+from refimpl.training.heldout import heldout_set, point_nll, relative_ppl_change  # noqa: E402
 
 
 def source_labels(tokens, tokenizer):
@@ -33,16 +31,6 @@ def source_labels(tokens, tokenizer):
     for start, end in zip(bounds, bounds[1:]):
         labels[start:end] = tokenizer.decode(tokens[start:min(end, start + 4)].tolist()).startswith("Q:")
     return labels
-
-
-def per_point_nll(dec, trainable, cfg, held, n_latents, n_ahead, conventions):
-    """float64 [n_points, N_A] over every (window, trace) of the held-out set, in order."""
-    rows = []
-    for tokens, positions in held:
-        _, out = loss_cached(dec, trainable, cfg, tokens, positions, n_latents, n_ahead, *conventions)
-        nll = to_numpy(out["nll"]).astype(np.float64)                               # [B, K, N_A]
-        rows.append(nll.reshape(-1, n_ahead))
-    return np.concatenate(rows)
 
 
 def main():
@@ -68,8 +56,8 @@ def main():
     points = np.concatenate([labels[(args.skip_windows + i) * T + pos + 1]             # x_{p+1}'s source
                              for i, pos in enumerate(windows)])                        # [n_points]
     conventions = (trained_convention(meta), trained_latent_positions(meta))
-    base = per_point_nll(dec, None, cfg, held, 0, n_ahead, conventions)
-    aug = per_point_nll(dec, trainable, cfg, held, n_latents, n_ahead, conventions)
+    base = point_nll(dec, None, cfg, held, 0, n_ahead, *conventions)
+    aug = point_nll(dec, trainable, cfg, held, n_latents, n_ahead, *conventions)
     out = {"run": str(args.coprocessor), "step": meta.get("step"), "n_ahead": n_ahead}
     for name, mask in (("all", np.ones_like(points)), ("english", ~points), ("reasoning", points)):
         change = relative_ppl_change(base[mask].mean(0), aug[mask].mean(0))

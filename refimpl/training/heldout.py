@@ -31,14 +31,20 @@ def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_pos
               latent_positions="behind"):
     """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1); the two
     conventions are those the coprocessor was trained with (layout.build_layout)."""
-    total, count = np.zeros(n_ahead), 0
+    nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions,
+                    latent_positions)                                      # [n_points, N_A]
+    return nll.mean(0) if len(nll) else np.zeros(n_ahead)
+
+
+def point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original",
+              latent_positions="behind"):
+    """The held-out nll of every point: float64 [n_points, N_A], points in order (window, trace)."""
+    rows = []
     for tokens, positions in heldout:
         _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead,
                              ahead_positions, latent_positions)
-        nll = to_numpy(out["nll"]).astype(np.float64)                       # [B, K, N_A]
-        total += nll.sum((0, 1))
-        count += nll.shape[0] * nll.shape[1]
-    return total / max(count, 1)
+        rows.append(to_numpy(out["nll"]).astype(np.float64).reshape(-1, n_ahead))   # [B*K, N_A]
+    return np.concatenate(rows) if rows else np.zeros((0, n_ahead))
 
 
 def relative_ppl_change(base_nll, aug_nll):

@@ -217,7 +217,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
         state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
     base_nll = task.baseline = task.ahead_nll(None)
     t0 = time.perf_counter()
-    initial = [state]                            # handed over, so the first weights are freed after step 1
+    initial = [state]          # the loop then holds the only reference: step 1 frees the first weights
     del state, trainable
     state, metrics, saved = loop.run(task, initial.pop(), resume, io.StringIO() if quiet else None)
     last = metrics["evals"][-1] if metrics["evals"] else {"step": None}
