@@ -15,9 +15,9 @@ PyTorch step are timed in interleaved rounds, and the ratios are taken round by 
 median is reported). The load average before and after is recorded with them.
 
 What is timed (docs/performance.md has the method and the figures):
-- train_step_s: `refimpl.training.train.train_step` (form B, `loss_cached` + value_and_grad + clip
+- train_step_s: `refimpl.training.train.train_step` (the cached form, `loss_cached` + value_and_grad + clip
   + Adam), median;
-- sequential_step_s: value_and_grad of form C (`loss_sequential`) at the same K, on a subset of
+- per_trace_step_s: value_and_grad of the per-trace form (`loss_per_trace`) at the same K, on a subset of
   the sequences, scaled linearly (its cost is linear in the number of traces), or on all;
 - peak_rss_mb_by_traces: one train step at K = 8, 16, 32, 64, each in a fresh subprocess;
 - augment_latency_s vs autoregressive_latency_s: one coprocessor call + the decoder over its N_L
@@ -44,9 +44,9 @@ from refimpl import memory
 from refimpl.backend import get_dtype, get_xp, to_numpy, trace_runs
 from refimpl.config import get_preset
 from refimpl.core.coprocessor import augment, init_coprocessor
-from refimpl.core.decoder import extend, flatten_params, generate, init_params, prefill, sample_next
+from refimpl.core.decoder import decode, extend, flatten_params, init_params, prefill, sample_next
 from refimpl.core.layout import sample_trace_positions
-from refimpl.core.objective import loss_sequential
+from refimpl.core.objective import loss_per_trace
 from refimpl.errors import require
 from refimpl.training.autodiff import value_and_grad
 from refimpl.training.optim import adam_init
@@ -60,7 +60,7 @@ REFIMPL_ROOT = Path(refimpl.__file__).resolve().parents[1]  # the child imports 
 TARGETS = {
     "torch_ratio_max": 1.5,          # train_step_s / torch_train_step_s
     "fraction_of_peak_min": 0.25,    # train_step_gflops / gemm_peak_gflops
-    "sequential_speedup_min": 10.0,  # sequential_step_s / train_step_s at the same K
+    "per_trace_speedup_min": 10.0,  # per_trace_step_s / train_step_s at the same K
     "memory_growth_32_64_max": 2.2,  # step memory at K=64 / at K=32
     "latency_ratio_max": 0.3,        # augment_latency_s / autoregressive_latency_s
 }
@@ -90,7 +90,7 @@ class BenchConfig:
     n_ahead: int = 16
     rounds: int = 5                       # interleaved rounds of (GEMM, train step, torch step)
     memory_traces: tuple = (8, 16, 32, 64)
-    sequential_sequences: int = 1         # form C is timed on this many sequences, then scaled; 0: all
+    per_trace_sequences: int = 1         # the per-trace form is timed on this many sequences, then scaled; 0: all
     latency_repeats: int = 7
     gemm_size: int = 0                    # n of the [n, n] @ [n, n] peak; 0: 2048 (NumPy), 8192 (CuPy)
     threads: int = 0                      # 0: leave the BLAS / torch thread count as it is
@@ -257,7 +257,6 @@ def make_torch_step(case, bc, threads):
     host = lambda tree: {k: to_numpy(v) for k, v in tree.items()}  # noqa: E731
     step = module.TorchStep(host(flatten_params(case["dec"])), host(case["trainable"]),
                             case["cfg"].to_dict(), bc.n_latents, bc.n_ahead, device=device,
-                            ahead_positions=case["tc"].ahead_positions,
                             latent_positions=case["tc"].latent_positions)
     return step, None
 
@@ -301,26 +300,26 @@ def measure_train_steps(bc, threads, log):
     return out
 
 
-def measure_sequential(bc, log):
-    """Form C's value_and_grad at the same K on `sequential_sequences` sequences, scaled to B."""
+def measure_per_trace(bc, log):
+    """The per-trace form's value_and_grad at the same K on `per_trace_sequences` sequences, scaled to B."""
     case = make_case(bc)
-    n = bc.batch_size if bc.sequential_sequences <= 0 else min(bc.sequential_sequences, bc.batch_size)
+    n = bc.batch_size if bc.per_trace_sequences <= 0 else min(bc.per_trace_sequences, bc.batch_size)
     xp = case["xp"]
 
     def grad(tokens, positions):
-        loss, _, _ = value_and_grad(lambda t: loss_sequential(
+        loss, _, _ = value_and_grad(lambda t: loss_per_trace(
             case["dec"], t, case["cfg"], xp.asarray(tokens), positions, bc.n_latents, bc.n_ahead)[0],
             case["trainable"])
         return float(to_numpy(loss))
     grad(case["tokens"][:1], case["positions"][:1, :1])                     # warm-up: one trace
     seconds, _ = timed(lambda: grad(case["tokens"][:n], case["positions"][:n]), xp)
-    log(f"form C on {n} sequence(s) x {bc.n_traces} traces: {seconds:.2f}s")
+    log(f"the per-trace form on {n} sequence(s) x {bc.n_traces} traces: {seconds:.2f}s")
     scale = bc.batch_size / n
     method = ("measured on all sequences" if n == bc.batch_size else
               f"measured on {n} of {bc.batch_size} sequences ({n * bc.n_traces} traces, one run), "
-              f"scaled x{scale:g}: form C's cost is linear in the number of traces")
-    return {"sequential_step_s": seconds * scale, "sequential_measured_s": seconds,
-            "sequential_method": f"value_and_grad(loss_sequential), no Adam; {method}"}
+              f"scaled x{scale:g}: its cost is linear in the number of traces")
+    return {"per_trace_step_s": seconds * scale, "per_trace_measured_s": seconds,
+            "per_trace_method": f"value_and_grad(loss_per_trace), no Adam; {method}"}
 
 
 def measure_latency(bc, log):
@@ -336,7 +335,7 @@ def measure_latency(bc, log):
         return sample_next(lg[:, -1], 0.0, rng)                              # next token, on the host
 
     def autoregressive():
-        return generate(dec, cfg, cache, logits[:, -1], bc.n_latents)[0]    # N_L decode steps
+        return decode(dec, cfg, cache, logits[:, -1], bc.n_latents)[0]    # N_L decode steps
 
     aug, seq = [], []
     augmented(), autoregressive()
@@ -425,8 +424,8 @@ def run_bench(bc, log=lambda m: None):
               "bench_config": asdict(bc)}
     result["seq_len"] = get_preset(bc.preset).max_seq_len
     result.update(measure_train_steps(bc, threads or bc.threads, log))
-    result.update(measure_sequential(bc, log))
-    result["sequential_speedup"] = result["sequential_step_s"] / result["train_step_s"]
+    result.update(measure_per_trace(bc, log))
+    result["per_trace_speedup"] = result["per_trace_step_s"] / result["train_step_s"]
     mem = measure_memory(bc, threads or bc.threads, log)
     result["peak_rss_mb_by_traces"] = {k: v["peak_rss_mb"] for k, v in mem.items()}
     result["step_mb_by_traces"] = {k: v["step_mb"] for k, v in mem.items()}
@@ -483,7 +482,7 @@ def check_targets(r):
     return {
         "train_step <= 1.5 x torch": target(r.get("torch_ratio"), TARGETS["torch_ratio_max"], "<="),
         ">= 25% of GEMM peak": target(r.get("fraction_of_peak"), TARGETS["fraction_of_peak_min"], ">="),
-        "form B >= 10 x form C": target(r.get("sequential_speedup"), TARGETS["sequential_speedup_min"], ">="),
+        "cached >= 10 x per-trace": target(r.get("per_trace_speedup"), TARGETS["per_trace_speedup_min"], ">="),
         "memory K=32->64 <= 2.2x": target(r.get("memory_growth_32_64"), TARGETS["memory_growth_32_64_max"], "<="),
         "augment <= 0.3 x autoregressive": target(r.get("latency_ratio"), TARGETS["latency_ratio_max"], "<="),
     }
@@ -499,13 +498,13 @@ def render_table(r):
         f"BLAS threads {r['blas_threads']}, load {r['load_average_start']} -> {r['load_average_end']}",
         "",
         f"  GEMM peak (same run)          {f(r['gemm_peak_gflops'], '.1f')} GFLOP/s",
-        f"  train step (form B)           {f(r['train_step_s'])} s   "
+        f"  train step (cached form)      {f(r['train_step_s'])} s   "
         f"{f(r['train_step_gflops'], '.1f')} GFLOP/s ({f(r['train_step_gflop'], '.1f')} GFLOP), "
         f"{f(100 * r['fraction_of_peak'], '.0f')}% of peak",
         f"  torch eager step              {f(r['torch_train_step_s'])} s   "
         + (f"ours / torch = {r['torch_ratio']:.2f}" if r["torch_ratio"] else r["torch_note"] or ""),
-        f"  form C (sequential) step      {f(r['sequential_step_s'])} s   "
-        f"form B is {r['sequential_speedup']:.1f}x faster",
+        f"  per-trace form step           {f(r['per_trace_step_s'])} s   "
+        f"the cached form is {r['per_trace_speedup']:.1f}x faster",
         f"  {'augment latency (N_L=%d)' % r['n_latents']:30s}{f(r['augment_latency_s'] * 1e3, '.1f')} ms  "
         f"vs {f(r['autoregressive_latency_s'] * 1e3, '.1f')} ms for {r['n_latents']} decode steps "
         f"(ratio {r['latency_ratio']:.2f})",

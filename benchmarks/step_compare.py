@@ -1,4 +1,4 @@
-"""Time the form-B training step of two refimpl trees (before / after a change) and PyTorch eager,
+"""Time the training step (the cached form) of two refimpl trees (before / after a change) and PyTorch eager,
 side by side in one run: each runs in its own worker process, and the rounds are interleaved.
 
     python benchmarks/step_compare.py --before /path/to/old/checkout [--preset gpu --backend cupy]
@@ -7,7 +7,6 @@ side by side in one run: each runs in its own worker process, and the rounds are
 A worker builds the same seeded case (a random decoder of the preset, a copy-init coprocessor,
 N_L 16, N_A 16 by default), runs one warm-up step, then times one step per round (synchronised on a
 GPU). Prints one JSON object: the per-round seconds, their medians and the round-by-round ratios.
-Works with refimpl trees before and after the package moved into folders.
 """
 import argparse
 import json
@@ -24,31 +23,20 @@ def worker(tree, preset, backend, batch_size, traces, n_latents, n_ahead, torch_
     """In a child process: build the case, then answer each 'step' line with its seconds."""
     sys.path.insert(0, str(tree))
     import numpy as np
-    try:                                                       # after the redesign
-        from refimpl.backend import get_xp
-        from refimpl.config import get_preset
-        from refimpl.core.coprocessor import init_coprocessor
-        from refimpl.core.decoder import flatten_params, init_params
-        from refimpl.core.layout import sample_trace_positions
-        from refimpl.training.optim import adam_init
-        from refimpl.training.train import TrainConfig, train_step
-    except ImportError:                                        # before it
-        from refimpl.coprocessor import init_coprocessor
-        from refimpl.decoder import flatten_params, init_params
-        from refimpl.optim import adam_init
-        from refimpl.traces import sample_trace_positions
-        from refimpl.train import TrainConfig, train_step
-
-        from refimpl.backend import get_xp
-        from refimpl.config import get_preset
+    from refimpl.backend import get_xp
+    from refimpl.config import get_preset
+    from refimpl.core.coprocessor import init_coprocessor
+    from refimpl.core.decoder import flatten_params, init_params
+    from refimpl.core.layout import sample_trace_positions
+    from refimpl.training.optim import adam_init
+    from refimpl.training.train import TrainConfig, train_step
     xp, cfg = get_xp(backend), get_preset(preset)
     T, rng = cfg.max_seq_len, np.random.default_rng(0)
     dec = init_params(cfg, 0, np.float32, xp)
     trainable = init_coprocessor(dec, cfg, n_latents)
     tokens = rng.integers(0, cfg.vocab_size, (batch_size, T))
     positions = sample_trace_positions(rng, batch_size, T, traces, n_ahead)
-    tc = TrainConfig(n_latents=n_latents, n_ahead=n_ahead, n_traces=traces, batch_size=batch_size, seq_len=T,
-                     ahead_positions="original")
+    tc = TrainConfig(n_latents=n_latents, n_ahead=n_ahead, n_traces=traces, batch_size=batch_size, seq_len=T)
     sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cupy" else (lambda: None)
     if torch_step:
         sys.path.insert(0, str(HERE))

@@ -43,7 +43,7 @@ def main(small):
     # greedy continuation through the cache
     prompt = tokens[:, :-3]
     last, cache = dec.prefill(params, cfg, prompt)
-    new, _ = dec.generate(params, cfg, cache, last[:, -1], n_new=4)
+    new, _ = dec.decode(params, cfg, cache, last[:, -1], n_new=4)
     print(f"prompt {tok.decode(prompt[0])!r} -> greedy {tok.decode(new[0])!r}")
 
 

@@ -16,10 +16,10 @@ import numpy as np
 
 from refimpl.config import get_preset
 from refimpl.core import decoder as dec
-from refimpl.core.coprocessor import augment, init_coprocessor, latent_ids
+from refimpl.core.coprocessor import augment, init_coprocessor
 from refimpl.data.corpus import SHIPPED_DECODER
 from refimpl.data.tokenizer import load_tokenizer
-from refimpl.evaluation.generate import DEFAULT_POSITIONS, complete, trained_positions
+from refimpl.evaluation.generate import complete, trained_latent_positions
 from refimpl.training.checkpoint import coprocessor_file, load_coprocessor, load_decoder
 from refimpl.training.heldout import embedding_norm, mean_row_norm
 
@@ -33,32 +33,29 @@ def load(small, coprocessor, n_latents=8):
     if small:
         cfg = get_preset("nano", vocab_size=load_tokenizer().n_vocab)
         params = dec.init_params(cfg, seed=0)
-        return params, cfg, init_coprocessor(params, cfg, n_latents), DEFAULT_POSITIONS
+        return params, cfg, init_coprocessor(params, cfg, n_latents), "behind"
     params, cfg, meta = load_decoder(SHIPPED_DECODER)
     if not coprocessor:
-        return params, cfg, init_coprocessor(params, cfg, n_latents), DEFAULT_POSITIONS
+        return params, cfg, init_coprocessor(params, cfg, n_latents), "behind"
     trainable, _, cop_meta = load_coprocessor(coprocessor_file(coprocessor), meta["decoder_hash"])
-    return params, cfg, trainable, trained_positions(cop_meta)
+    return params, cfg, trainable, trained_latent_positions(cop_meta)
 
 
 def main(small, coprocessor):
     tok = load_tokenizer()
-    params, cfg, trainable, positions = load(small, coprocessor)
-    ahead, latents = positions["ahead_positions"], positions["latent_positions"]
+    params, cfg, trainable, latents = load(small, coprocessor)
     prompt = np.array([[tok.eot_id] + tok.encode(PROMPT)])                    # [1, p+1]
     p = prompt.shape[1] - 1
     _, cache = dec.prefill(params, cfg, prompt)                               # C_p
-    z = augment(trainable, cfg, cache, latents)                               # [1, N_L, D], ONE call
+    z, ids = augment(trainable, cfg, cache, latents)                          # [1, N_L, D], ONE call
     print(f"prompt of {p + 1} tokens -> latents z {z.shape}")
     print(f"latent norm {mean_row_norm(z):.2f} vs token-embedding norm {embedding_norm(params):.2f}")
-    ids = latent_ids(cache, z.shape[1], latents)                              # [1, N_L] (docs/choices.md, C8)
     _, aug_cache = dec.extend(params, cfg, cache, z, ids)
     print(f"latents {latents!r} the point: cache {cache.length} -> {aug_cache.length} slots; "
           f"positions {aug_cache.positions[0].tolist()}")
-    first = p + 1 if ahead == "original" else int(ids.max()) + 1
-    print(f"tokens after the latents: ahead_positions={ahead!r}, the first at position {first}")
+    print(f"the tokens after the latents keep their own ids: the first at position {p + 1}")
     for name, t in (("plain", None), ("augmented", trainable)):
-        texts, _ = complete(params, cfg, tok, [PROMPT], t, max_new_tokens=NEW_TOKENS, **positions)
+        texts, _ = complete(params, cfg, tok, [PROMPT], t, max_new_tokens=NEW_TOKENS, latent_positions=latents)
         print(f"{name:>9}: {PROMPT!r} -> {texts[0]!r}")
     if coprocessor:
         print(f"the augmented completion is what this prints after the prompt: refimpl generate "

@@ -171,33 +171,22 @@ def _pretrain(args):
 # ---------------------------------------------------------------------------------------------
 # train
 def _train_args(p):
-    from .core.coprocessor import INITS, MODES, READOUTS
-    from .core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
-    from .training.train import SOFT_INITS, TrainConfig
+    from .core.coprocessor import INITS, MODES
+    from .core.layout import LATENT_POSITIONS
+    from .training.train import TrainConfig
     p.add_argument("--out", required=True, help="output directory")
     _dataclass_args(p, TrainConfig, {
         **dict.fromkeys(("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"), positive_int),
         **dict.fromkeys(("seq_len", "steps", "warmup", "seed", "eval_every"), nonneg_int),
         "lr": positive_float, "weight_decay": nonneg_float, "clip": positive_float})
     d = TrainConfig()
-    p.add_argument("--init", choices=INITS, default=d.init, help="coprocessor init: copy of the decoder or random")
-    p.add_argument("--mode", choices=MODES, default=d.mode, help="coprocessor, or the pause-token baseline")
-    p.add_argument("--ahead-positions", choices=AHEAD_POSITIONS, default=d.ahead_positions,
-                   help="position ids of the tokens after the latents: their original positions (default) "
-                        "or counting on after the latents (docs/choices.md)")
+    p.add_argument("--init", choices=INITS, default=d.init,
+                   help=f"coprocessor init (default {d.init}): a copy of the decoder, or random (the ablation)")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help=f"what trains (default {d.mode}): the coprocessor, or the pause-token baseline")
     p.add_argument("--latent-positions", choices=LATENT_POSITIONS, default=d.latent_positions,
                    help=f"position ids of the latents (default {d.latent_positions}): behind the augmentation point "
-                        "(p-N_L+1..p, the last latent where the decoder predicts x_{p+1}) or after it (p+1..p+N_L); "
-                        "docs/results.md")
-    p.add_argument("--soft-init", choices=SOFT_INITS, default=d.soft_init,
-                   help="soft-token init: N(0, std of the token embeddings), rows of the token embeddings, or zero")
-    p.add_argument("--soft-lr-scale", type=positive_float, default=d.soft_lr_scale,
-                   help=f"the soft tokens' learning rate as a multiple of --lr (default {d.soft_lr_scale}: "
-                        "one rate for every trainable array); docs/choices.md")
-    p.add_argument("--readout", choices=READOUTS, default=d.readout,
-                   help=f"the latents (default {d.readout}): the coprocessor's final hidden states after "
-                        "its final RMSNorm, before it (prenorm), or after it times a trainable scale per "
-                        "latent (scaled); docs/choices.md")
+                        "(max(0, p-N_L+1)..p, the method) or after it (p+1..p+N_L, the ablation); docs/method.md C8")
     _model_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
@@ -234,11 +223,12 @@ def _golden_args(parser):
     p = sub.add_parser("export", help="write DIR/manifest.json and DIR/tensors.npz",
                        description="Compute the golden vectors and write DIR/manifest.json and DIR/tensors.npz "
                                    "(deterministic).")
-    p.add_argument("dir", help="output directory (e.g. tiny_data/golden/original)")
+    p.add_argument("dir", help="output directory (e.g. tiny_data/golden/default)")
     p.add_argument("--seed", type=nonneg_int, default=SETUP["seed"],
                    help=f"seed of the golden state (default {SETUP['seed']}, the committed sets)")
-    p.add_argument("--ahead-positions", choices=("original", "continue"), default="original",
-                   help="the position convention of the set (default original)")
+    p.add_argument("--latent-positions", choices=("behind", "after"), default="behind",
+                   help="the latents' position ids in the set (default behind, the method; after: the ablation, "
+                        "the committed set tiny_data/golden/latents-after)")
     p.add_argument("--gqa", action="store_true", help="the grouped-query state (4 query heads, 2 key/value "
                    "heads; the committed set tiny_data/golden/gqa) instead of the multi-head one")
     _force_arg(p)
@@ -260,10 +250,10 @@ def _golden(args):
         return 0 if verify_all(args.dir, args.actual) else 1
     from .golden.state import SETUP, golden_config
     from .memory import train_step
-    cfg, s = golden_config(SETUP), SETUP                     # float64, and form C at export: a small run
+    cfg, s = golden_config(SETUP), SETUP                     # float64, and the per-trace form at export: small
     _preflight(lambda **k: train_step(cfg, itemsize=8, **k), dict(batch_size=s["batch_size"], seq_len=s["seq_len"],
                n_traces=s["n_traces"], n_latents=s["n_latents"], n_ahead=s["n_ahead"]), [], args)
-    manifest = export(args.dir, seed=args.seed, ahead_positions=args.ahead_positions, gqa=args.gqa)
+    manifest = export(args.dir, seed=args.seed, latent_positions=args.latent_positions, gqa=args.gqa)
     size = sum((Path(args.dir) / f).stat().st_size for f in (MANIFEST, TENSORS))
     print(f"wrote {len(manifest['tensors'])} tensors to {args.dir}/{TENSORS} and {args.dir}/{MANIFEST} "
           f"({size / 1024:.0f} KiB)")
@@ -359,8 +349,8 @@ def _bench_args(p):
     p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds (default 5)")
     p.add_argument("--memory-traces", type=positive_int, nargs="*", default=None,
                    help="K values of the memory probe (default 8 16 32 64; none to skip)")
-    p.add_argument("--sequential-sequences", type=nonneg_int, default=None,
-                   help="time form C on this many sequences and scale (default 1; 0: all)")
+    p.add_argument("--per-trace-sequences", type=nonneg_int, default=None,
+                   help="time the per-trace form on this many sequences and scale (default 1; 0: all)")
     p.add_argument("--threads", type=nonneg_int, default=0, help="BLAS and torch threads (default: as is)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
@@ -384,7 +374,7 @@ def _bench(args):
                            torch=not args.no_torch)
     bc = replace(bc, **bench.QUICK) if args.quick else bc
     given = {"n_traces": args.traces, "batch_size": args.batch_size, "rounds": args.rounds,
-             "sequential_sequences": args.sequential_sequences,
+             "per_trace_sequences": args.per_trace_sequences,
              "memory_traces": None if args.memory_traces is None else tuple(args.memory_traces)}
     bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
     from .memory import train_step
@@ -421,7 +411,7 @@ COMMANDS = {  # name: (help, declare flags, run)
     "generate": ("complete prompts, optionally with a coprocessor (and --delay)", _generate_args, _generate),
     "fetch": ("download a pretrained LLM (smollm2-135m) and convert it once into a frozen decoder", _fetch_args,
               _fetch),
-    "bench": ("time the training step, form C, memory and latency, side by side with PyTorch", _bench_args,
+    "bench": ("time the training step, the per-trace form, memory and latency, side by side with PyTorch", _bench_args,
               _bench),
 }
 

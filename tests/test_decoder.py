@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from refimpl.config import ModelConfig, get_preset
 from refimpl.core import decoder
 from refimpl.core.decoder import (
+    decode,
     flatten_params,
     forward,
-    generate,
     init_params,
     param_shapes,
     prefill,
@@ -74,14 +74,14 @@ def test_chunked_cached_forward_equals_full_forward(nano_cfg, params64, data, ch
 @settings(max_examples=20)
 @given(data=st.data())
 def test_cached_greedy_generation_equals_full_recompute(nano_cfg, params64, data):
-    """decoder.generate (kv-cache) == re-running the full uncached forward for every token."""
+    """decoder.decode (kv-cache) == re-running the full uncached forward for every token."""
     B = data.draw(st.integers(1, 2), label="B")
     T = data.draw(st.integers(1, 6), label="T_prompt")
     n_new = data.draw(st.integers(1, 6), label="n_new")
     prompt = seeded(data).integers(0, nano_cfg.vocab_size, size=(B, T))
 
     logits, cache = prefill(params64, nano_cfg, prompt)
-    new, cache = generate(params64, nano_cfg, cache, logits[:, -1], n_new)
+    new, cache = decode(params64, nano_cfg, cache, logits[:, -1], n_new)
 
     seq = prompt
     for _ in range(n_new):                                 # picoGPT: no cache, whole sequence
@@ -138,11 +138,11 @@ def test_left_padding_is_invisible(nano_cfg, params64, data):
     positions = np.stack([np.concatenate([np.full(T - len(p), -1), np.arange(len(p))]) for p in prompts])
 
     logits, cache = prefill(params64, nano_cfg, tokens, positions)
-    new, _ = generate(params64, nano_cfg, cache, logits[:, -1], n_new)
+    new, _ = decode(params64, nano_cfg, cache, logits[:, -1], n_new)
     for b, p in enumerate(prompts):
         want_logits, want_cache = prefill(params64, nano_cfg, p[None])
         np.testing.assert_allclose(logits[b, T - len(p):], want_logits[0], **TOL)
-        want_new, _ = generate(params64, nano_cfg, want_cache, want_logits[:, -1], n_new)
+        want_new, _ = decode(params64, nano_cfg, want_cache, want_logits[:, -1], n_new)
         assert np.array_equal(new[b], want_new[0])
 
 

@@ -55,7 +55,6 @@ def test_the_quick_plan_is_the_full_one_without_copy_nl4():
     assert list(full) == ["copy-nl2", "copy-nl4", *list(quick)[1:]]
     assert all(tc.steps == 40 for tc in quick.values()) and all(tc.steps == 600 for tc in full.values())
     assert {n for n, tc in full.items() if tc.latent_positions != "behind"} == {"copy-nl8-after"}
-    assert all(tc.ahead_positions == "original" for tc in full.values())
     assert full["pause-nl8"].mode == "pause" and full["random-nl8"].init == "random"
     assert [n for n, tc in full.items() if tc.eval_every] == ["copy-nl8"]          # the curve's run
     assert [n for n, tc in quick.items() if tc.eval_every] == ["copy-nl8"]
@@ -69,7 +68,7 @@ def test_the_gpu_plan_is_the_cpu_one_at_a_larger_budget():
     assert all(demo.traces_seen(tc) >= 10 * demo.traces_seen(cpu[n]) for n, tc in gpu.items())
     assert gpu["copy-nl8"].eval_every and 0 < gpu["copy-nl8"].steps // gpu["copy-nl8"].eval_every <= 40
     for name, tc in gpu.items():             # nothing but the budget differs from the CPU plan
-        same = {k for k in ("n_latents", "n_ahead", "mode", "init", "ahead_positions", "latent_positions")}
+        same = {k for k in ("n_latents", "n_ahead", "mode", "init", "latent_positions")}
         assert {k: getattr(tc, k) for k in same} == {k: getattr(cpu[name], k) for k in same}
     assert dict(demo.plan(True, "cupy")) == dict(demo.plan(True))                   # --quick stays quick
 

@@ -70,7 +70,7 @@ def test_every_run_scored_on_the_same_heldout_points(setup):
     heldout = heldout_set(load_tokens("val", load_tokenizer()), 1, 2, 24, 4, 6)
     base = ahead_nll(params, None, cfg, heldout, 0, 6)
     trainable = load_coprocessor(setup["root"] / "runs" / "copy2" / "coprocessor.npz", meta["decoder_hash"])[0]
-    want = relative_ppl_change(base, ahead_nll(params, trainable, cfg, heldout, 2, 6, "original", "behind"))
+    want = relative_ppl_change(base, ahead_nll(params, trainable, cfg, heldout, 2, 6, "behind"))
     got = setup["report"]["measurements"]["runs"]["copy2"]["relative_ppl_change_pct"]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -90,7 +90,7 @@ def by_hand(params, cfg, tok, trainable, prompt, n_new=10):
     ids = [tok.eot_id] + tok.encode(prompt)
     logits, cache = prefill(params, cfg, np.array([ids]))
     if trainable is not None:
-        z, p = augment(trainable, cfg, cache, "behind"), len(ids) - 1
+        (z, _), p = augment(trainable, cfg, cache, "behind"), len(ids) - 1
         logits, cache = extend(params, cfg, cache, z, np.maximum(np.arange(p - z.shape[1] + 1, p + 1), 0)[None])
     out = []
     for pos in range(len(ids), len(ids) + n_new):
@@ -130,7 +130,8 @@ def test_tables_say_not_run_without_runs_and_fill_in_with_them(setup):
     assert len(table2(m, [])["header"]) == 2 and "decoder alone only" in table2(m, [])["note"]
     assert render_markdown({**setup["report"], "tables": [t(m, []) for t in TABLES]}).count(NOT_RUN) == len(TABLES) - 1
     fake = lambda name, **meta: Run(name, f"{name}.npz", {"mode": "coprocessor", "init": "copy", "n_latents": 2,
-                                                          "n_ahead": 3, **meta}, None)
+                                                          "n_ahead": 3, "train_config": {"latent_positions": "behind"},
+                                                          **meta}, None)
     m = {**m, "runs": {**m["runs"], "p": m["runs"]["copy2"], "r": m["runs"]["copy4"], "a5": m["runs"]["copy4"]}}
     runs = [fake("copy2"), fake("p", mode="pause"), fake("r", init="random"), fake("a5", n_ahead=5)]
     t3, t5, t6 = (table(m, runs) for table in TABLES[2:5])
@@ -158,24 +159,22 @@ def test_horizon_that_does_not_fit_is_refused(setup, capsys):
     assert "--horizon 30 does not fit --seq-len 24" in capsys.readouterr().err
 
 
-def test_table_positions_pairs_runs_that_differ_only_in_a_position_convention():
-    def run(name, ahead, n_latents=4, latents=None, lr=1e-3):
-        tc = {"ahead_positions": ahead, "lr": lr, **({"latent_positions": latents} if latents else {})}
+def test_table_positions_pairs_runs_that_differ_only_in_the_latent_positions():
+    def run(name, latents, n_latents=4, lr=1e-3):
+        tc = {"lr": lr, "latent_positions": latents}
         meta = {"mode": "coprocessor", "init": "copy", "n_latents": n_latents, "n_ahead": 8, "train_config": tc}
         return Run(name, f"/x/{name}", meta, {})
-    runs = [run("c4", "continue"), run("o4", "original"), run("o8", "original", 8), run("b4", "original",
-            latents="behind"), run("b4-lr", "original", latents="behind", lr=3e-3)]
+    runs = [run("a4", "after"), run("a8", "after", 8), run("b4", "behind"), run("b4-lr", "behind", lr=3e-3)]
     m = {"horizon": 3, "runs": {r.name: {"relative_ppl_change_pct": [1.0, 2.0, 4.0],
                                          "accuracy": {"overall": 5.0}} for r in runs}}
     t = table_positions(m, runs)
     assert t["status"] == "ok"
-    assert [row[:3] for row in t["rows"]] == [["original", "behind", "b4"], ["continue", "after", "c4"],
-                                              ["original", "after", "o4"]]    # b4-lr differs in lr too
-    assert t["rows"][0][4:8] == [1.0, 2.0, 3.0, 7 / 3]     # n=1, n=2, mean of 2..N_A (H=3 here), mean of 1..H
-    assert "'original' (the default)" in t["note"] and "'behind' at p-N_L+1..p" in t["note"]
-    assert [r.name for r in copy_runs(runs)] == ["b4", "b4-lr"]   # the main conventions (tie: the defaults)
-    assert [r.name for r in copy_runs(runs[:3])] == ["o4", "o8"]  # else the conventions most runs share
-    assert table_positions(m, runs[2:3] + runs[4:])["status"] == NOT_RUN
+    assert [row[:2] for row in t["rows"]] == [["behind", "b4"], ["after", "a4"]]    # b4-lr differs in lr too
+    assert t["rows"][0][3:7] == [1.0, 2.0, 3.0, 7 / 3]     # n=1, n=2, mean of 2..N_A (H=3 here), mean of 1..H
+    assert "'behind' (the method)" in t["note"] and "'after' (the ablation)" in t["note"]
+    assert [r.name for r in copy_runs(runs)] == ["b4", "b4-lr"]   # the main convention (tie: the default)
+    assert [r.name for r in copy_runs(runs[:3])] == ["a4", "a8"]  # else the convention most runs share
+    assert table_positions(m, runs[1:2] + runs[3:])["status"] == NOT_RUN
 
 
 def test_breakeven_curve_is_the_runs_own_heldout_gap(setup):
@@ -235,7 +234,7 @@ def test_headline_says_where_augmentation_helps_and_where_not_yet():
     from refimpl.evaluation.report import headline
     def run(name, steps):
         meta = {"mode": "coprocessor", "init": "copy", "n_latents": 8, "n_ahead": 3, "step": steps,
-                "train_config": {"batch_size": 4, "n_traces": 16}}
+                "train_config": {"batch_size": 4, "n_traces": 16, "latent_positions": "behind"}}
         return Run(name, f"/x/{name}", meta, {})
     runs = [run("demo", 600), run("long", 10000)]
     m = {"runs": {"demo": {"relative_ppl_change_pct": [5.0, -0.1, 0.3, 9.0]},

@@ -22,7 +22,7 @@ def _run(*args, cwd):
 @pytest.mark.parametrize("script, args, expect", [
     ("01_decoder_and_cache.py", ["--small"], "cached (chunks"),
     ("02_coprocessor_call.py", ["--small"], "latents z (1, 8, 48)"),
-    ("03_three_forms.py", [], "cached vs sequential: max |gradient diff|"),
+    ("03_three_forms.py", [], "cached vs per-trace: max |gradient diff|"),
 ])
 def test_example_runs(script, args, expect, tmp_path):
     assert expect in _run(EXAMPLES / script, *args, cwd=tmp_path)
@@ -37,7 +37,7 @@ def test_example_tiny_training_run(tmp_path):
 def test_three_forms_agree_in_the_example(tmp_path):
     out = _run(EXAMPLES / "03_three_forms.py", cwd=tmp_path)
     losses = {line.split("loss")[1].strip() for line in out.splitlines() if line.startswith("form")}
-    assert len(losses) == 1                                  # packed, cached, sequential: one number
+    assert len(losses) == 1                                  # per-trace, cached, packed: one number
 
 
 def test_coprocessor_call_decodes_as_refimpl_generate(tmp_path):

@@ -1,6 +1,7 @@
-"""Augmented decoding (docs/method.md §3): equal to the hand-written sequence under every position
-convention (ahead tokens original/continue, latents after/behind), batched = unbatched, delays append the latents where they should, the CLI decodes under
-the convention the checkpoint was trained with, and a missing or broken coprocessor falls back cleanly."""
+"""Augmented decoding (docs/method.md §3): equal to the hand-written sequence with the latents behind
+the point and after it, batched = unbatched, delays append the latents where they should, the CLI
+decodes under the convention the checkpoint was trained with, an older checkpoint is refused in one
+line, and a missing or broken coprocessor falls back cleanly."""
 from dataclasses import replace
 
 import numpy as np
@@ -9,16 +10,9 @@ import pytest
 from refimpl.cli import main
 from refimpl.config import get_preset
 from refimpl.core.coprocessor import augment
-from refimpl.core.decoder import extend, generate, init_params, prefill
+from refimpl.core.decoder import decode, extend, init_params, prefill
 from refimpl.data.tokenizer import load_tokenizer
-from refimpl.evaluation.generate import (
-    generate_ids,
-    generate_text,
-    left_pad,
-    load_or_fallback,
-    trained_convention,
-    trained_latent_positions,
-)
+from refimpl.evaluation.generate import complete, generate, left_pad, load_or_fallback, trained_latent_positions
 from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
 from refimpl.training.train import TrainConfig, train
 
@@ -36,11 +30,8 @@ def setup(tmp_path_factory):
     save_decoder(dec_path, init_params(cfg, seed=0), cfg)
     small = TrainConfig(n_latents=N_L, n_ahead=3, n_traces=4, batch_size=2, seq_len=24, steps=2, eval_every=0,
                         eval_batches=1)
-    train(dec_path, small, root / "run", quiet=True)                      # "original", "behind": the defaults
+    train(dec_path, small, root / "run", quiet=True)                      # "behind": the default
     train(dec_path, replace(small, latent_positions="after"), root / "run-after", quiet=True)
-    # behind the point, the latents end at p: both ahead conventions then number x_{p+1} p+1
-    train(dec_path, replace(small, ahead_positions="continue", latent_positions="after"), root / "run-continue",
-          quiet=True)
     params, cfg, meta = load_decoder(dec_path, np.float64)
     trainable = load_coprocessor(root / "run" / "coprocessor.npz", meta["decoder_hash"], np.float64)[0]
     tok = load_tokenizer()
@@ -49,21 +40,21 @@ def setup(tmp_path_factory):
                 tok=tok, ids=ids)
 
 
-def by_hand(s, ids, n_new, delay=0, ahead="original", latents="after"):
+def by_hand(s, ids, n_new, delay=0, latents="behind"):
     """docs/method.md §3 with the inference API only: prefill, decode `delay` plain tokens, augment on
-    the PROMPT's cache, extend by the latents (at the next N_L ids, or at the N_L ids up to the last
-    token's), then decode greedily from the last latent's logits, the tokens after the latents at
-    their original positions or counting on after the latents."""
+    the PROMPT's cache, extend by the latents (at the N_L ids up to the last token's, or at the next
+    N_L ids), then decode greedily from the last latent's logits, the tokens after the latents at
+    their own positions."""
     params, cfg = s["params"], s["cfg"]
     logits, prompt_cache = prefill(params, cfg, np.array([ids]))
     first, cache = np.zeros((1, 0), dtype=np.int64), prompt_cache
     if delay:
-        first, cache = generate(params, cfg, prompt_cache, logits[:, -1], delay)   # no latents yet
-    z = augment(s["trainable"], cfg, prompt_cache, latents)                   # [1, N_L, D]
+        first, cache = decode(params, cfg, prompt_cache, logits[:, -1], delay)     # no latents yet
+    z, _ = augment(s["trainable"], cfg, prompt_cache, latents)                # [1, N_L, D]
     q = len(ids) - 1 + delay                                                  # the last token's position
     ids_z = np.arange(q + 1, q + 1 + N_L) if latents == "after" else np.maximum(np.arange(q - N_L + 1, q + 1), 0)
     lg, cache = extend(params, cfg, cache, z, ids_z[None])
-    out, pos = first[0].tolist(), len(ids) + delay + (N_L if ahead == "continue" and latents == "after" else 0)
+    out, pos = first[0].tolist(), len(ids) + delay
     for _ in range(n_new - delay):
         out.append(int(np.argmax(lg[0, -1])))
         lg, cache = extend(params, cfg, cache, np.array([[out[-1]]]), np.array([[pos]]))
@@ -71,45 +62,44 @@ def by_hand(s, ids, n_new, delay=0, ahead="original", latents="after"):
     return out
 
 
-@pytest.mark.parametrize("ahead, latents", [("original", "after"), ("continue", "after"), ("original", "behind"),
-                                            ("continue", "behind")])
-def test_augmented_generation_equals_decoding_by_hand(setup, ahead, latents):
+@pytest.mark.parametrize("latents", ["behind", "after"])
+def test_augmented_generation_equals_decoding_by_hand(setup, latents):
     prompts = setup["ids"] + [setup["ids"][0][:2]]       # a 2-token prompt: "behind" ids clamp at 0
-    dec = generate_ids(setup["params"], setup["cfg"], prompts, setup["trainable"], max_new_tokens=6,
-                       ahead_positions=ahead, latent_positions=latents)
+    dec = generate(setup["params"], setup["cfg"], prompts, setup["trainable"], max_new_tokens=6,
+                   latent_positions=latents)
     for ids, got in zip(prompts, dec.tokens):            # batched, left-padded, vs one by one
-        assert got == by_hand(setup, ids, 6, ahead=ahead, latents=latents)
+        assert got == by_hand(setup, ids, 6, latents=latents)
     assert dec.latents.shape == (len(prompts), N_L, setup["cfg"].d_model) and dec.latents_at == 0
-    plain = generate_ids(setup["params"], setup["cfg"], prompts, max_new_tokens=6)
+    plain = generate(setup["params"], setup["cfg"], prompts, max_new_tokens=6)
     assert plain.tokens != dec.tokens                     # the latents matter, so the test can fail
 
 
 def test_batched_equals_unbatched_without_coprocessor(setup):
-    batched = generate_ids(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=5).tokens
-    single = [generate_ids(setup["params"], setup["cfg"], [ids], max_new_tokens=5).tokens[0] for ids in setup["ids"]]
+    batched = generate(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=5).tokens
+    single = [generate(setup["params"], setup["cfg"], [ids], max_new_tokens=5).tokens[0] for ids in setup["ids"]]
     assert batched == single
 
 
 @pytest.mark.parametrize("delay", [0, 2])
 def test_background_thread_equals_synchronous(setup, delay):
     args = (setup["params"], setup["cfg"], setup["ids"], setup["trainable"])
-    sync = generate_ids(*args, max_new_tokens=5, delay=delay, background=False)
-    threaded = generate_ids(*args, max_new_tokens=5, delay=delay, background=True)
+    sync = generate(*args, max_new_tokens=5, delay=delay, background=False)
+    threaded = generate(*args, max_new_tokens=5, delay=delay, background=True)
     assert sync.tokens == threaded.tokens and threaded.latents_at == delay
 
 
 def test_delay_appends_latents_after_n_tokens(setup):
     delay, n_new = 2, 5
-    dec = generate_ids(setup["params"], setup["cfg"], setup["ids"], setup["trainable"], max_new_tokens=n_new,
+    dec = generate(setup["params"], setup["cfg"], setup["ids"], setup["trainable"], max_new_tokens=n_new,
                        delay=delay, latent_positions="after")
-    plain = generate_ids(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=n_new)
+    plain = generate(setup["params"], setup["cfg"], setup["ids"], max_new_tokens=n_new)
     T = dec.prompt_len
     assert dec.latents_at == delay
     assert dec.cache.length == T + delay + N_L + (n_new - 1 - delay)       # the last token is never fed
     _, positions = left_pad(setup["ids"])
     for b, ids in enumerate(setup["ids"]):
         assert dec.tokens[b][:delay] == plain.tokens[b][:delay]           # the decoder did not wait
-        assert dec.tokens[b] == by_hand(setup, ids, n_new, delay)
+        assert dec.tokens[b] == by_hand(setup, ids, n_new, delay, latents="after")
         slots = dec.cache.positions[b, T + delay:T + delay + N_L]          # latents after the delay tokens
         assert slots.tolist() == list(range(len(ids) + delay, len(ids) + delay + N_L))
     assert np.array_equal(dec.cache.positions[:, :T], positions)
@@ -118,7 +108,7 @@ def test_delay_appends_latents_after_n_tokens(setup):
 def test_missing_coprocessor_falls_back_with_a_warning(setup, capsys, tmp_path):
     warnings = []
     assert load_or_fallback(tmp_path / "nope.npz", setup["meta"]["decoder_hash"], warn=warnings.append) == \
-        (None, {"ahead_positions": "original", "latent_positions": "behind"})
+        (None, "behind")
     assert load_or_fallback(setup["root"] / "run", "0" * 64, warn=warnings.append)[0] is None  # another decoder
     assert len(warnings) == 2 and "another decoder" in warnings[1]
     common = ["generate", "--decoder", str(setup["dec_path"]), "--max-new-tokens", "4"] + \
@@ -135,25 +125,10 @@ def test_raising_coprocessor_falls_back_to_plain_decoding(setup):
     broken = {**setup["trainable"], "soft_tokens": np.zeros((N_L, 5))}     # wrong width: augment raises
     warnings = []
     for background in (False, True):
-        got = generate_text(setup["params"], setup["cfg"], setup["tok"], PROMPTS, broken, max_new_tokens=4,
-                            background=background, warn=warnings.append)
-        assert got == generate_text(setup["params"], setup["cfg"], setup["tok"], PROMPTS, max_new_tokens=4)
+        got = complete(setup["params"], setup["cfg"], setup["tok"], PROMPTS, broken, max_new_tokens=4,
+                       background=background, warn=warnings.append)[0]
+        assert got == complete(setup["params"], setup["cfg"], setup["tok"], PROMPTS, max_new_tokens=4)[0]
     assert len(warnings) == 2 and all("coprocessor failed" in w for w in warnings)
-
-
-@pytest.mark.parametrize("run, ahead", [("run-after", "original"), ("run-continue", "continue")])
-def test_cli_decodes_under_the_convention_the_coprocessor_was_trained_with(setup, capsys, run, ahead):
-    s = setup
-    assert main(["generate", "--decoder", str(s["dec_path"]), "--coprocessor", str(s["root"] / run),
-                 "--prompt", PROMPTS[0], "--max-new-tokens", "6", "--delay", "1"]) == 0
-    out = capsys.readouterr()
-    params, cfg, meta = load_decoder(s["dec_path"])
-    trainable, _, cop_meta = load_coprocessor(s["root"] / run / "coprocessor.npz", meta["decoder_hash"])
-    assert trained_convention(cop_meta) == ahead
-    want = {a: generate_text(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=6, delay=1,
-                             ahead_positions=a, latent_positions="after")[0] for a in ("original", "continue")}
-    assert want["original"] != want["continue"]           # so the test can fail
-    assert out.out == PROMPTS[0] + want[ahead] + "\n" and out.err == ""
 
 
 @pytest.mark.parametrize("run, latents", [("run", "behind"), ("run-after", "after")])
@@ -165,38 +140,52 @@ def test_cli_decodes_the_latents_where_they_were_trained(setup, capsys, run, lat
     params, cfg, meta = load_decoder(s["dec_path"])
     trainable, _, cop_meta = load_coprocessor(s["root"] / run / "coprocessor.npz", meta["decoder_hash"])
     assert trained_latent_positions(cop_meta) == latents
-    want = {lp: generate_text(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=6,
-                              latent_positions=lp)[0] for lp in ("after", "behind")}
+    want = {lp: complete(params, cfg, s["tok"], PROMPTS[:1], trainable, max_new_tokens=6,
+                         latent_positions=lp)[0][0] for lp in ("after", "behind")}
     assert want["after"] != want["behind"]               # so the test can fail
     assert out.out == PROMPTS[0] + want[latents] + "\n" and out.err == ""
 
 
-def test_checkpoints_without_a_convention_were_trained_with_continue():
-    assert trained_convention({"train_config": {}}) == "continue"     # saved before the option existed
-    assert trained_convention({"train_config": {"ahead_positions": "original"}}) == "original"
-    assert trained_latent_positions({"train_config": {}}) == "after"  # saved before latent_positions existed
+@pytest.mark.parametrize("change, words", [
+    ({"latent_positions": None}, "before the latents' position ids were recorded"),
+    ({"ahead_positions": "continue"}, "ahead_positions='continue', an option removed"),
+    ({"readout": "prenorm"}, "readout='prenorm', an option removed"),
+    ({"soft_lr_scale": 3.0}, "soft_lr_scale=3.0, an option removed"),
+    ({"soft_init": "embed"}, "soft_init='embed', an option removed")])
+def test_an_older_checkpoint_gets_one_line_that_names_what_changed(setup, capsys, tmp_path, change, words):
+    import json
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(setup["root"] / "run", run)
+    meta = json.loads((run / "coprocessor.json").read_text())
+    tc = {k: v for k, v in {**meta["train_config"], **change}.items() if v is not None}
+    meta["train_config"] = tc
+    meta.pop("meta_sha256", None)                                   # an edited file carries no hash
+    (run / "coprocessor.json").write_text(json.dumps(meta))
+    assert main(["eval", "--decoder", str(setup["dec_path"]), "--coprocessor", str(run), "--out",
+                 str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "commit 2d4e58e" in err
 
 
 def test_sampling_is_seeded(setup):
-    run = lambda seed: generate_text(setup["params"], setup["cfg"], setup["tok"], PROMPTS, setup["trainable"],
-                                     max_new_tokens=4, temperature=1.0, seed=seed)
+    run = lambda seed: complete(setup["params"], setup["cfg"], setup["tok"], PROMPTS, setup["trainable"],
+                                max_new_tokens=4, temperature=1.0, seed=seed)[0]
     assert run(3) == run(3)
 
 
-@pytest.mark.parametrize("ahead, latents, delay", [("continue", "after", 0), ("original", "after", 0),
-                                                   ("original", "after", 2), ("original", "behind", 0),
-                                                   ("continue", "behind", 2)])
-def test_token_positions_after_latents(setup, ahead, latents, delay):
-    """The latents sit after the last token (p+1..p+N_L) or behind it (p-N_L+1..p); after them, tokens
-    go on from the last token's position ("original") or count on after the latents ("continue")."""
-    d = generate_ids(setup["params"], setup["cfg"], [setup["ids"][0]], setup["trainable"],
-                     max_new_tokens=delay + 3, delay=delay, ahead_positions=ahead, latent_positions=latents)
+@pytest.mark.parametrize("latents, delay", [("after", 0), ("after", 2), ("behind", 0), ("behind", 2)])
+def test_token_positions_after_latents(setup, latents, delay):
+    """The latents sit behind the last token (p-N_L+1..p) or after it (p+1..p+N_L); after them, tokens
+    go on from the last token's position, as if the latents took none."""
+    d = generate(setup["params"], setup["cfg"], [setup["ids"][0]], setup["trainable"],
+                 max_new_tokens=delay + 3, delay=delay, latent_positions=latents)
     p = len(setup["ids"][0]) - 1                                             # last prompt position
     pos = d.cache.positions[0, len(setup["ids"][0]):].tolist()              # everything fed after the prompt
     early = list(range(p + 1, p + 1 + delay))                                # tokens before the latents
     q = p + delay                                                            # the last token's position
     latents = list(range(q + 1, q + 1 + N_L) if latents == "after" else range(q - N_L + 1, q + 1))
-    start = latents[-1] + 1 if ahead == "continue" else p + 1 + delay
+    start = p + 1 + delay
     assert pos == early + latents + [start, start + 1]                        # the last token is not fed back
 
 
@@ -204,11 +193,11 @@ def test_the_shipped_coprocessor_decodes_against_the_shipped_decoder():
     """tiny_data/shipped-coprocessor: trained against the shipped decoder with the latents behind the
     point; `refimpl generate --coprocessor tiny_data/shipped-coprocessor` uses it at once."""
     from refimpl.data.corpus import SHIPPED_DECODER, TINY_DATA
-    from refimpl.evaluation.generate import generate_from_files, trained_positions
+    from refimpl.evaluation.generate import generate_from_files
     params, cfg, meta = load_decoder(SHIPPED_DECODER)
     trainable, _, cop_meta = load_coprocessor(TINY_DATA / "shipped-coprocessor" / "coprocessor.npz",
                                               meta["decoder_hash"])
-    assert trained_positions(cop_meta) == {"ahead_positions": "original", "latent_positions": "behind"}
+    assert trained_latent_positions(cop_meta) == "behind"
     assert cop_meta["step"] == 10000 and trainable["soft_tokens"].shape == (8, cfg.d_model)
     warnings = []
     prompt = ["Q: 348+275=? A:"]

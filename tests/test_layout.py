@@ -6,34 +6,34 @@ from hypothesis import strategies as st
 
 from refimpl.core.layout import (
     AHEAD,
-    AHEAD_POSITIONS,
     LATENT,
+    LATENT_POSITIONS,
     ORIGINAL,
     build_layout,
-    format_mask,
     sample_trace_positions,
+    worked_example,
 )
 from refimpl.errors import RefimplError
 
 
-@pytest.mark.parametrize("convention, group_positions", [("original", [2, 2, 4, 4]), ("continue", [2, 3, 4, 5])])
-def test_worked_example(convention, group_positions):
-    # N_L=1, N_A=2, traces at b (1) and d (3) of "a b c d e f" (docs/method.md, the worked mask)
-    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=1, n_ahead=2, ahead_positions=convention,
-                          latent_positions="after")
+@pytest.mark.parametrize("latent_positions, latent_ids", [("behind", [[0, 1], [2, 3]]), ("after", [[2, 3], [4, 5]])])
+def test_worked_example(latent_positions, latent_ids):
+    # N_L=2, N_A=2, traces at b (1) and d (3) of "a b c d e f" (docs/method.md §4, the worked example)
+    layout = build_layout(np.arange(6)[None], np.array([[1, 3]]), n_latents=2, n_ahead=2,
+                          latent_positions=latent_positions)
     m = layout.packed_may_attend()[0]
-    names = list("abcdef") + ["b'", "c+", "d'", "e+"]
+    names = list("abcdef") + ["z1@b", "z2@b", "c+", "z1@d", "z2@d", "e+"]
     sees = {names[i]: {names[j] for j in np.flatnonzero(m[i])} for i in range(len(names))}
-    assert sees["b'"] == {"a", "b", "b'"}
-    assert sees["c+"] == {"a", "b", "b'", "c+"}
-    assert sees["d'"] == {"a", "b", "c", "d", "d'"}
-    assert sees["e+"] == {"a", "b", "c", "d", "d'", "e+"}
+    assert sees["z1@b"] == {"a", "b", "z1@b"}
+    assert sees["c+"] == {"a", "b", "z1@b", "z2@b", "c+"}
+    assert sees["z2@d"] == {"a", "b", "c", "d", "z1@d", "z2@d"}
     assert sees["f"] == set("abcdef")
-    np.testing.assert_array_equal(layout.packed_positions()[0], [0, 1, 2, 3, 4, 5] + group_positions)
+    (l1, l2), ahead = latent_ids, [2, 4]                     # the ahead tokens keep their own ids
+    np.testing.assert_array_equal(layout.packed_positions()[0], [0, 1, 2, 3, 4, 5, *l1, ahead[0], *l2, ahead[1]])
     np.testing.assert_array_equal(layout.targets[0], [[2, 3], [4, 5]])
-    # target x_{p+1} read at the latent, x_{p+2} at the ahead token
-    np.testing.assert_array_equal(layout.readout[0], [6, 7, 8, 9])
-    assert "#" in format_mask(m, layout.slot_kinds(), names)
+    # target x_{p+1} read at the last latent, x_{p+2} at the ahead token
+    np.testing.assert_array_equal(layout.read_slots[0], [7, 8, 10, 11])
+    assert "z2@d  # # # # . . . . . # # ." in worked_example(latent_positions=latent_positions)
 
 
 @st.composite
@@ -46,8 +46,8 @@ def layouts(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     positions = sample_trace_positions(rng, B, T, K, n_ahead)
     tokens = rng.integers(0, 50, (B, T))
-    convention = draw(st.sampled_from(AHEAD_POSITIONS))
-    return tokens, build_layout(tokens, positions, n_latents, n_ahead, convention, "after"), convention
+    convention = draw(st.sampled_from(LATENT_POSITIONS))
+    return tokens, build_layout(tokens, positions, n_latents, n_ahead, convention), convention
 
 
 @given(layouts())
@@ -79,7 +79,6 @@ def test_layout_indices(case):
     tokens, layout, convention = case
     B, K = layout.trace_positions.shape
     N_L, N_A = layout.n_latents, layout.n_ahead
-    shift = N_L if convention == "continue" else 0
     kinds = layout.slot_kinds()
     pos = layout.packed_positions()
     for b in range(B):
@@ -87,13 +86,14 @@ def test_layout_indices(case):
             p = layout.trace_positions[b, k]
             np.testing.assert_array_equal(layout.targets[b, k], tokens[b, p + 1:p + 1 + N_A])
             np.testing.assert_array_equal(layout.ahead_inputs[b, k], tokens[b, p + 1:p + N_A])
-            # latents at p+1..p+N_L; ahead token x_{p+j} at p+j ("original") or p+N_L+j ("continue")
-            np.testing.assert_array_equal(layout.group_positions[b, k],
-                                          np.r_[p + 1 + np.arange(N_L), p + 1 + shift + np.arange(N_A - 1)])
-            read = layout.readout[b, k * N_A:(k + 1) * N_A]
+            # latents at max(0, p-N_L+1)..p ("behind") or p+1..p+N_L ("after"); ahead token x_{p+j} at p+j
+            latents = p + 1 + np.arange(N_L)
+            latents = np.maximum(latents - N_L, 0) if convention == "behind" else latents
+            np.testing.assert_array_equal(layout.group_positions[b, k], np.r_[latents, p + 1 + np.arange(N_A - 1)])
+            read = layout.read_slots[b, k * N_A:(k + 1) * N_A]
             # target x_{p+1} is read at the last latent (or at x_p without latents), x_{p+1+j} at x_{p+j}
-            assert pos[b, read[0]] == p + N_L
-            np.testing.assert_array_equal(pos[b, read[1:]], p + shift + np.arange(1, N_A))
+            assert pos[b, read[0]] == (latents[-1] if N_L else p)
+            np.testing.assert_array_equal(pos[b, read[1:]], p + np.arange(1, N_A))
             if N_L == 0:
                 assert read[0] == p and kinds[read[0]] == ORIGINAL
             else:
@@ -129,8 +129,6 @@ def test_too_many_traces():
 
 
 def test_latents_behind_the_point():
-    """'behind': latent j at max(0, p-N_L+1+j), the last latent at p; ahead tokens at p+1.. either way."""
-    for convention in AHEAD_POSITIONS:
-        layout = build_layout(np.arange(10)[None], np.array([[1, 5]]), n_latents=3, n_ahead=3,
-                              ahead_positions=convention, latent_positions="behind")
-        np.testing.assert_array_equal(layout.group_positions[0], [[0, 0, 1, 2, 3], [3, 4, 5, 6, 7]])
+    """'behind': latent j at max(0, p-N_L+1+j), the last latent at p; ahead tokens at p+1.."""
+    layout = build_layout(np.arange(10)[None], np.array([[1, 5]]), n_latents=3, n_ahead=3)
+    np.testing.assert_array_equal(layout.group_positions[0], [[0, 0, 1, 2, 3], [3, 4, 5, 6, 7]])

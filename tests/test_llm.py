@@ -324,10 +324,10 @@ def test_the_real_tokenizer_round_trips_any_unicode(real, text):
 
 @needs_real
 def test_the_real_model_completes_the_capital_of_france(real):
-    from refimpl.core.decoder import generate, prefill
+    from refimpl.core.decoder import decode, prefill
     params, cfg, _, tok = real
     logits, cache = prefill(params, cfg, np.array([tok.encode("The capital of France is")]))
-    new, _ = generate(params, cfg, cache, logits[:, -1], 3)
+    new, _ = decode(params, cfg, cache, logits[:, -1], 3)
     assert tok.decode(new[0]) == " Paris.\n"
 
 

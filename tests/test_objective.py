@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.config import get_preset
-from refimpl.core.coprocessor import LATENT_SCALE, READOUTS, SOFT_TOKENS, augment, init_coprocessor
+from refimpl.core.coprocessor import SOFT_TOKENS, augment, init_coprocessor
 from refimpl.core.decoder import flatten_params, forward, init_params, prefill
-from refimpl.core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, build_layout, sample_trace_positions
-from refimpl.core.objective import FORMS, loss_cached, loss_sequential
+from refimpl.core.layout import LATENT_POSITIONS, build_layout, sample_trace_positions
+from refimpl.core.objective import FORMS, loss_cached, loss_per_trace
 from refimpl.core.ops import cross_entropy
 from refimpl.training.autodiff import value_and_grad
 
@@ -28,38 +28,33 @@ def problems(draw):
     n_latents = draw(st.integers(1, 3))
     mode = draw(st.sampled_from(["coprocessor", "pause"]))
     init = draw(st.sampled_from(["copy", "random"]))
-    readout = draw(st.sampled_from(READOUTS)) if mode == "coprocessor" else "norm"
     tokens = rng.integers(0, V, (B, T))
     positions = sample_trace_positions(rng, B, T, K, n_ahead)
-    trainable = init_coprocessor(DEC, CFG, n_latents, init, mode, seed=int(rng.integers(100)), readout=readout)
-    if readout == "scaled":                                  # away from its init of ones
-        trainable[LATENT_SCALE] = rng.uniform(0.5, 1.5, n_latents)
+    trainable = init_coprocessor(DEC, CFG, n_latents, init, mode, seed=int(rng.integers(100)))
     return tokens, positions, n_latents, n_ahead, trainable
 
 
 @st.composite
 def problems_any_positions(draw):
-    return draw(problems()) + (draw(st.sampled_from(AHEAD_POSITIONS)), draw(st.sampled_from(LATENT_POSITIONS)))
+    return draw(problems()) + (draw(st.sampled_from(LATENT_POSITIONS)),)
 
 
-def _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead_positions="original", latent_positions="after"):
+def _run(form, trainable, tokens, positions, n_latents, n_ahead, latent_positions="behind"):
     def loss_fn(t):
-        loss, out = FORMS[form](DEC, t, CFG, tokens, positions, n_latents, n_ahead, ahead_positions,
-                                latent_positions)
+        loss, out = FORMS[form](DEC, t, CFG, tokens, positions, n_latents, n_ahead, latent_positions)
         return loss, {k: (None if v is None else np.asarray(getattr(v, "_value", v))) for k, v in out.items()}
     return value_and_grad(loss_fn, trainable)
 
 
 @settings(max_examples=16)
 @given(problems_any_positions())
-def test_packed_equals_cached_equals_sequential(problem):
+def test_packed_equals_cached_equals_per_trace(problem):
     """Invariant 4: loss, logits, latents and EVERY gradient agree across the three forms,
-    under every position-id convention of the ahead tokens and the latents and every read-out
-    of the latents (docs/choices.md)."""
-    tokens, positions, n_latents, n_ahead, trainable, ahead, latent = problem
-    ref_loss, ref_grads, ref_out = _run("sequential", trainable, tokens, positions, n_latents, n_ahead, ahead, latent)
+    with the latents behind the point (the method) and after it (the ablation)."""
+    tokens, positions, n_latents, n_ahead, trainable, latent = problem
+    ref_loss, ref_grads, ref_out = _run("per-trace", trainable, tokens, positions, n_latents, n_ahead, latent)
     for form in ("cached", "packed"):
-        loss, grads, out = _run(form, trainable, tokens, positions, n_latents, n_ahead, ahead, latent)
+        loss, grads, out = _run(form, trainable, tokens, positions, n_latents, n_ahead, latent)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-12, atol=0)
         np.testing.assert_allclose(out["logits"], ref_out["logits"], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(out["latents"], ref_out["latents"], rtol=1e-10, atol=1e-12)
@@ -141,7 +136,7 @@ def test_future_tokens_do_not_leak(problem, seed):
     p = positions[b, k]
     changed = tokens.copy()
     changed[b, p + 1:] = rng.integers(0, V, tokens.shape[1] - p - 1)
-    for form in (loss_cached, loss_sequential):
+    for form in (loss_cached, loss_per_trace):
         _, a = form(DEC, trainable, CFG, tokens, positions, n_latents, n_ahead)
         _, c = form(DEC, trainable, CFG, changed, positions, n_latents, n_ahead)
         np.testing.assert_array_equal(a["latents"][b, k], c["latents"][b, k])
@@ -154,9 +149,10 @@ def test_augment_is_one_call_at_the_end_of_the_prompt():
     tokens = rng.integers(0, V, (1, 9))
     trainable = init_coprocessor(DEC, CFG, 3, seed=2)
     _, cache = prefill(DEC, CFG, tokens[:, :6])
-    z = augment(trainable, CFG, cache)
+    z, ids = augment(trainable, CFG, cache)
     _, out = loss_cached(DEC, trainable, CFG, tokens, np.array([[5]]), 3, 1)
     assert z.shape == (1, 3, CFG.d_model)
+    np.testing.assert_array_equal(ids, [[3, 4, 5]])                      # behind the point p = 5
     np.testing.assert_allclose(z, out["latents"][:, 0], rtol=1e-12, atol=1e-14)
 
 
@@ -172,31 +168,14 @@ def test_float32_stays_float32():
     assert all(g.dtype == np.float32 for g in grads.values())
 
 
-def test_ahead_positions_conventions():
-    """The two conventions differ only in the ahead tokens' position ids (docs/choices.md)."""
-    tokens = np.arange(12)[None] % V
-    cont = build_layout(tokens, np.array([[3]]), 2, 3, "continue", "after").group_positions[0, 0]
-    orig = build_layout(tokens, np.array([[3]]), 2, 3, "original", "after").group_positions[0, 0]
-    np.testing.assert_array_equal(cont, [4, 5, 6, 7])        # z1 z2 at 4 5; x4 x5 at 6 7
-    np.testing.assert_array_equal(orig, [4, 5, 4, 5])        # z1 z2 at 4 5; x4 x5 keep 4 5
-    trainable = init_coprocessor(DEC, CFG, 2, seed=3)
-    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "continue", "after")[1]
-    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 2, 3, "original", "after")[1]
-    np.testing.assert_array_equal(a["latents"], b["latents"])              # the coprocessor is unchanged
-    np.testing.assert_array_equal(a["logits"][:, :, 0], b["logits"][:, :, 0])  # x_{p+1} read at the last latent
-    assert np.abs(a["logits"][:, :, 1:] - b["logits"][:, :, 1:]).max() > 1e-6
-
-
 def test_latent_positions_behind():
-    """'behind' puts latent j at p-N_L+1+j (clamped at 0); the ahead tokens follow at p+1.."""
+    """'behind' puts latent j at p-N_L+1+j (clamped at 0); the ahead tokens keep their ids p+1.."""
     tokens = np.arange(12)[None] % V
-    behind = build_layout(tokens, np.array([[3, 1]]), 3, 3, "original", "behind").group_positions[0]
+    behind = build_layout(tokens, np.array([[3, 1]]), 3, 3).group_positions[0]
     np.testing.assert_array_equal(behind, [[1, 2, 3, 4, 5], [0, 0, 1, 2, 3]])   # z1..z3, then x4 x5 / x2 x3
-    cont = build_layout(tokens, np.array([[3]]), 3, 3, "continue", "behind").group_positions[0, 0]
-    np.testing.assert_array_equal(cont, [1, 2, 3, 4, 5])                          # counting on after z3 at 3
     trainable = init_coprocessor(DEC, CFG, 3, seed=3)
     _, cache = prefill(DEC, CFG, tokens[:, :4])
-    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "original", "behind")[1]
-    np.testing.assert_allclose(a["latents"][:, 0], augment(trainable, CFG, cache, "behind"), rtol=1e-12, atol=1e-14)
-    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "original", "after")[1]
+    a = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "behind")[1]
+    np.testing.assert_allclose(a["latents"][:, 0], augment(trainable, CFG, cache, "behind")[0], rtol=1e-12, atol=1e-14)
+    b = loss_cached(DEC, trainable, CFG, tokens, np.array([[3]]), 3, 3, "after")[1]
     assert not np.allclose(a["latents"], b["latents"])                            # the ids reach the coprocessor

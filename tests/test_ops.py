@@ -244,12 +244,6 @@ def draw_broadcast_rows(data, rng, dt):
     return normal(rng, (ints(data, 1, 4, "N"), ints(data, 1, 4, "D")), dt), lead
 
 
-def draw_scale_rows(data, rng, dt):
-    lead = tuple(data.draw(st.lists(st.integers(1, 3), min_size=0, max_size=2), label="lead"))
-    N, D = ints(data, 1, 4, "N"), ints(data, 1, 4, "D")
-    return normal(rng, lead + (N, D), dt), normal(rng, (N,), dt)
-
-
 @dataclass(frozen=True)
 class OpCase:
     op: object             # the refimpl primitive
@@ -282,7 +276,6 @@ CASES = [
     OpCase(ops.repeat_kv, draw_repeat_kv, (0,), plain_repeat_kv),
     OpCase(ops.broadcast_rows, draw_broadcast_rows, (0,),
            lambda x, lead: x * np.ones(tuple(lead) + x.shape, dtype=x.dtype)),
-    OpCase(ops.scale_rows, draw_scale_rows, (0, 1), lambda x, s: x * anp.reshape(s, (-1, 1))),
 ]
 by_name = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 

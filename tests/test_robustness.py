@@ -24,7 +24,7 @@ from refimpl.config import get_preset
 from refimpl.core.decoder import extend, forward, init_params, prefill
 from refimpl.core.layout import build_layout
 from refimpl.errors import RefimplError
-from refimpl.evaluation.generate import generate_ids
+from refimpl.evaluation.generate import generate
 from refimpl.training import loop as loop_module
 from refimpl.training import pretrain as pretrain_module
 from refimpl.training.checkpoint import (
@@ -253,11 +253,11 @@ def api_cases(p, decoder_path=None):
             lambda: prefill(p, NANO, [[1, 2, 3]]), ["token ids must be an array", "list"]),
         "prefill: float token array": (
             lambda: prefill(p, NANO, tok.astype(np.float32)), ["input embeddings", "[B, T, 48]"]),
-        "generate_ids: runs past max_seq_len": (
-            lambda: generate_ids(p, NANO, [[1, 2, 3]], max_new_tokens=fits + 1),
+        "generate: runs past max_seq_len": (
+            lambda: generate(p, NANO, [[1, 2, 3]], max_new_tokens=fits + 1),
             ["runs past the decoder's max_seq_len=64", f"max_new_tokens={fits} or less"]),
-        "generate_ids: token id out of range": (
-            lambda: generate_ids(p, NANO, [[1, 29]], max_new_tokens=1), ["token id 29", "out of range"]),
+        "generate: token id out of range": (
+            lambda: generate(p, NANO, [[1, 29]], max_new_tokens=1), ["token id 29", "out of range"]),
         "build_layout: no traces (K = 0)": (
             lambda: build_layout(np.zeros((1, 8), int), np.zeros((1, 0), int), 1, 2), ["K >= 1"]),
         "build_layout: float trace positions": (
@@ -283,9 +283,9 @@ def test_api_bad_inputs_raise_one_line_errors(params, name):
         assert word in msg, f"{name}: {word!r} not in {msg!r}"
 
 
-def test_generate_ids_fills_max_seq_len_exactly(params):
+def test_generate_fills_max_seq_len_exactly(params):
     fits = NANO.max_seq_len - 3 + 1
-    dec = generate_ids(params, NANO, [[1, 2, 3]], max_new_tokens=fits)
+    dec = generate(params, NANO, [[1, 2, 3]], max_new_tokens=fits)
     assert len(dec.tokens[0]) == fits and dec.cache.positions.max() == NANO.max_seq_len - 1
 
 

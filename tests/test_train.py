@@ -178,40 +178,32 @@ def _forget_fields(ckpt, names):
     save_checkpoint(ckpt, arrays, meta)
 
 
-def test_resume_of_a_checkpoint_that_predates_new_fields(decoder, tmp_path):
-    """A field missing from an old checkpoint means what runs used before it existed ("after" latents,
-    "normal" soft tokens), not today's default ("behind")."""
+def test_resume_of_a_checkpoint_that_predates_latent_positions_is_refused(decoder, tmp_path):
+    """A checkpoint without latent_positions was trained with the latents 'after' the point: resuming
+    it is refused in one line that names what changed (the same for any removed option)."""
     tc = TrainConfig(steps=6, latent_positions="after", **SMALL)
-    full = train(decoder, tc, tmp_path / "full", quiet=True)
     train(decoder, tc, tmp_path / "old", quiet=True, stop_after=3)
-    _forget_fields(tmp_path / "old" / "coprocessor.npz", ("latent_positions", "soft_init"))
-    with pytest.raises(RefimplError, match="latent_positions=behind differs from the resumed run's after"):
-        train(decoder, TrainConfig(steps=6, **SMALL), tmp_path / "old", resume=True, quiet=True)
-    part = train(decoder, tc, tmp_path / "old", resume=True, quiet=True)
-    assert part["history"] == full["history"] and part["evals"] == full["evals"]
+    _forget_fields(tmp_path / "old" / "coprocessor.npz", ("latent_positions",))
+    with pytest.raises(RefimplError, match="before the latents' position ids were recorded.*commit 2d4e58e"):
+        train(decoder, tc, tmp_path / "old", resume=True, quiet=True)
 
 
-def test_latent_positions_and_soft_init_reach_the_loss(decoder, tmp_path):
-    from refimpl.core.coprocessor import SOFT_TOKENS, init_coprocessor
+def test_latent_positions_reach_the_loss(decoder, tmp_path):
+    from refimpl.core.coprocessor import init_coprocessor
     from refimpl.core.layout import sample_trace_positions
     from refimpl.core.objective import loss_cached
     from refimpl.training.checkpoint import load_decoder
-    from refimpl.training.train import coprocessor_loss, init_soft_tokens
+    from refimpl.training.train import coprocessor_loss
     params, cfg, _ = load_decoder(decoder)
-    tc = TrainConfig(latent_positions="behind", **SMALL)
+    tc = TrainConfig(**SMALL)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (2, 24))
     positions = sample_trace_positions(rng, 2, 24, 4, 3)
     trainable = init_coprocessor(params, cfg, 2)
     got = coprocessor_loss(params, trainable, cfg, tc, (tokens, positions))[0]
-    behind, after = (loss_cached(params, trainable, cfg, tokens, positions, 2, 3, "original", lp)[0]
+    behind, after = (loss_cached(params, trainable, cfg, tokens, positions, 2, 3, lp)[0]
                      for lp in ("behind", "after"))
-    assert got == behind != after
-    E = params["embed_tokens"]
-    assert init_soft_tokens(trainable, params, "normal", 0) is trainable
-    assert not init_soft_tokens(trainable, params, "zero", 0)[SOFT_TOKENS].any()
-    rows = init_soft_tokens(trainable, params, "embed", 0)[SOFT_TOKENS]
-    assert all(any(np.array_equal(r, e) for e in E) for r in rows) and len({r.tobytes() for r in rows}) == 2
+    assert tc.latent_positions == "behind" and got == behind != after
 
 
 def test_partial_metrics_hold_the_baseline(decoder, tmp_path, monkeypatch):
@@ -219,8 +211,7 @@ def test_partial_metrics_hold_the_baseline(decoder, tmp_path, monkeypatch):
     from refimpl.training import loop
     written, real = [], loop.atomic_write_json
     monkeypatch.setattr(loop, "atomic_write_json", lambda path, obj: written.append(obj) or real(path, obj))
-    m = train(decoder, TrainConfig(steps=3, soft_init="zero", latent_positions="behind", **SMALL), tmp_path,
-              quiet=True)
+    m = train(decoder, TrainConfig(steps=3, latent_positions="after", **SMALL), tmp_path, quiet=True)
     partial = written[0]
     assert partial["partial"] and partial["baseline_ahead_loss"] == m["baseline_ahead_loss"]
-    assert partial["train_config"]["latent_positions"] == "behind" and partial["train_config"]["soft_init"] == "zero"
+    assert partial["train_config"]["latent_positions"] == "after"

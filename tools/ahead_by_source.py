@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refimpl.data.corpus import load_tokens  # noqa: E402
-from refimpl.evaluation.generate import trained_convention, trained_latent_positions  # noqa: E402
+from refimpl.evaluation.generate import trained_latent_positions  # noqa: E402
 from refimpl.training.checkpoint import coprocessor_file, load_coprocessor, load_model  # noqa: E402
 from refimpl.training.heldout import heldout_set, point_nll, relative_ppl_change  # noqa: E402
 
@@ -55,9 +55,8 @@ def main():
     windows = [pos for _, positions in held for pos in positions]                  # [n_windows][K]
     points = np.concatenate([labels[(args.skip_windows + i) * T + pos + 1]             # x_{p+1}'s source
                              for i, pos in enumerate(windows)])                        # [n_points]
-    conventions = (trained_convention(meta), trained_latent_positions(meta))
-    base = point_nll(dec, None, cfg, held, 0, n_ahead, *conventions)
-    aug = point_nll(dec, trainable, cfg, held, n_latents, n_ahead, *conventions)
+    base = point_nll(dec, None, cfg, held, 0, n_ahead)
+    aug = point_nll(dec, trainable, cfg, held, n_latents, n_ahead, trained_latent_positions(meta))
     out = {"run": str(args.coprocessor), "step": meta.get("step"), "n_ahead": n_ahead}
     for name, mask in (("all", np.ones_like(points)), ("english", ~points), ("reasoning", points)):
         change = relative_ppl_change(base[mask].mean(0), aug[mask].mean(0))

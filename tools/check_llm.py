@@ -43,7 +43,7 @@ def run(new_tokens, threads):
     from tokenizers import pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refimpl.core.decoder import forward, generate, prefill
+    from refimpl.core.decoder import decode, forward, prefill
     from refimpl.data.corpus import TINY_DATA
     from refimpl.data.pretrained import MODELS, decoder_file
     from refimpl.training.checkpoint import load_model
@@ -92,7 +92,7 @@ def run(new_tokens, threads):
     for prompt in PROMPTS:
         p = np.array([tok.encode(prompt)])
         logits, cache = prefill(params, cfg, p)
-        new, _ = generate(params, cfg, cache, logits[:, -1], new_tokens)
+        new, _ = decode(params, cfg, cache, logits[:, -1], new_tokens)
         with torch.no_grad():
             hf_new = hf.generate(torch.tensor(p), max_new_tokens=new_tokens, do_sample=False)[0, p.shape[1]:]
         out[f"greedy {prompt}"] = {"refimpl": tok.decode(new[0]), "hf_same": new[0].tolist() == hf_new.tolist()}

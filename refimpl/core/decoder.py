@@ -79,23 +79,19 @@ def hf_name(path):
 
 def flatten_params(params):
     """Nested params -> {Hugging Face name: array} (embed_tokens may be absent, norm absent or None)."""
-    flat = {hf_name((k,)): params[k] for k in ("embed_tokens", "norm") if params.get(k) is not None}
+    flat = {hf_name((k,)): params[k] for k in ("embed_tokens", "norm") if k in params}
     for i, layer in enumerate(params["layers"]):
         flat.update({hf_name(("layers", i, k)): layer[k] for k in LAYER_KEYS})
     return flat
 
 
-def unflatten_params(flat, n_layers, final_norm=True):
-    """{Hugging Face name: array} -> nested params; a clear error names any missing weight.
-
-    final_norm=False: model.norm.weight may be absent (a coprocessor read out before its final
-    norm, coprocessor.readout_of); params["norm"] is then None and `run_layers` skips the norm."""
-    missing = [n for n in _expected_names(n_layers) if n not in flat
-               and (final_norm or n != "model.norm.weight")]
+def unflatten_params(flat, n_layers):
+    """{Hugging Face name: array} -> nested params; a clear error names any missing weight."""
+    missing = [n for n in _expected_names(n_layers) if n not in flat]
     require(not missing, f"weights missing {missing[:3]}{'...' if len(missing) > 3 else ''}: "
             "the file was written for another model; regenerate it or pass the matching config")
     params = {"layers": [{k: flat[hf_name(("layers", i, k))] for k in LAYER_KEYS}
-                         for i in range(n_layers)], "norm": flat.get("model.norm.weight")}
+                         for i in range(n_layers)], "norm": flat["model.norm.weight"]}
     if "model.embed_tokens.weight" in flat:
         params["embed_tokens"] = flat["model.embed_tokens.weight"]
     return params
@@ -181,8 +177,7 @@ def run_layers(params, cfg, x, positions, attend_for_layer):
     """Embeddings [B, T, D] through every block and the final norm.
 
     attend_for_layer(i) returns the attention function of layer i. Returns the final hidden
-    states AFTER the final RMSNorm [B, T, D] (params["norm"] None: the residual stream after the
-    last block, no norm), and per-layer new keys and values.
+    states AFTER the final RMSNorm [B, T, D], and per-layer new keys and values.
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)    # [B, 1, T, Dh]
     ks, vs = [], []
@@ -190,7 +185,7 @@ def run_layers(params, cfg, x, positions, attend_for_layer):
         x, k, v = block(layer, x, cos, sin, attend_for_layer(i), cfg)
         ks.append(k)
         vs.append(v)
-    return (x if params["norm"] is None else rmsnorm(x, params["norm"], cfg.norm_eps)), ks, vs
+    return rmsnorm(x, params["norm"], cfg.norm_eps), ks, vs
 
 
 def lm_head(params, h):
@@ -279,7 +274,7 @@ def extend(params, cfg, cache, inputs, positions=None):
 
     Positions are not checked against max_seq_len here: training itself places latents and ahead
     tokens at positions up to max_seq_len + N_L - 2. The user-facing limit is in
-    evaluation.generate.generate_ids."""
+    evaluation.generate.generate."""
     logits, _, cache = forward(params, cfg, inputs, positions, cache)
     return logits, cache
 
@@ -295,7 +290,7 @@ def sample_next(logits, temperature, rng):
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
-def generate(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None, positions=None):
+def decode(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None, positions=None):
     """Decode n_new tokens after a cache whose last slot produced last_logits [B, V].
 
     positions: int [B, 1], the first new token's position id (default: counting on after the

@@ -3,9 +3,9 @@
 Host index data only: no model code. For each sequence x_0..x_{T-1}, K augmentation points
 p_1..p_K are sampled. Trace k is a group of G = N_L + N_A - 1 slots inserted after x_{p_k}:
 
-    slots:    z_1 .. z_{N_L}        x_{p+1} .. x_{p+N_A-1}
-    position: p+1 .. p+N_L          p+1 .. p+N_A-1            (ahead_positions="original", default)
-                                    p+N_L+1 .. p+N_L+N_A-1    (ahead_positions="continue")
+    slots:    z_1 .. z_{N_L}                 x_{p+1} .. x_{p+N_A-1}
+    position: max(0, p-N_L+1) .. p          p+1 .. p+N_A-1     (latents "behind" the point: the method)
+              p+1 .. p+N_L                                      (latents "after": the ablation)
     targets x_{p+1} .. x_{p+N_A}, read at the last latent, then at each ahead token.
 
 In the packed sequence (the T original tokens followed by the K groups, S = T + K*G slots), an
@@ -24,8 +24,7 @@ import numpy as np
 from ..errors import require
 
 ORIGINAL, LATENT, AHEAD = 0, 1, 2  # slot kinds
-AHEAD_POSITIONS = ("original", "continue")  # position ids of the ahead tokens (docs/choices.md)
-LATENT_POSITIONS = ("behind", "after")      # position ids of the latents (docs/choices.md)
+LATENT_POSITIONS = ("behind", "after")  # position ids of the latents (docs/method.md, C8)
 
 
 def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
@@ -51,8 +50,8 @@ class TraceLayout:
     trace_positions: np.ndarray   # int [B, K]: insert after this 0-based token index
     ahead_inputs: np.ndarray      # int [B, K, N_A-1]: x_{p+1} .. x_{p+N_A-1}
     targets: np.ndarray           # int [B, K, N_A]:   x_{p+1} .. x_{p+N_A}
-    group_positions: np.ndarray   # int [B, K, G]
-    readout: np.ndarray           # int [B, K*N_A]: packed slot where each target is read
+    group_positions: np.ndarray   # int [B, K, G]: position ids of each group's slots
+    read_slots: np.ndarray        # int [B, K*N_A]: packed slot where each target is read
 
     @property
     def n_traces(self):
@@ -61,10 +60,6 @@ class TraceLayout:
     @property
     def group_len(self):
         return self.n_latents + self.n_ahead - 1
-
-    @property
-    def latent_ids(self):         # int [B, K, N_L]
-        return self.group_positions[..., :self.n_latents]
 
     def context_visible(self):
         """bool [B, K, T]: original token t is visible to trace k iff t <= p_k."""
@@ -91,18 +86,13 @@ class TraceLayout:
                                  self.group_len if group_len is None else group_len)
 
 
-def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="original",
-                 latent_positions="behind"):
+def build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions="behind"):
     """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
 
-    ahead_positions: "original" (default): the ahead tokens keep the positions they have in the
-    sequence, so the frozen decoder sees them at their usual distance from the prefix; "continue":
-    their positions count on after the last latent's. latent_positions: "after" (default): latent j
-    at p+1+j; "behind": at p-N_L+1+j (clamped at 0), overlapping the prefix's last ids, so that the
-    last latent sits where the decoder predicts x_{p+1}. docs/choices.md has the figures.
+    The ahead tokens keep their own position ids. latent_positions: "behind" (the method): latent
+    j at max(0, p-N_L+1+j), so the last latent sits on p, where the decoder predicts x_{p+1};
+    "after" (the ablation): at p+1+j. docs/method.md §4.
     """
-    require(ahead_positions in AHEAD_POSITIONS,
-            f"unknown ahead_positions {ahead_positions!r}: use one of {', '.join(AHEAD_POSITIONS)}")
     require(latent_positions in LATENT_POSITIONS,
             f"unknown latent_positions {latent_positions!r}: use one of {', '.join(LATENT_POSITIONS)}")
     tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions)
@@ -123,22 +113,21 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions="o
     offsets = trace_positions[..., None] + 1 + np.arange(n_ahead)                    # [B, K, N_A]
     targets = np.take_along_axis(tokens[:, None, :], offsets, axis=2)                # x_{p+1..p+N_A}
     latent_ids = latent_position_ids(trace_positions, n_latents, latent_positions)  # [B, K, N_L]
-    last = latent_ids[..., -1:] if n_latents else trace_positions[..., None]        # [B, K, 1]
-    start = trace_positions[..., None] if ahead_positions == "original" else last   # x_{p+j} at start + j
-    group_positions = np.concatenate([latent_ids, start + 1 + np.arange(n_ahead - 1)], axis=-1)  # [B, K, G]
+    ahead_ids = trace_positions[..., None] + 1 + np.arange(n_ahead - 1)             # [B, K, N_A-1]: p+j
+    group_positions = np.concatenate([latent_ids, ahead_ids], axis=-1)              # [B, K, G]
     # target j of trace k is read at group slot N_L-1+j; with N_L = 0, j = 0 reads x_p itself
     slot = T + np.arange(K)[:, None] * G + (n_latents - 1) + np.arange(n_ahead)     # [K, N_A]
-    readout = np.broadcast_to(slot, (B, K, n_ahead)).copy()
+    read_slots = np.broadcast_to(slot, (B, K, n_ahead)).copy()
     if n_latents == 0:
-        readout[..., 0] = trace_positions
+        read_slots[..., 0] = trace_positions
     return TraceLayout(T, n_latents, n_ahead, trace_positions, targets[..., :-1], targets,
-                       group_positions, readout.reshape(B, K * n_ahead))
+                       group_positions, read_slots.reshape(B, K * n_ahead))
 
 
-def latent_position_ids(points, n_latents, latent_positions="behind"):
-    """Position ids of the N_L latents inserted after each point p: int [..., N_L]."""
-    ids = np.asarray(points)[..., None] + 1 + np.arange(n_latents)                  # after: p+1..p+N_L
-    return np.maximum(ids - n_latents, 0) if latent_positions == "behind" else ids   # behind: p-N_L+1..p
+def latent_position_ids(points, n_latents, latent_positions="behind", xp=np):
+    """Position ids of the N_L latents inserted after each point p: int [...] -> int [..., N_L]."""
+    ids = points[..., None] + 1 + xp.arange(n_latents)                              # after: p+1..p+N_L
+    return xp.maximum(ids - n_latents, 0) if latent_positions == "behind" else ids   # behind: p-N_L+1..p
 
 
 def packed_may_attend(trace_positions, seq_len, group_len):
@@ -157,18 +146,24 @@ def packed_may_attend(trace_positions, seq_len, group_len):
     return sees_original | (same_group & causal)[None]
 
 
-def format_mask(may_attend, kinds=None, labels=None):
-    """A printable picture of one [S, S] may-attend mask: '#' sees, '.' does not.
+def format_mask(may_attend, labels, header=()):
+    """A printable picture of one [S, S] may-attend mask, a row per query: '#' sees, '.' does not.
+    header: (name, [S] values) rows printed above it, one value per key column."""
+    width = max(len(str(lab)) for lab in [*labels, *(name for name, _ in header)])
+    rows = [(name, [str(v) for v in values]) for name, values in header]
+    rows += [(lab, ["#" if v else "." for v in row]) for lab, row in zip(labels, may_attend)]
+    return "\n".join(f"{str(lab):>{width}}  " + " ".join(cells) for lab, cells in rows)
 
-    labels: one name per slot (default its index); kinds marks latent slots with a '.
-    """
-    labels = [str(t) for t in labels] if labels is not None else [str(i) for i in range(len(may_attend))]
-    if kinds is not None:
-        labels = [lab + ("'" if k == LATENT else "") for lab, k in zip(labels, kinds)]
-    width = max(len(lab) for lab in labels)
-    rows = [f"{lab:>{width}} " + "".join("#" if v else "." for v in row)
-            for lab, row in zip(labels, may_attend)]
-    return "\n".join(rows)
+
+def worked_example(text="abcdef", points=(1, 3), n_latents=2, n_ahead=2, latent_positions="behind"):
+    """docs/method.md §4's worked example: the packed slots, their position ids, and the mask.
+
+    Latent j of the trace at x_p is z<j+1>@x_p (column z); an ahead token is its own letter."""
+    layout = build_layout(np.arange(len(text))[None], np.array([points]), n_latents, n_ahead, latent_positions)
+    names = list(text) + [f"z{j + 1}@{text[p]}" if j < n_latents else text[p + 1 + j - n_latents]
+                          for p in points for j in range(layout.group_len)]
+    header = (("slot", [n[0] for n in names]), ("position id", layout.packed_positions()[0]))
+    return format_mask(layout.packed_may_attend()[0], names, header)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ Fig. 1): prefill the frozen decoder, ONE coprocessor call on its cache, the deco
 [latents, ahead tokens], read-out, cross-entropy. The loss of training (paper §3.2) is its mean
 over all B*K*N_A ahead targets:
 
-- C `loss_sequential`: `trace_loss` for every trace, one by one. The ground truth.
-- B `loss_cached`:     the same for K traces at once: one decoder prefill (a constant, the decoder is
-                       frozen), then the coprocessor and the decoder groups blockwise against it.
-                       This is what training uses.
-- A `loss_packed`:     one decoder pass over [original tokens; all K groups] with the packed mask
-                       of the paper's Fig. 2.
+- per-trace `loss_per_trace`: `trace_loss` for every trace, one by one. The ground truth.
+- cached `loss_cached`:       the same for K traces at once: one decoder prefill (a constant, the
+                              decoder is frozen), then the coprocessor and the decoder groups
+                              blockwise against it. This is what training uses.
+- packed `loss_packed`:       one decoder pass over [original tokens; all K groups] with the packed
+                              mask of the paper's Fig. 2.
 
 Each form returns (loss, out): out holds `nll` [B, K, N_A], `logits` [B, K, N_A, V] and `latents`
 [B, K, N_L, D] (None with N_L = 0). `trainable` None or N_L = 0 is the plain decoder: every form
@@ -18,44 +18,41 @@ then reduces to teacher-forced decoding of the same targets.
 """
 from ..backend import trace_runs, xp_of
 from .checks import host_tokens
-from .coprocessor import augment, latent_ids, latents_cached, latents_packed
+from .coprocessor import augment, latents_cached, latents_packed
 from .decoder import extend, groups_hidden, hidden, lm_head, prefill
 from .layout import build_layout, context_runs
 from .ops import concat, cross_entropy, embedding, mean, reshape, take_rows
 
 
-def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, ahead_positions="original",
-               latent_positions="behind"):
+def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, latent_positions="behind"):
     """Loss of the N_A tokens after x_p with the latents inserted there: nll [1, N_A], logits
     [1, N_A, V], latents [1, N_L, D] (None without a coprocessor). tokens int [1, T] on the device."""
     xp = xp_of(tokens)
     logits, cache = prefill(decoder, cfg, tokens[:, :p + 1])             # [1, p+1, V], cache of x_0..x_p
     z = None                                                            # without a coprocessor: the decoder
     if trainable is not None:
-        z = augment(trainable, cfg, cache, latent_positions)            # [1, N_L, D]: ONE call
-        ids = latent_ids(cache, z.shape[1], latent_positions)           # [1, N_L]: p-N_L+1..p ("behind")
+        z, ids = augment(trainable, cfg, cache, latent_positions)       # [1, N_L, D]: ONE call; ids p-N_L+1..p
         logits, cache = extend(decoder, cfg, cache, z, ids)             # [1, N_L, V]
     last = xp.full((1, 1), logits.shape[1] - 1)                         # [1, 1]: the last slot so far
     read = take_rows(logits, last)                                      # [1, 1, V]: it predicts x_{p+1}
     if n_ahead > 1:
         ahead = tokens[:, p + 1:p + n_ahead]                             # [1, N_A-1]: x_{p+1}..x_{p+N_A-1}
-        original = xp.arange(p + 1, p + n_ahead)[None]                   # [1, N_A-1]: their own positions
-        pos = original if ahead_positions == "original" else None        # None: count on after the cache
-        ahead_logits, _ = extend(decoder, cfg, cache, ahead, pos)       # [1, N_A-1, V]
+        own = xp.arange(p + 1, p + n_ahead)[None]                        # [1, N_A-1]: their own position ids
+        ahead_logits, _ = extend(decoder, cfg, cache, ahead, own)       # [1, N_A-1, V]
         read = concat(read, ahead_logits, 1)                            # [1, N_A, V]
     targets = tokens[:, p + 1:p + 1 + n_ahead]                          # [1, N_A]: x_{p+1}..x_{p+N_A}
     return cross_entropy(read, targets), read, z                        # nll [1, N_A]
 
 
-def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                    ahead_positions="original", latent_positions="behind"):
-    """Form C: `trace_loss` trace by trace. tokens int [B, T], trace_positions int [B, K] (host)."""
+def loss_per_trace(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
+                   latent_positions="behind"):
+    """The per-trace form: `trace_loss` trace by trace. tokens int [B, T], trace_positions int [B, K] (host)."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                            ahead_positions, latent_positions)
+                            latent_positions)
     B, K = layout.trace_positions.shape
     with_z = trainable if layout.n_latents else None
     traces = [trace_loss(dec_params, with_z, cfg, tokens[b:b + 1], int(layout.trace_positions[b, k]), n_ahead,
-                         ahead_positions, latent_positions) for b in range(B) for k in range(K)]
+                         latent_positions) for b in range(B) for k in range(K)]
     nll, logits, z = ([t[i] for t in traces] for i in range(3))
     stack = lambda xs, shape: reshape(_concat_all(xs), shape)  # noqa: E731
     z = None if with_z is None else stack(z, (B, K, n_latents, -1))
@@ -63,10 +60,10 @@ def loss_sequential(dec_params, trainable, cfg, tokens, trace_positions, n_laten
 
 
 def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original", latent_positions="behind"):
-    """Form B: one prefill, then the K traces' latents and decoder groups blockwise against its cache."""
+                latent_positions="behind"):
+    """The cached form: one prefill, then the K traces' latents and decoder groups blockwise against its cache."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                            ahead_positions, latent_positions)
+                            latent_positions)
     h_prefix, cache = hidden(dec_params, cfg, tokens)                        # [B, T, D]: a constant
     z = latents_cached(trainable, cfg, cache, layout) if layout.n_latents else None   # [B, K, N_L, D]
     h_all = h_prefix
@@ -80,10 +77,10 @@ def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                ahead_positions="original", latent_positions="behind"):
-    """Form A: one decoder pass over [original tokens; K groups] with the packed [S, S] mask."""
+                latent_positions="behind"):
+    """The packed form: one decoder pass over [original tokens; K groups] with the packed [S, S] mask."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
-                            ahead_positions, latent_positions)
+                            latent_positions)
     xp = xp_of(tokens)
     _, cache = hidden(dec_params, cfg, tokens)                               # the coprocessor reads it
     z = latents_packed(trainable, cfg, cache, layout) if layout.n_latents else None
@@ -98,12 +95,11 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 # ---------------------------------------------------------------------------------------------
-def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions,
-           latent_positions):
+def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions):
     """Check the inputs on the host, build the layout, move the tokens to the decoder's device."""
     host = host_tokens(tokens, cfg)
     n_latents = 0 if trainable is None else n_latents
-    layout = build_layout(host, trace_positions, n_latents, n_ahead, ahead_positions, latent_positions)
+    layout = build_layout(host, trace_positions, n_latents, n_ahead, latent_positions)
     return layout, xp_of(dec_params["embed_tokens"]).asarray(host)
 
 
@@ -119,7 +115,7 @@ def _scored(h_all, layout, params):
     """Read out the scored slots of h_all [B, S, D]: logits [B, K, N_A, V] and nll [B, K, N_A]."""
     xp = xp_of(h_all)
     B, K, N_A = layout.targets.shape
-    logits = lm_head(params, take_rows(h_all, xp.asarray(layout.readout)))   # [B, K*N_A, V]
+    logits = lm_head(params, take_rows(h_all, xp.asarray(layout.read_slots)))   # [B, K*N_A, V]
     logits = reshape(logits, (B, K, N_A, -1))
     return logits, cross_entropy(logits, xp.asarray(layout.targets))
 
@@ -135,4 +131,4 @@ def _finish(logits, nll, latents):
     return mean(nll), {"logits": logits, "nll": nll, "latents": latents}
 
 
-FORMS = {"packed": loss_packed, "cached": loss_cached, "sequential": loss_sequential}
+FORMS = {"per-trace": loss_per_trace, "cached": loss_cached, "packed": loss_packed}

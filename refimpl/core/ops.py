@@ -579,26 +579,5 @@ def broadcast_rows(x, lead_shape):
 defvjp(broadcast_rows, lambda y, x, lead_shape: lambda g: g.reshape((-1,) + x.shape).sum(0))
 
 
-@primitive
-def scale_rows(x, s):
-    # [..., N, D], [N] -> [..., N, D]: row n times s[n] (the "scaled" read-out of the latents)
-    return x * s[:, None]
-
-
-def _scale_rows_vjp(argnums, y, args, kwargs):
-    x, s = args
-
-    def vjp(g):
-        dx = g * s[:, None] if 0 in argnums else None                                   # [..., N, D]
-        ds = xp_of(g).einsum("mnd,mnd->n", g.reshape((-1,) + x.shape[-2:]),
-                             x.reshape((-1,) + x.shape[-2:])) if 1 in argnums else None  # [N]
-        return [d for i, d in ((0, dx), (1, ds)) if i in argnums]
-    return vjp
-
-
-defvjp_argnums(scale_rows, _scale_rows_vjp)
-
-
 PRIMITIVES = (linear, rmsnorm, rope, attention, trace_attention, swiglu, embedding, take_rows,
-              cross_entropy, mean, add, concat, reshape, split_heads, merge_heads, repeat_kv, broadcast_rows,
-              scale_rows)
+              cross_entropy, mean, add, concat, reshape, split_heads, merge_heads, repeat_kv, broadcast_rows)

@@ -6,19 +6,18 @@ evaluation (paper Tables 2 and 8) and examples/02:
     prefill   [eot] + prompt                      -> cache C_p, logits          (left-padded batch)
     decode    `delay` tokens without latents      (the decoder does not wait for the coprocessor)
     augment   z = coprocessor(C_p, S)             ONE call on the PROMPT's cache, maybe in a thread
-    extend    the decoder runs z [B, N_L, D] after those tokens: at the next N_L positions ("after"),
-              or at the last N_L ids up to the last token's ("behind", docs/choices.md)
+    extend    the decoder runs z [B, N_L, D] after those tokens, at the last N_L ids up to the last
+              token's ("behind", the method) or at the next N_L ids ("after", the ablation)
     decode    the next token is read at the last latent, then greedy or sampled decoding goes on
 
 With delay = 0 this is the paper's "coprocessor called once at the end of the prompt". With
 delay = N the latents arrive N tokens late (paper Table 8); the decoder waits for them at token N
 if they are not ready, so the output depends only on N, never on thread timing.
 
-The tokens decoded after the latents get position ids by the convention the coprocessor was
-trained with (docs/method.md): "original" (the default) goes on from the last token's position as
-if the latents took none; "continue" counts on after the latents. The latents themselves sit
-after the last token ("after") or behind it ("behind"). `trained_positions` reads both from a
-checkpoint's metadata. Prompts of different lengths share a batch by left padding.
+The tokens decoded after the latents keep their own position ids, going on from the last token's
+as if the latents took none (docs/method.md §3). The latents' ids follow the convention the
+coprocessor was trained with, which `trained_latent_positions` reads from a checkpoint's metadata.
+Prompts of different lengths share a batch by left padding.
 """
 import functools
 import sys
@@ -28,17 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import get_dtype, get_xp, xp_of
-from ..core.coprocessor import augment, latent_ids
+from ..core.coprocessor import augment
 from ..core.decoder import KVCache, extend, prefill, sample_next
-from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS
+from ..core.layout import LATENT_POSITIONS, latent_position_ids
 from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 
 PAD_POSITION = -1
-DEFAULT_CONVENTION = "original"
-LEGACY_CONVENTION = "continue"  # of checkpoints that record none: trained before the option existed
-DEFAULT_LATENTS = "behind"      # latent positions: the default of `refimpl train` (docs/results.md)
-LEGACY_LATENTS = "after"        # of checkpoints that record none: trained before the option existed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,9 +68,10 @@ def stop_token_ids(tokenizer, at_newline=True):
 
 # ---------------------------------------------------------------------------------------------
 # The latents: computed when needed, or in a background thread while the decoder goes on
-def latents_later(trainable, cfg, cache, background, latent_positions=DEFAULT_LATENTS):
-    """() -> z = augment(trainable, cfg, cache) [B, N_L, D]: computed when called, or in a thread
-    started now (the call then waits for it); either way the call raises augment's error."""
+def latents_later(trainable, cfg, cache, background, latent_positions="behind"):
+    """() -> augment(trainable, cfg, cache): the latents z [B, N_L, D] and their ids [B, N_L], computed
+    when called, or in a thread started now (the call then waits for it); either way the call
+    raises augment's error."""
     if not background:
         return lambda: augment(trainable, cfg, cache, latent_positions)
     pool = ThreadPoolExecutor(max_workers=1)
@@ -99,21 +95,18 @@ class Decoded:
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
-def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
-                 seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr,
-                 ahead_positions=DEFAULT_CONVENTION, latent_positions=DEFAULT_LATENTS):
+def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
+             seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr, latent_positions="behind"):
     """Decode a left-padded batch of prompts, with the coprocessor called once on the prompt.
 
     The latents are appended once `delay` tokens have been generated, at the ids latent_positions
-    gives (after or behind the last token); the tokens after them are positioned by
-    ahead_positions (module docstring). If the coprocessor raises, `warn` gets one
+    gives (behind or after the last token); the tokens after them keep their own position ids
+    (module docstring). If the coprocessor raises, `warn` gets one
     line and decoding goes on without latents. The decoder reads at most T + max_new_tokens - 1
     token slots (T: the longest prompt), which must fit in max_seq_len: decoding past the context
     the decoder was trained on is an error, never a silent extrapolation. The N_L latents are
     extra slots, as in training.
     """
-    require(ahead_positions in AHEAD_POSITIONS, f"unknown ahead_positions={ahead_positions!r}: "
-            f"use one of {', '.join(AHEAD_POSITIONS)}")
     require(latent_positions in LATENT_POSITIONS, f"unknown latent_positions={latent_positions!r}: "
             f"use one of {', '.join(LATENT_POSITIONS)}")
     require(max_new_tokens >= 0 and delay >= 0,
@@ -133,14 +126,12 @@ def generate_ids(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32,
     token_pos = cache.next_positions(1)                                       # [B, 1]
     for i in range(max_new_tokens):
         if pending is not None and i == delay:
-            z, pending = _await(pending, warn), None
-            if z is not None:
-                behind = latent_positions == "behind"                      # ids up to the last token's
-                ids = latent_ids(cache, z.shape[1], latent_positions) if behind else None
-                lg, cache = extend(dec_params, cfg, cache, z, ids)            # None: the next N_L positions
+            got, pending = _await(pending, warn), None
+            if got is not None:                                               # ids behind / after the LAST token
+                z, q = got[0], cache.positions.max(1)                         # [B, N_L, D], [B]
+                ids = latent_position_ids(q, z.shape[1], latent_positions, xp)  # [B, N_L]
+                lg, cache = extend(dec_params, cfg, cache, z, ids)
                 last, z_at = lg[:, -1], i                                     # read at the last latent
-                if ahead_positions == "continue":
-                    token_pos = cache.next_positions(1)
         nxt = sample_next(last, temperature, rng)                             # [B]
         out.append(nxt)
         done |= np.isin(nxt, stop_ids)
@@ -168,52 +159,34 @@ def _until_stop(row, stop_ids):
 
 def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32, temperature=0.0,
              seed=0, delay=0, stop_at_newline=False, background=False, warn=warn_stderr,
-             ahead_positions=DEFAULT_CONVENTION, latent_positions=DEFAULT_LATENTS):
+             latent_positions="behind"):
     """(completion texts, Decoded) for text prompts fed as [eot] + prompt.
 
     A completion ends at eot (not included) and, with stop_at_newline, at the first newline.
     """
     stops = stop_token_ids(tokenizer, stop_at_newline)
-    dec = generate_ids(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable, max_new_tokens,
-                       temperature, seed, delay, stops, background, warn, ahead_positions, latent_positions)
+    dec = generate(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable, max_new_tokens,
+                   temperature, seed, delay, stops, background, warn, latent_positions)
     texts = [tokenizer.decode([t for t in ids if t != tokenizer.eot_id]) for ids in dec.tokens]
     return [t.split("\n")[0] if stop_at_newline else t for t in texts], dec
 
 
-def generate_text(dec_params, cfg, tokenizer, prompts, trainable=None, **options):
-    """Completions (list of str) of text prompts; options as `complete`."""
-    return complete(dec_params, cfg, tokenizer, prompts, trainable, **options)[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # From checkpoint files
-def trained_convention(meta):
-    """The ahead_positions a coprocessor checkpoint was trained with, from its metadata."""
-    return (meta.get("train_config") or {}).get("ahead_positions", LEGACY_CONVENTION)
-
-
 def trained_latent_positions(meta):
-    """The latent_positions a coprocessor checkpoint was trained with ("after" if it records none)."""
-    return (meta.get("train_config") or {}).get("latent_positions", LEGACY_LATENTS)
-
-
-def trained_positions(meta):
-    """{"ahead_positions", "latent_positions"} a checkpoint was trained with: generate_ids options."""
-    return {"ahead_positions": trained_convention(meta), "latent_positions": trained_latent_positions(meta)}
-
-
-DEFAULT_POSITIONS = {"ahead_positions": DEFAULT_CONVENTION, "latent_positions": DEFAULT_LATENTS}
+    """The latent_positions a coprocessor checkpoint was trained with (checked on load)."""
+    return meta["train_config"]["latent_positions"]
 
 
 def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr):
-    """(trainable arrays, their trained_positions), or (None, DEFAULT_POSITIONS) with one warning if
-    the coprocessor at path (a file or run directory) cannot be used."""
+    """(trainable arrays, the latent_positions they were trained with), or (None, "behind") with one
+    warning if the coprocessor at path (a file or run directory) cannot be used."""
     try:
         trainable, _, meta = load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)
     except (RefimplError, OSError, ValueError, KeyError) as e:
         warn(f"coprocessor {path} not used ({e}); decoding with the decoder alone")
-        return None, dict(DEFAULT_POSITIONS)
-    return trainable, trained_positions(meta)
+        return None, "behind"
+    return trainable, trained_latent_positions(meta)
 
 
 def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy", dtype="float32", **options):
@@ -221,7 +194,7 @@ def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy"
     decoded under the position conventions it was trained with. options: as `complete`."""
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, meta, tokenizer = load_model(decoder_path, dt, xp)
-    trainable, positions = (None, DEFAULT_POSITIONS) if coprocessor_path is None else load_or_fallback(
+    trainable, latent_positions = (None, "behind") if coprocessor_path is None else load_or_fallback(
         coprocessor_path, meta["decoder_hash"], dt, xp)
-    return generate_text(dec_params, cfg, tokenizer, prompts, trainable, background=True, **positions,
-                         **options)
+    return complete(dec_params, cfg, tokenizer, prompts, trainable, background=True,
+                    latent_positions=latent_positions, **options)[0]

@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from ..backend import to_numpy, xp_of
-from ..core.coprocessor import augment, latent_ids
-from ..core.decoder import extend, generate, prefill
+from ..core.coprocessor import augment
+from ..core.decoder import decode, extend, prefill
 from ..errors import require
-from .generate import DEFAULT_LATENTS, DEFAULT_POSITIONS, complete
+from .generate import complete
 
 
 def check_horizon(horizon, seq_len, n_traces, max_seq_len):
@@ -24,9 +24,9 @@ def check_horizon(horizon, seq_len, n_traces, max_seq_len):
 
 
 def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, delay=0,
-                       prompt_batch=64, max_new_tokens=10, positions=DEFAULT_POSITIONS):
+                       prompt_batch=64, max_new_tokens=10, latent_positions="behind"):
     """Exact-match accuracy (%) overall and per task, greedy, coprocessor once at the prompt end;
-    positions: the conventions the coprocessor was trained with (generate.trained_positions).
+    latent_positions: the convention the coprocessor was trained with.
 
     Returns (accuracy dict, row norms of every latent appended: float64 [n_prompts * N_L]).
     """
@@ -36,7 +36,7 @@ def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, del
         idx = order[start:start + prompt_batch]
         texts, dec = complete(dec_params, cfg, tokenizer, [problems[i]["prompt"] for i in idx],
                               trainable, max_new_tokens=max_new_tokens, delay=delay, stop_at_newline=True,
-                              **positions)
+                              latent_positions=latent_positions)
         for i, text in zip(idx, texts):
             predictions[i] = text.strip()
         if dec.latents is not None:
@@ -66,18 +66,18 @@ def _accuracy(problems, correct, predictions):
             "predictions": predictions}
 
 
-def latency(dec_params, cfg, trainable, prompt_ids, repeats=5, latent_positions=DEFAULT_LATENTS):
+def latency(dec_params, cfg, trainable, prompt_ids, repeats=5, latent_positions="behind"):
     """Median seconds of (one coprocessor call + the decoder over its N_L latents) vs N_L decode steps."""
     xp = xp_of(dec_params["embed_tokens"])
     logits, cache = prefill(dec_params, cfg, xp.asarray([prompt_ids]))
     n = int(trainable["soft_tokens"].shape[0])
 
     def augmented():
-        z = augment(trainable, cfg, cache, latent_positions)                 # [1, N_L, D]
-        extend(dec_params, cfg, cache, z, latent_ids(cache, n, latent_positions))  # cache + N_L slots
+        z, ids = augment(trainable, cfg, cache, latent_positions)            # [1, N_L, D], [1, N_L]
+        extend(dec_params, cfg, cache, z, ids)                              # cache + N_L slots
 
     def sequential():
-        generate(dec_params, cfg, cache, logits[:, -1], n)                  # N_L extend calls
+        decode(dec_params, cfg, cache, logits[:, -1], n)                    # N_L extend calls
 
     aug_s, seq_s = _median_seconds(augmented, repeats), _median_seconds(sequential, repeats)
     return {"n_latents": n, "prompt_tokens": len(prompt_ids), "augment_s": aug_s,

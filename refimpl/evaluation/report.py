@@ -41,8 +41,7 @@ PAPER = {
 }
 TABLE1_POSITIONS = (1, 2, 4, 8, 16, 32)
 NOT_RUN = "not run"
-POSITION_FIELDS = ("ahead_positions", "latent_positions")
-DEFAULT_POSITIONS = tuple(getattr(TrainConfig, f) for f in POSITION_FIELDS)   # of a new `refimpl train`
+DEFAULT_POSITIONS = TrainConfig.latent_positions   # the latents' position ids of a new `refimpl train`
 # TrainConfig fields that do not change what a run learns (only how often it is measured and saved)
 NOT_TRAINING = ("eval_every", "eval_batches")
 
@@ -50,13 +49,13 @@ NOT_TRAINING = ("eval_every", "eval_batches")
 # ---------------------------------------------------------------------------------------------
 # Which runs each table compares
 def positions_of(r):
-    """(ahead_positions, latent_positions) run r was trained with."""
-    return r.ahead_positions, r.latent_positions
+    """The latent_positions run r was trained with."""
+    return r.latent_positions
 
 
 def copy_runs(runs):
-    """Copy-init coprocessor runs under the position conventions most of them share (ties: the
-    defaults); the other conventions' runs appear only in Table P."""
+    """Copy-init coprocessor runs under the latent-position convention most of them share (ties: the
+    default); the other convention's runs appear only in Table P."""
     copies = [r for r in runs if r.mode == "coprocessor" and r.init == "copy"]
     counts = Counter(positions_of(r) for r in copies)
     main = max(counts, key=lambda c: (counts[c], c == DEFAULT_POSITIONS), default=DEFAULT_POSITIONS)
@@ -216,32 +215,29 @@ def table6(m, runs):
 
 
 def _all_but_positions(r):
-    """What run r trained with, its position conventions left out: runs with equal keys differ only
+    """What run r trained with, its latent positions left out: runs with equal keys differ only
     in those."""
-    tc = saved_train_config(r.meta.get("train_config") or {})
-    rest = tuple(sorted((k, v) for k, v in tc.items() if k not in POSITION_FIELDS + NOT_TRAINING
+    tc = saved_train_config(r.meta["train_config"], r.path)
+    rest = tuple(sorted((k, v) for k, v in tc.items() if k not in ("latent_positions",) + NOT_TRAINING
                         and k not in ("mode", "init", "n_latents", "n_ahead")))
     return (r.mode, r.init, r.n_latents, r.n_ahead) + rest
 
 
 def table_positions(m, runs):
-    """Runs that differ only in a position convention (of the ahead tokens or of the latents), the
-    defaults first."""
+    """Runs that differ only in the latents' position ids, the default first."""
     H = m["horizon"]
     groups = _groups(runs, _all_but_positions, positions_of,
                      order=lambda r: (positions_of(r) != DEFAULT_POSITIONS, positions_of(r), r.name))
-    header = ["ahead positions", "latent positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
+    header = ["latent positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
               "mean ppl change n=2..N_A %", f"mean ppl change n=1..{H} %", "accuracy %"]
-    rows = [[*positions_of(r), r.name, r.n_latents, *_change_cells(m, r, 2)[:2], _mean_rest(m, r),
+    rows = [[positions_of(r), r.name, r.n_latents, *_change_cells(m, r, 2)[:2], _mean_rest(m, r),
              _change_cells(m, r, 2)[2], _overall(m, r)] for g in groups for r in g]
-    ahead, latent = DEFAULT_POSITIONS
-    return _table("positions", "Table P: position ids of the ahead tokens and of the latents (not in the paper)",
-                  f"Ahead tokens: '{ahead}' (the default) keep their positions in the sequence, as if the latents "
-                  "took none; 'continue': they count on after the latents. Latents: 'after' at p+1..p+N_L; "
-                  "'behind' at p-N_L+1..p, so the last latent sits where the decoder predicts x_{p+1} "
-                  f"(default '{latent}'). Runs in a group differ in nothing else (docs/choices.md).",
+    return _table("positions", "Table P: the latents' position ids (not in the paper)",
+                  "'behind' (the method): latent j at max(0, p-N_L+1+j), so the last latent sits where the decoder "
+                  "predicts x_{p+1}; 'after' (the ablation): at p+1+j. The ahead tokens keep their own ids in both. "
+                  "Runs in a group differ in nothing else (docs/method.md, C8).",
                   header, rows, {r.name: r.path for g in groups for r in g},
-                  None if groups else "no two runs that differ only in --ahead-positions or --latent-positions")
+                  None if groups else "no two runs that differ only in --latent-positions")
 
 
 def _mean_rest(m, r):
@@ -308,8 +304,8 @@ def table8(m, runs):
     for d, acc in (measured["by_delay"].items() if run else ()):
         late = "on time" if d == "0" else f"{d} token{'s' if d != '1' else ''} late"
         rows.append([late, acc["overall"], paper["by_delay"].get(int(d), "")])
-    which = (f"; run {run.name} (largest N_L, most trained; tokens after the latents: {run.ahead_positions} "
-             f"positions, latents {run.latent_positions})") if run else ""
+    which = (f"; run {run.name} (largest N_L, most trained; latents {run.latent_positions} the point)"
+             if run else "")
     return _table("table8", "Table 8: asynchronous use (latents arriving late)",
                   "The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
                   "latents, then the latents are appended after them and decoding goes on from the last latent"
@@ -320,11 +316,11 @@ def table8(m, runs):
 def table_latency(m, runs):
     paths = {r.name: r.path for r in runs}
     lat = [x for x in m.get("latency") or [] if x["run"] in paths]
-    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / sequential"]
+    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / decode"]
     rows = [[x["run"], x["n_latents"], x["augment_s"], x["sequential_s"], x["ratio"]] for x in lat]
     return _table("latency", "Latency: N_L latents in one call vs N_L tokens one by one",
                   f"Median of {lat[0]['repeats'] if lat else 0} repeats on one held-out prompt: one coprocessor call "
-                  "+ one decoder pass over its N_L latents, vs N_L sequential decoder extend calls (greedy).",
+                  "+ one decoder pass over its N_L latents, vs N_L decoder extend calls one by one (greedy).",
                   header, rows, {x["run"]: paths[x["run"]] for x in lat}, None if lat else "no coprocessor run given")
 
 

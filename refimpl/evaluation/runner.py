@@ -17,7 +17,7 @@ from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from ..training.train import saved_train_config
-from .generate import DEFAULT_POSITIONS, trained_convention, trained_latent_positions
+from .generate import trained_latent_positions
 from .metrics import check_horizon, latency, reasoning_accuracy, row_norms
 from .report import build_report, table1_runs, traces_of
 
@@ -50,10 +50,7 @@ class Run:
     mode = property(lambda self: self.meta["mode"])
     init = property(lambda self: self.meta["init"])
     n_latents = property(lambda self: int(self.meta["n_latents"]))
-    ahead_positions = property(lambda self: trained_convention(self.meta))
     latent_positions = property(lambda self: trained_latent_positions(self.meta))
-    positions = property(lambda self: {"ahead_positions": self.ahead_positions,
-                                       "latent_positions": self.latent_positions})
     n_ahead = property(lambda self: int(self.meta["n_ahead"]))
 
     def summary(self):
@@ -104,7 +101,7 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
 
     def acc(run=None, delay=0):
         """(accuracy, latent norms) of the decoder alone, or with run's latents `delay` tokens late."""
-        trainable, positions = (None, DEFAULT_POSITIONS) if run is None else (run.trainable, run.positions)
+        trainable, positions = (None, "behind") if run is None else (run.trainable, run.latent_positions)
         return reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable, delay, ec.prompt_batch,
                                   ec.max_new_tokens, positions)
 
@@ -114,8 +111,7 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
            "runs": {}, "latent_norms": {}}
     for r in runs:
         log(f"run {r.name} ({r.mode}, {r.init}, N_L={r.n_latents}, N_A={r.n_ahead})")
-        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.ahead_positions,
-                        r.latent_positions)
+        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.latent_positions)
         accuracy, norms = acc(r)
         out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
                                "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
@@ -136,7 +132,7 @@ def _measure_curves(dec_params, cfg, runs, val_tokens, log):
     curves = {}
     for r in runs:
         evals = [e for e in (r.metrics or {}).get("evals", []) if e.get("ahead_loss")]
-        tc = saved_train_config((r.metrics or {}).get("train_config") or r.meta.get("train_config") or {})
+        tc = saved_train_config((r.metrics or {}).get("train_config") or r.meta["train_config"], r.path)
         if len(evals) < 2:
             continue
         base = (r.metrics or {}).get("baseline_ahead_loss")

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backend import to_numpy, to_xp
 from ..config import ModelConfig
-from ..core.coprocessor import FINAL_NORM, INITS, LATENT_SCALE, MODES, SOFT_TOKENS, readout_of
+from ..core.coprocessor import INITS, MODES, SOFT_TOKENS
 from ..core.decoder import flatten_params, param_shapes, unflatten_params
 from ..data.pretrained import decoder_file, tokenizer_for
 from ..errors import RefimplError, require
@@ -401,31 +401,40 @@ def _check_coprocessor_meta(trainable, meta, path):
     ) if not ok]
     require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): "
                           "restore it from a backup or retrain it with `refimpl train`")
+    check_train_config(meta["train_config"], f"coprocessor {path}")
     problem = _coprocessor_arrays_problem(trainable, meta)
     require(problem is None, f"coprocessor {path} holds the wrong arrays ({problem}): restore it from a "
                              "backup or retrain it with `refimpl train`")
 
 
+# Options removed after commit 2d4e58e, with the one value today's method has (docs/results.md §5)
+REMOVED_OPTIONS = {"ahead_positions": "original", "soft_init": "normal", "soft_lr_scale": 1.0, "readout": "norm"}
+
+
+def check_train_config(saved, source):
+    """A one-line error for a run trained with an option that is gone, or before the latents'
+    position ids were recorded (then they sat 'after' the point)."""
+    require("latent_positions" in saved, f"{source} was trained before the latents' position ids were "
+            "recorded (they sat 'after' the point then): retrain it, or use refimpl at commit 2d4e58e")
+    for key, value in saved.items():
+        today = REMOVED_OPTIONS.get(key, value)
+        require(value == today, f"{source} was trained with {key}={value!r}, an option removed from refimpl "
+                f"(today: {today!r}): retrain it, or use refimpl at commit 2d4e58e")
+
+
 def _coprocessor_arrays_problem(trainable, meta):
-    """What is wrong with a coprocessor's array names and shapes for its mode and read-out (None if
-    nothing): pause tokens are soft_tokens alone; a coprocessor has every block array of its config,
-    the final norm unless its read-out is "prenorm", and latent_scale [N_L] if it is "scaled"."""
+    """What is wrong with a coprocessor's array names and shapes for its mode (None if nothing):
+    pause tokens are soft_tokens alone; a coprocessor has every block array of its config and the
+    final norm."""
     n, names = trainable[SOFT_TOKENS].shape[0], set(trainable)
     if meta["mode"] == "pause":
         return None if names == {SOFT_TOKENS} else f"pause tokens with {sorted(names - {SOFT_TOKENS})[:3]}"
-    readout, wanted = readout_of(trainable), meta["train_config"].get("readout", "norm")
-    if readout != wanted:
-        return f"a {readout!r} read-out, but train_config says readout={wanted!r}"
-    scale = trainable.get(LATENT_SCALE)
-    if scale is not None and scale.shape != (n,):
-        return f"{LATENT_SCALE} has shape {list(scale.shape)}, expected [{n}]"
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, RefimplError):
-        return None if names - {SOFT_TOKENS, LATENT_SCALE} else "no coprocessor blocks"
-    shapes = {k: v for k, v in param_shapes(cfg).items() if k != "model.embed_tokens.weight"
-              and not (readout == "prenorm" and k == FINAL_NORM)}
-    shapes.update({SOFT_TOKENS: (n, cfg.d_model), **({LATENT_SCALE: (n,)} if scale is not None else {})})
+        return None if names - {SOFT_TOKENS} else "no coprocessor blocks"
+    shapes = {k: v for k, v in param_shapes(cfg).items() if k != "model.embed_tokens.weight"}
+    shapes[SOFT_TOKENS] = (n, cfg.d_model)
     missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
     wrong = [k for k in shapes if k in trainable and tuple(trainable[k].shape) != tuple(shapes[k])]
     if missing or extra:

@@ -27,22 +27,19 @@ def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, s
     return out
 
 
-def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original",
-              latent_positions="behind"):
+def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions="behind"):
     """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1); the two
     conventions are those the coprocessor was trained with (layout.build_layout)."""
-    nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions,
-                    latent_positions)                                      # [n_points, N_A]
+    nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions)  # [n_points, N_A]
     return nll.mean(0) if len(nll) else np.zeros(n_ahead)
 
 
-def point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, ahead_positions="original",
-              latent_positions="behind"):
+def point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions="behind"):
     """The held-out nll of every point: float64 [n_points, N_A], points in order (window, trace)."""
     rows = []
     for tokens, positions in heldout:
         _, out = loss_cached(dec_params, trainable, cfg, tokens, positions, n_latents, n_ahead,
-                             ahead_positions, latent_positions)
+                             latent_positions)
         rows.append(to_numpy(out["nll"]).astype(np.float64).reshape(-1, n_ahead))   # [B*K, N_A]
     return np.concatenate(rows) if rows else np.zeros((0, n_ahead))
 

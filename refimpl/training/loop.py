@@ -63,19 +63,17 @@ class Schedule:
     eval_at: int                # a step that is always evaluated
     eval_first: bool = False    # evaluate the untrained state of a new run too
     decay: frozenset = None     # names that get weight decay (None: all)
-    lr_scales: tuple = ()       # ((name, multiplier of lr), ...); the others 1.0 (empty: one rate for all)
 
 
 # ---------------------------------------------------------------------------------------------
 # One update
-def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kept="no update was made",
-           lr_scales=None):
+def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kept="no update was made"):
     """One Adam(W) update of `trainable` -> (trainable, adam, stats).
 
     loss_fn(boxed trainable) -> (scalar loss, latents or None). Everything stays on the arrays'
     device until ONE transfer brings stats to the host: {"loss", "grad_norm"[, "latent_norm"]} as
     Python floats. A non-finite loss or gradient norm raises RefimplError before the update; `kept`
-    says what is left (and what to do). lr_scales: {name: multiplier of lr} (optim.adam_update).
+    says what is left (and what to do).
     """
     def traced(boxed):
         loss, latents = loss_fn(boxed)
@@ -91,7 +89,7 @@ def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kep
             raise RefimplError(f"training diverged at step {adam['step'] + 1}: the {what} is {stats[key]} "
                                f"(not finite); {kept}")
     trainable, adam = adam_update(trainable, grads, adam, lr, *BETAS, EPS, weight_decay, decay,
-                                  grad_scale=clip_scale(norm, clip), lr_scales=lr_scales)
+                                  grad_scale=clip_scale(norm, clip))
     return trainable, adam, stats
 
 
@@ -147,7 +145,7 @@ def _step(task, state, saved):
             else "no checkpoint was written")
     advice = f"{kept}: lower lr={sched.lr} or clip={sched.clip}, then resume or start again"
     trainable, adam, stats = update(lambda t: task.loss(t, batch), state.trainable, state.adam, lr,
-                                    sched.clip, sched.weight_decay, sched.decay, advice, dict(sched.lr_scales))
+                                    sched.clip, sched.weight_decay, sched.decay, advice)
     new = State(state.step + 1, trainable, adam, rng.bit_generator.state)
     return new, {"step": new.step, "lr": lr, **stats}
 

@@ -38,7 +38,7 @@ CHUNK = 2**23   # Adam updates the parameters in flat chunks of at most this man
 
 
 def adam_update(params_flat, grads_flat, state, lr, beta1=0.9, beta2=0.95, eps=1e-8,
-                weight_decay=0.0, decay=None, grad_scale=None, lr_scales=None):
+                weight_decay=0.0, decay=None, grad_scale=None):
     """One bias-corrected Adam(W) step -> (new params, new state).
 
     The parameters with a gradient are updated in a few flat chunks (CHUNK elements, 32 MB in
@@ -47,34 +47,19 @@ def adam_update(params_flat, grads_flat, state, lr, beta1=0.9, beta2=0.95, eps=1
     chunk bounds the temporaries. The new arrays are views into their chunk. A parameter whose
     gradient is None (no path to the loss) keeps its value and moments. decay: names to apply weight
     decay to (default: all). grad_scale: a 0-d device array the gradients are multiplied by first
-    (clip_scale), or None. lr_scales: {name: multiplier of lr} (default: 1.0 for every name); the
-    names are grouped by multiplier and each group is updated with lr * scale (its weight decay
-    factor 1 - lr * scale * weight_decay), exactly as a separate update of that group would be.
+    (clip_scale), or None.
     """
     t = state["step"] + 1
     new_p, new_m, new_v = dict(params_flat), dict(state["m"]), dict(state["v"])
-    for scale, live in _lr_groups([n for n in params_flat if grads_flat.get(n) is not None], lr_scales):
-        lr_s = float(lr) * scale                     # exact for scale 1.0
-        hyper = (lr_s, float(beta1), float(beta2), float(eps), float(weight_decay), t, grad_scale)
-        for names in _chunks(live, params_flat):
-            trees = (params_flat, grads_flat, state["m"], state["v"])
-            p, m, v = _adam_flat(*(_flat([tree[n] for n in names]) for tree in trees), hyper,
-                                 _decay_factors(params_flat, names, decay, 1.0 - lr_s * float(weight_decay)))
-            for out, flat in ((new_p, p), (new_m, m), (new_v, v)):
-                out.update(zip(names, _unflat(flat, [params_flat[n] for n in names])))
+    live = [n for n in params_flat if grads_flat.get(n) is not None]
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), t, grad_scale)
+    for names in _chunks(live, params_flat):
+        trees = (params_flat, grads_flat, state["m"], state["v"])
+        p, m, v = _adam_flat(*(_flat([tree[n] for n in names]) for tree in trees), hyper,
+                             _decay_factors(params_flat, names, decay, 1.0 - float(lr) * float(weight_decay)))
+        for out, flat in ((new_p, p), (new_m, m), (new_v, v)):
+            out.update(zip(names, _unflat(flat, [params_flat[n] for n in names])))
     return new_p, {"m": new_m, "v": new_v, "step": t}
-
-
-def _lr_groups(names, lr_scales):
-    # [(multiplier, names in their order)], first seen first; without lr_scales one group (1.0, names)
-    if not lr_scales:
-        return [(1.0, names)]
-    groups = {}
-    for n in names:
-        scale = float(lr_scales.get(n, 1.0))
-        require(0 < scale < math.inf, f"lr_scales[{n!r}]={scale} must be finite and > 0")
-        groups.setdefault(scale, []).append(n)
-    return list(groups.items())
 
 
 def _adam_flat(p, g, m, v, hyper, decay_factors):

@@ -20,16 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_dtype, get_xp
-from ..core.coprocessor import INITS, MODES, READOUTS, SOFT_TOKENS, init_coprocessor
-from ..core.layout import AHEAD_POSITIONS, LATENT_POSITIONS, sample_trace_positions
+from ..core.coprocessor import INITS, MODES, init_coprocessor
+from ..core.layout import LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import sample_batch
 from ..data.pretrained import tokenizer_for
 from ..errors import require
 from . import loop
 from .checkpoint import (
+    REMOVED_OPTIONS,
     atomic_write_json,
     check_tokenizer,
+    check_train_config,
     checkpoint_exists,
     load_coprocessor,
     load_decoder,
@@ -37,9 +39,6 @@ from .checkpoint import (
 )
 from .heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from .optim import adam_init
-
-SOFT_INITS = ("normal", "embed", "zero")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -55,12 +54,7 @@ class TrainConfig:
     clip: float = 1.0
     init: str = "copy"
     mode: str = "coprocessor"
-    ahead_positions: str = "original"   # ahead tokens keep their positions, or "continue" after the latents
-    latent_positions: str = "behind"    # latent j at p-N_L+1+j (clamped at 0), or "after": p+1+j (results.md)
-    soft_init: str = "normal"           # soft tokens ~ N(0, std(E)), "embed": rows of E, "zero"
-    soft_lr_scale: float = 1.0          # the soft tokens' lr = lr x this (1.0: one rate for all arrays)
-    readout: str = "norm"               # latents after the final norm; "prenorm": before it; "scaled": after
-                                        # it, x a trainable latent_scale [N_L] (coprocessor.READOUTS)
+    latent_positions: str = "behind"    # latent j at max(0, p-N_L+1+j); "after": p+1+j (the ablation)
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -73,54 +67,29 @@ class TrainConfig:
         require(0 < self.lr < math.inf and 0 < self.clip < math.inf and 0 <= self.weight_decay < math.inf,
                 f"lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay}: lr and clip must be "
                 "finite and > 0, weight_decay finite and >= 0")
-        require(0 < self.soft_lr_scale < math.inf, f"soft_lr_scale={self.soft_lr_scale} must be finite and "
-                                                   "> 0 (1.0: the soft tokens train at lr like everything else)")
-        for name, known in (("mode", MODES), ("init", INITS), ("ahead_positions", AHEAD_POSITIONS),
-                            ("latent_positions", LATENT_POSITIONS), ("soft_init", SOFT_INITS),
-                            ("readout", READOUTS)):
+        for name, known in (("mode", MODES), ("init", INITS), ("latent_positions", LATENT_POSITIONS)):
             require(getattr(self, name) in known, f"{name}={getattr(self, name)!r} is unknown: use one of "
                                                   f"{', '.join(known)}")
-        require(self.mode == "coprocessor" or self.readout == "norm",
-                f"readout={self.readout!r} needs mode='coprocessor': pause tokens are the latents themselves")
-
-    def lr_scales(self):
-        """{name: multiplier of lr} for optim.adam_update ({} when every array trains at lr)."""
-        return {} if self.soft_lr_scale == 1.0 else {SOFT_TOKENS: float(self.soft_lr_scale)}
 
 
-# What a run saved before a field existed trained with (not necessarily today's default)
-PREDATED = {"latent_positions": "after", "soft_init": "normal", "soft_lr_scale": 1.0, "readout": "norm"}
-
-
-def saved_train_config(saved):
-    """A checkpoint's train_config with the fields it predates filled in: PREDATED, else the default."""
-    return {**asdict(TrainConfig()), **PREDATED, **saved}
-
-
-def init_soft_tokens(trainable, dec_params, soft_init, seed):
-    """trainable with its soft tokens [N_L, D] re-initialised: "normal" keeps init_coprocessor's
-    N(0, std(E)); "embed" takes N_L distinct rows of the token embedding E (seeded); "zero" zeros."""
-    if soft_init == "normal":
-        return trainable
-    soft, E = trainable[SOFT_TOKENS], dec_params["embed_tokens"]
-    if soft_init == "zero":
-        return {**trainable, SOFT_TOKENS: soft * 0}
-    rows = np.random.default_rng(seed + 7).choice(E.shape[0], size=soft.shape[0], replace=False)
-    return {**trainable, SOFT_TOKENS: E[rows].copy()}
+def saved_train_config(saved, source="the run"):
+    """A run's saved train_config as today's TrainConfig fields (checkpoint.check_train_config first)."""
+    check_train_config(saved, source)
+    return {**asdict(TrainConfig()), **{k: v for k, v in saved.items() if k not in REMOVED_OPTIONS}}
 
 
 def coprocessor_loss(dec_params, trainable, cfg, tc, batch):
     """(loss, latents [B, K, N_L, D]) of the cached form on a batch (tokens [B, T], positions [B, K])."""
     tokens, positions = batch
     loss, out = loss_cached(dec_params, trainable, cfg, tokens, positions, tc.n_latents, tc.n_ahead,
-                            tc.ahead_positions, tc.latent_positions)
+                            tc.latent_positions)
     return loss, out["latents"]
 
 
 def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
     """One update of the trainable arrays -> (trainable, adam, stats {"loss", "grad_norm", "latent_norm"})."""
     return loop.update(lambda t: coprocessor_loss(dec_params, t, cfg, tc, (tokens, positions)), trainable,
-                       adam, lr, tc.clip, tc.weight_decay, lr_scales=tc.lr_scales())
+                       adam, lr, tc.clip, tc.weight_decay)
 
 
 class CoprocessorTraining:
@@ -134,8 +103,7 @@ class CoprocessorTraining:
         self.slots = tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
         self.heldout = heldout_set(corpus.val, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
         self.schedule = loop.Schedule(tc.steps, stop, tc.lr, tc.warmup, tc.clip, tc.weight_decay,
-                                      tc.eval_every, save_every=tc.eval_every, eval_at=stop,
-                                      lr_scales=tuple(tc.lr_scales().items()))
+                                      tc.eval_every, save_every=tc.eval_every, eval_at=stop)
         self.baseline = None      # the decoder alone on the held-out set, [N_A] (set before the loop)
 
     def ahead_nll(self, trainable):
@@ -144,13 +112,11 @@ class CoprocessorTraining:
         if trainable is None:
             return ahead_nll(self.dec_params, None, self.cfg, self.heldout, 0, self.tc.n_ahead)
         return ahead_nll(self.dec_params, trainable, self.cfg, self.heldout, n_latents, self.tc.n_ahead,
-                         self.tc.ahead_positions, self.tc.latent_positions)
+                         self.tc.latent_positions)
 
     def header(self, state):
         n, tc = sum(int(a.size) for a in state.trainable.values()), self.tc
-        levers = (("readout", tc.readout, "norm"), ("soft-token lr x", tc.soft_lr_scale, 1.0))
-        extra = "".join(f", {k} {v}" for k, v, default in levers if v != default)
-        return (f"train: {tc.mode} N_L={tc.n_latents} N_A={tc.n_ahead} ({n:,} trainable values{extra}), batch "
+        return (f"train: {tc.mode} N_L={tc.n_latents} N_A={tc.n_ahead} ({n:,} trainable values), batch "
                 f"{tc.batch_size}x{self.T}, K={tc.n_traces}, steps {state.step}->{self.schedule.stop} of "
                 f"{tc.steps}; writing {self.out}/")
 
@@ -207,12 +173,11 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     task = CoprocessorTraining(out_dir, tc, T, stop, dec_params, cfg, meta, corpus)
     if resume:
         trainable, adam, old = load_coprocessor(ckpt, dec_meta["decoder_hash"], dt, xp)
-        loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"]), ckpt)
+        loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"], str(ckpt)), ckpt)
         state = loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
         del adam
     else:
-        trainable = init_soft_tokens(init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed,
-                                                      tc.readout), dec_params, tc.soft_init, tc.seed)
+        trainable = init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
         rng = np.random.default_rng(tc.seed)
         state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
     base_nll = task.baseline = task.ahead_nll(None)
