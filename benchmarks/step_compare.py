@@ -5,8 +5,8 @@ side by side in one run: each runs in its own worker process, and the rounds are
                                       [--batch-size 8 --traces 32 --rounds 7] [--no-torch]
 
 A worker builds the same seeded case (a random decoder of the preset, a copy-init coprocessor,
-N_L 16, N_A 16 by default), runs one warm-up step, then times one step per round (synchronised on a
-GPU). Prints one JSON object: the per-round seconds, their medians and the round-by-round ratios.
+N_L 16, N_A 16), runs one warm-up step, then times one step per round (synchronised on a GPU).
+Prints one JSON object: the per-round seconds, their medians and the round-by-round ratios.
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ def worker(tree, preset, backend, batch_size, traces, n_latents, n_ahead, torch_
     """In a child process: build the case, then answer each 'step' line with its seconds."""
     sys.path.insert(0, str(tree))
     import numpy as np
+
     from refimpl.backend import get_xp
     from refimpl.config import get_preset
     from refimpl.core.coprocessor import init_coprocessor
@@ -42,10 +43,11 @@ def worker(tree, preset, backend, batch_size, traces, n_latents, n_ahead, torch_
         sys.path.insert(0, str(HERE))
         import torch
         from torch_step import TorchStep
-        host = lambda tree: {k: np.asarray(xp.asnumpy(v) if backend == "cupy" else v) for k, v in tree.items()}  # noqa
+        host = lambda tree: {k: np.asarray(xp.asnumpy(v) if backend == "cupy" else v)
+                             for k, v in tree.items()}
         ts = TorchStep(host(flatten_params(dec)), host(trainable), cfg.to_dict(), n_latents, n_ahead,
                        device="cuda" if backend == "cupy" else "cpu")
-        run = lambda: ts.step(tokens, positions)  # noqa: E731
+        run = lambda: ts.step(tokens, positions)
         sync = (lambda: torch.cuda.synchronize()) if backend == "cupy" else (lambda: None)
     else:
         state = {"t": trainable, "a": adam_init(trainable)}
@@ -53,7 +55,8 @@ def worker(tree, preset, backend, batch_size, traces, n_latents, n_ahead, torch_
         tok = tokens if "training" in train_step.__module__ else xp.asarray(tokens)
 
         def run():
-            state["t"], state["a"], stats = train_step(dec, state["t"], state["a"], cfg, tc, tok, positions, 1e-4)
+            state["t"], state["a"], stats = train_step(dec, state["t"], state["a"], cfg, tc, tok, positions,
+                                                       1e-4)
             return stats["loss"]
     run()
     sync()
@@ -74,9 +77,8 @@ def main():
     p.add_argument("--after", default=str(HERE.parent), help="the checkout after it (default: this one)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--backend", default="numpy")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--traces", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7)
+    for flag, default in (("--batch-size", 8), ("--traces", 32), ("--rounds", 7)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--no-torch", action="store_true")
     a = p.parse_args()
     names = ["before", "after"] + ([] if a.no_torch else ["torch"])
@@ -84,29 +86,30 @@ def main():
     for name in names:
         tree = str(Path(a.before if name == "before" else a.after).resolve())   # the workers run in /
         code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import step_compare; step_compare.worker("
-                f"{tree!r}, {a.preset!r}, {a.backend!r}, {a.batch_size}, {a.traces}, 16, 16, {name == 'torch'})")
-        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True, cwd="/")
+                f"{tree!r}, {a.preset!r}, {a.backend!r}, {a.batch_size}, {a.traces}, 16, 16, "
+                f"{name == 'torch'})")
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, cwd="/")
         assert procs[name].stdout.readline().strip() == "ready", f"worker {name} failed"
-    times = {n: [] for n in names}
-    losses = {}
+    times, losses = {n: [] for n in names}, {}
     for _ in range(a.rounds):
         for name in names:
-            procs[name].stdin.write("step\n")
-            procs[name].stdin.flush()
+            print("step", file=procs[name].stdin, flush=True)
             r = json.loads(procs[name].stdout.readline())
             times[name].append(r["s"])
             losses.setdefault(name, r["loss"])
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
+
+    def ratio(x, y):
+        return statistics.median(a / b for a, b in zip(times[x], times[y]))
     out = {"preset": a.preset, "backend": a.backend, "batch_size": a.batch_size, "traces": a.traces,
-           "rounds": a.rounds, "seconds": times, "median_s": {n: statistics.median(t) for n, t in times.items()},
-           "first_loss": losses,
-           "after_over_before": statistics.median(x / y for x, y in zip(times["after"], times["before"]))}
+           "rounds": a.rounds, "seconds": times, "first_loss": losses,
+           "median_s": {n: statistics.median(t) for n, t in times.items()},
+           "after_over_before": ratio("after", "before")}
     if "torch" in times:
-        out["after_over_torch"] = statistics.median(x / y for x, y in zip(times["after"], times["torch"]))
-        out["before_over_torch"] = statistics.median(x / y for x, y in zip(times["before"], times["torch"]))
+        out.update(after_over_torch=ratio("after", "torch"), before_over_torch=ratio("before", "torch"))
     print(json.dumps(out))
 
 

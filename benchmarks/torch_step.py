@@ -6,9 +6,8 @@ PyTorch user would write it, and never imports refimpl:
   2. the coprocessor over the K*N_L soft slots, each trace attending to the decoder's cached
      x_0..x_p and causally to its own soft slots;
   3. the frozen decoder over the K groups [z_1..z_N_L, x_p+1..x_p+N_A-1] against the same cache,
-     the latents at positions p-N_L+1..p (clamped at 0; "behind", refimpl's default) or p+1..p+N_L
-     ("after"), and the ahead tokens at their own positions p+1..p+N_A-1
-     (ahead_positions="original", refimpl's default) or counting on after the latents ("continue");
+     the latents at positions max(0, p-N_L+1)..p ("behind", the method) or p+1..p+N_L ("after",
+     the ablation; the coprocessor uses the same ids), the ahead tokens at their own positions p+1..p+N_A-1;
   4. tied LM head on the N_A read-out slots of each group, mean cross-entropy.
 Attention over "context cache + own group" is one softmax over the concatenated scores
 [B, H, K, G, T + G] (`trace_attend`), so no [K*G, T + K*G] mask is built, as in refimpl.
@@ -82,8 +81,7 @@ def llama_layers(w, x, pos, cfg, attend_for_layer):
     return rms_norm(x, w["model.norm.weight"], eps), kvs
 
 
-def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg, ahead_positions="original",
-                latent_positions="behind"):
+def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg, latent_positions="behind"):
     """Mean cross-entropy over B*K*N_A ahead targets. tokens, trace_positions: int64 tensors."""
     B, T = tokens.shape
     K, D, NL, NA = trace_positions.shape[1], soft.shape[1], n_latents, n_ahead
@@ -107,8 +105,8 @@ def loss_cached(dec, cop, soft, tokens, trace_positions, n_latents, n_ahead, cfg
     targets = torch.gather(tokens[:, None, :].expand(B, K, T), 2,
                            trace_positions[..., None] + 1 + arange(NA))       # [B, K, N_A]
     groups = torch.cat([z.view(B, K, NL, D), E[targets[..., :-1]]], 2).view(B, K * G, D)
-    start = trace_positions[..., None] if ahead_positions == "original" else lat[..., -1:]
-    pos_grp = torch.cat([lat, start + 1 + arange(NA - 1)], -1).reshape(B, K * G)   # x_{p+j} at start + j
+    own = trace_positions[..., None] + 1 + arange(NA - 1)                   # x_{p+j} at its own id p+j
+    pos_grp = torch.cat([lat, own], -1).reshape(B, K * G)
     h, _ = llama_layers(dec, groups, pos_grp, cfg, against_cache(G))         # 3. decoder groups
     h_read = h.view(B, K, G, D)[:, :, NL - 1:]                                # [B, K, N_A, D]
     logits = h_read @ E.T                                                     # 4. head, loss
@@ -119,9 +117,9 @@ class TorchStep:
     """State and one training step (loss, backward, clip, Adam) from NumPy weights."""
 
     def __init__(self, dec_np, trainable_np, cfg, n_latents, n_ahead, lr=1e-4, clip=1.0, device="cpu",
-                 ahead_positions="original", latent_positions="behind"):
+                 latent_positions="behind"):
         self.cfg, self.n_latents, self.n_ahead, self.lr, self.clip = cfg, n_latents, n_ahead, lr, clip
-        self.ahead_positions, self.latent_positions = ahead_positions, latent_positions
+        self.latent_positions = latent_positions
         self.device = device
         self.dec = {k: torch.tensor(v, device=device) for k, v in dec_np.items()}
         self.train = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in trainable_np.items()}
@@ -131,7 +129,7 @@ class TorchStep:
         t = {k: v for k, v in self.train.items() if k != "soft_tokens"}
         as_ids = lambda a: torch.as_tensor(a, dtype=torch.int64, device=self.device)  # noqa: E731
         return loss_cached(self.dec, t, self.train["soft_tokens"], as_ids(tokens), as_ids(trace_positions),
-                           self.n_latents, self.n_ahead, self.cfg, self.ahead_positions, self.latent_positions)
+                           self.n_latents, self.n_ahead, self.cfg, self.latent_positions)
 
     def step(self, tokens, trace_positions):
         self.opt.zero_grad(set_to_none=True)

@@ -1,12 +1,13 @@
 """The decoder and its explicit kv-cache (docs/method.md §1).
 
-Runs a prompt through the decoder in one call, then again in chunks through the cache, and shows
-that both give the same logits: the cached == uncached invariant. Prints the cache's layout.
+Runs a prompt through the decoder in one call, then in chunks through the cache, and shows that both
+give the same logits (the cached == uncached invariant); prints the cache's layout.
 
     python examples/01_decoder_and_cache.py            # the shipped demo decoder
     python examples/01_decoder_and_cache.py --small    # a random nano decoder (seconds)
 """
-import argparse
+import itertools
+import sys
 
 import numpy as np
 
@@ -32,9 +33,8 @@ def main(small):
           f"positions {cache.positions[0].tolist()}")
 
     # the same prompt in three chunks, each appended to the cache
-    cuts = [0, 3, T // 2, T]
-    chunks, cache = [], None
-    for a, b in zip(cuts, cuts[1:]):
+    cuts, chunks, cache = [0, 3, T // 2, T], [], None
+    for a, b in itertools.pairwise(cuts):
         lg, _, cache = dec.forward(params, cfg, tokens[:, a:b], cache=cache)
         chunks.append(lg)
     diff = np.abs(np.concatenate(chunks, axis=1) - logits).max()
@@ -48,6 +48,4 @@ def main(small):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="random nano decoder instead of the shipped one")
-    main(ap.parse_args().small)
+    main(small="--small" in sys.argv[1:])

@@ -30,11 +30,12 @@ def main(n_latents=2, n_ahead=3, n_traces=3):
                                              for k in range(n_traces) for j in range(layout.group_len)]
     print(format_mask(layout.packed_may_attend()[0], labels=labels))
 
-    results = {}
-    for name, form in FORMS.items():
-        loss, grads, _ = value_and_grad(
-            lambda t: form(decoder, t, cfg, tokens, positions, n_latents, n_ahead)[0], trainable)
-        results[name] = (float(loss), grads)
+    def loss_and_grads(form):
+        loss = lambda t: form(decoder, t, cfg, tokens, positions, n_latents, n_ahead)[0]
+        return value_and_grad(loss, trainable)
+
+    results = {name: loss_and_grads(form) for name, form in FORMS.items()}              # (loss, grads, _)
+    for name, (loss, _, _) in results.items():
         print(f"form {name:>10}: loss {float(loss):.12f}")
     for name in ("packed", "cached"):
         worst = max(np.abs(results[name][1][k] - results["per-trace"][1][k]).max() for k in trainable)

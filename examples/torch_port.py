@@ -1,10 +1,10 @@
 """An independent PyTorch port of the cache-augmentation training loss, checked by golden vectors.
 
-    python examples/torch_port.py tiny_data/golden/original /tmp/port.npz [--dtype float32]
-    refimpl golden verify tiny_data/golden/original --actual /tmp/port.npz
+    python examples/torch_port.py tiny_data/golden/default /tmp/port.npz [--dtype float32]
+    refimpl golden verify tiny_data/golden/default --actual /tmp/port.npz
 
-It reads ONLY the golden files (manifest.json for the config, the position convention
-config.ahead_positions and the Adam settings; tensors.npz for the weights, tokens, trace
+It reads ONLY the golden files (manifest.json for the config, the latents' position ids
+config.latent_positions and the Adam settings; tensors.npz for the weights, tokens, trace
 positions and soft tokens) and never imports refimpl. It is written from the conventions in
 docs/golden.md, in plain torch (a ~60-line Llama), and computes the loss a different way from
 refimpl's training code: the decoder runs the packed one-pass form (the paper's Fig. 2: original
@@ -14,12 +14,14 @@ and the 5 steps use torch.optim.AdamW. It writes every tensor under the golden n
 
 --bug NAME plants one classic porting mistake, to show that the golden set catches it:
   rope-interleaved   pair dims (2i, 2i+1) instead of (i, i + Dh/2) (the GPT-NeoX/GPT-J mix-up)
-  latent-positions   give latents the position ids p+j instead of p+1+j
+  latent-positions   give the latents the other rule's ids ("after" p+1+j for a "behind" set, and vice versa)
   coprocessor-is-decoder  run the coprocessor with the decoder's weights
   no-final-norm      read the latents before the coprocessor's final RMSNorm
-  ahead-positions    number the ahead tokens by the other set's convention
+  packed-arange      run the packed decoder pass at ids 0..S-1 (no explicit position ids)
   gqa-tiled          grouped-query attention with the key/value heads tiled [a, b, a, b] instead of
                      repeated in place [a, a, b, b] (only the grouped-query set, tiny_data/golden/gqa)
+  rope-float32       compute the RoPE angles in float32 (as Hugging Face does): a float64 port then passes
+                     the float32 tier only
 """
 import argparse
 import json
@@ -29,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUGS = ("rope-interleaved", "latent-positions", "coprocessor-is-decoder", "no-final-norm", "ahead-positions",
-        "gqa-tiled")
-CONVENTIONS = ("original", "continue")
+BUGS = ("rope-interleaved", "latent-positions", "coprocessor-is-decoder", "no-final-norm", "packed-arange",
+        "gqa-tiled", "rope-float32")
+LATENT_POSITIONS = ("behind", "after")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,9 +44,9 @@ def rms_norm(x, w, eps):
 
 def rope(x, pos, theta, bug=None):
     # x [B, H, S, Dh], pos int [B, S] -> x rotated; dim i pairs with dim i + Dh/2
-    dh = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)     # [Dh/2]
-    ang = pos.to(torch.float64)[..., None] * inv_freq                          # [B, S, Dh/2]
+    dh, angles = x.shape[-1], torch.float32 if bug == "rope-float32" else torch.float64
+    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=angles) / dh)            # [Dh/2]
+    ang = pos.to(angles)[..., None] * inv_freq                                 # [B, S, Dh/2]
     if bug == "rope-interleaved":
         cos, sin = ang.cos()[:, None].to(x.dtype), ang.sin()[:, None].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -92,12 +94,12 @@ def llama(w, x, pos, may_attend, cfg, past=None, final_norm=True, bug=None):
 
 # ---------------------------------------------------------------------------------------------
 # The trace layout, written out element by element
-def trace_masks(trace_positions, T, n_latents, n_ahead, ahead_positions):
+def trace_masks(trace_positions, T, n_latents, n_ahead, latent_positions):
     """(packed positions int [B, S], packed mask bool [B, S, S], coprocessor positions [B, K*N_L],
     coprocessor mask bool [B, K*N_L, T + K*N_L], read-out slots [K*N_A]).
 
-    ahead_positions: "original" gives ahead token x_{p+1+a} its own position p+1+a; "continue"
-    counts on after the latents, p+N_L+1+a."""
+    latent_positions: "behind" gives latent j the id max(0, p-N_L+1+j), "after" p+1+j; ahead token
+    x_{p+1+a} keeps its own id p+1+a."""
     B, K = trace_positions.shape
     G = n_latents + n_ahead - 1
     S = T + K * G
@@ -113,15 +115,15 @@ def trace_masks(trace_positions, T, n_latents, n_ahead, ahead_positions):
             p = int(trace_positions[b, k])
             for j in range(G):                                 # latents j < N_L, then ahead tokens
                 s = T + k * G + j
-                if j < n_latents or ahead_positions == "continue":
-                    pos[b, s] = p + 1 + j                      # latents p+1..; continue: ahead p+N_L+1..
+                if j < n_latents:
+                    pos[b, s] = p + 1 + j if latent_positions == "after" else max(0, p - n_latents + 1 + j)
                 else:
-                    pos[b, s] = p + 1 + j - n_latents          # original: ahead x_{p+1+a} at p+1+a
+                    pos[b, s] = p + 1 + j - n_latents          # ahead x_{p+1+a} at its own id p+1+a
                 mask[b, s, :p + 1] = True                      # x_0..x_p
                 mask[b, s, T + k * G:s + 1] = True             # own group, causally
             for j in range(n_latents):
                 s = k * n_latents + j
-                cpos[b, s] = p + 1 + j
+                cpos[b, s] = pos[b, T + k * G + j]             # the same ids in the coprocessor
                 cmask[b, s, :p + 1] = True                     # the decoder's cache of x_0..x_p
                 cmask[b, s, T + k * n_latents:T + s + 1] = True
     readout = np.array([T + k * G + n_latents - 1 + j for k in range(K) for j in range(n_ahead)])
@@ -136,12 +138,12 @@ def training_loss(dec, cop, soft, tokens, trace_positions, cfg, bug=None):
     K = trace_positions.shape[1]
     NL, NA, D = cfg["n_latents"], cfg["n_ahead"], cfg["d_model"]
     E = dec["model.embed_tokens.weight"]
-    ahead = cfg["ahead_positions"]
-    if bug == "ahead-positions":
-        ahead = CONVENTIONS[1 - CONVENTIONS.index(ahead)]
-    pos, mask, cpos, cmask, readout = trace_masks(trace_positions.numpy(), T, NL, NA, ahead)
+    rule = cfg["latent_positions"]
     if bug == "latent-positions":
-        cpos = cpos - 1
+        rule = LATENT_POSITIONS[1 - LATENT_POSITIONS.index(rule)]
+    pos, mask, cpos, cmask, readout = trace_masks(trace_positions.numpy(), T, NL, NA, rule)
+    if bug == "packed-arange":
+        pos = np.broadcast_to(np.arange(pos.shape[1]), pos.shape).copy()
     causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
     with torch.no_grad():                                       # the decoder is frozen
         h, cache = llama(dec, E[tokens], torch.arange(T).expand(B, T), causal, cfg)
@@ -166,7 +168,7 @@ def training_loss(dec, cop, soft, tokens, trace_positions, cfg, bug=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("golden", help="one golden set (manifest.json, tensors.npz): tiny_data/golden/original")
+    ap.add_argument("golden", help="one golden set (manifest.json, tensors.npz): tiny_data/golden/default")
     ap.add_argument("out", help="where to write the port's tensors (.npz)")
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--bug", choices=BUGS, help="plant one porting mistake (see the docstring)")
@@ -174,10 +176,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     manifest = json.loads((Path(args.golden) / "manifest.json").read_text())
     c = manifest["config"]
-    cfg = {**c["model"], "n_latents": c["n_latents"], "n_ahead": c["n_ahead"],
-           "ahead_positions": c.get("ahead_positions", "continue")}     # older manifests: continue
-    if cfg["ahead_positions"] not in CONVENTIONS:
-        ap.error(f"config.ahead_positions {cfg['ahead_positions']!r} is not one of {CONVENTIONS}")
+    cfg = {**c["model"], "n_latents": c["n_latents"], "n_ahead": c["n_ahead"], "latent_positions": c.get(
+        "latent_positions")}
+    if cfg["latent_positions"] not in LATENT_POSITIONS or c.get("ahead_positions") != "original":
+        ap.error(f"config.latent_positions {cfg['latent_positions']!r} / ahead_positions "
+                 f"{c.get('ahead_positions')!r}: this port computes {LATENT_POSITIONS} / 'original'")
     with np.load(Path(args.golden) / "tensors.npz", allow_pickle=False) as z:
         g = {n: z[n] for n in z.files}
     dec = {n[len("decoder."):]: torch.tensor(a, dtype=dtype) for n, a in g.items() if n.startswith("decoder.")}

@@ -1,13 +1,9 @@
-"""Array backend: the one place that decides which module holds the arrays (NumPy or CuPy).
-
-Ops never import numpy or cupy directly for computation; they ask `xp_of(array)` for the
-module that owns their inputs, so the same code runs on both. The default dtype is float32;
-float64 is used for gradient checks and golden vectors.
-"""
+"""Array backend: the one place that picks NumPy or CuPy. Ops ask `xp_of(array)` for the module that owns
+their inputs, so the same code runs on both; float32 by default, float64 for gradient checks, golden sets."""
 import numpy as np
 from autograd.tracer import getval
 
-from .errors import RefimplError
+from .errors import RefimplError, require
 
 BACKENDS = ("numpy", "cupy")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -19,32 +15,42 @@ TRACE_RUNS = {"numpy": 4, "cupy": 1}
 
 
 def get_xp(name="numpy"):
-    """The array module for a backend name: numpy, or cupy (registered with autograd)."""
-    if name == "numpy":
-        return np
-    if name != "cupy":
-        raise RefimplError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
-    return _load_cupy()
+    """The array module for a backend name: numpy, or cupy (checked for a GPU, registered with autograd)."""
+    global _cupy
+    require(name in BACKENDS, f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "numpy" or _cupy is not None:
+        return np if name == "numpy" else _cupy
+    try:
+        import cupy
+    except ImportError:
+        raise RefimplError("backend 'cupy' needs CuPy: pip install -e '.[gpu]' (on a machine with "
+                           "an NVIDIA GPU), or use --backend numpy") from None
+    try:
+        n_gpu = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 (CUDA driver missing or broken)
+        raise RefimplError(f"backend 'cupy': no usable GPU ({type(e).__name__}); "
+                           "use --backend numpy") from None
+    require(n_gpu > 0, "backend 'cupy': CuPy found no GPU; use --backend numpy")
+    _register_with_autograd(cupy)
+    _cupy = cupy
+    return cupy
 
 
 def get_dtype(name):
     """np.float32 / np.float64 from a name; RefimplError for anything else."""
-    if name not in DTYPES:
-        raise RefimplError(f"unknown dtype {name!r}: use float32 or float64")
+    require(name in DTYPES, f"unknown dtype {name!r}: use float32 or float64")
     return DTYPES[name]
 
 
 def xp_of(*arrays):
     """The module (numpy or cupy) that owns these arrays (autograd boxes are looked through)."""
-    if _cupy is not None:
-        for a in arrays:
-            if isinstance(getval(a), _cupy.ndarray):
-                return _cupy
+    if _cupy is not None and any(isinstance(getval(a), _cupy.ndarray) for a in arrays):
+        return _cupy
     return np
 
 
-def trace_runs(xp):
-    """How many runs of traces the blockwise attention uses on backend module xp."""
+def n_context_runs(xp):
+    """How many runs of traces (TRACE_RUNS) the blockwise trace attention is cut into on backend module xp."""
     return TRACE_RUNS.get(xp.__name__, 1)
 
 
@@ -58,40 +64,7 @@ def to_numpy(x):
 def to_xp(x, xp, dtype=None):
     """Move a host array to backend module xp, optionally casting floating arrays to dtype."""
     a = xp.asarray(x)
-    if dtype is not None and a.dtype.kind == "f":
-        a = a.astype(dtype, copy=False)
-    return a
-
-
-def tree_map(fn, tree):
-    """Apply fn to every array leaf of a nested dict/list params tree."""
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [tree_map(fn, v) for v in tree]
-    return fn(tree)
-
-
-def _load_cupy():
-    """Import cupy, check a GPU is visible, and teach autograd to trace cupy arrays."""
-    global _cupy
-    if _cupy is not None:
-        return _cupy
-    try:
-        import cupy
-    except ImportError:
-        raise RefimplError("backend 'cupy' needs CuPy: pip install -e '.[gpu]' (on a machine with "
-                           "an NVIDIA GPU), or use --backend numpy") from None
-    try:
-        n_gpu = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDA driver missing or broken
-        raise RefimplError(f"backend 'cupy': no usable GPU ({type(e).__name__}); "
-                           "use --backend numpy") from None
-    if n_gpu == 0:
-        raise RefimplError("backend 'cupy': CuPy found no GPU; use --backend numpy")
-    _register_with_autograd(cupy)
-    _cupy = cupy
-    return cupy
+    return a.astype(dtype, copy=False) if dtype is not None and a.dtype.kind == "f" else a
 
 
 def _register_with_autograd(cupy):
@@ -99,17 +72,11 @@ def _register_with_autograd(cupy):
     from autograd.extend import VSpace
     from autograd.numpy.numpy_boxes import ArrayBox
 
-    class CupyVSpace(VSpace):
+    class CupyVSpace(VSpace):  # VSpace's own _add and _mut_add (x + y, x += y) serve cupy arrays
         def __init__(self, value):
             self.shape, self.dtype = value.shape, value.dtype
 
-        @property
-        def size(self):
-            return int(np.prod(self.shape))
-
-        @property
-        def ndim(self):
-            return len(self.shape)
+        size = property(lambda self: int(np.prod(self.shape)))  # autograd's grad checks size == 1
 
         def zeros(self):
             return cupy.zeros(self.shape, dtype=self.dtype)
@@ -117,15 +84,10 @@ def _register_with_autograd(cupy):
         def ones(self):
             return cupy.ones(self.shape, dtype=self.dtype)
 
-        def _add(self, x, y):
-            return x + y
-
-        def _mut_add(self, x, y):
-            x += y
-            return x
-
         def _inner_prod(self, x, y):
             return float(cupy.vdot(x.ravel(), y.ravel()))
 
     ArrayBox.register(cupy.ndarray)
     VSpace.register(cupy.ndarray, CupyVSpace)
+
+

@@ -1,10 +1,7 @@
 """The command line, `refimpl COMMAND ...` (also `python -m refimpl`): the only module that knows flags.
 
-Each command is a pair: `_X_args(parser)` declares its flags, `_X(args)` calls the library. The
-library names a bad value by its parameter name (`seq_len=999 exceeds ...`); `main` shows it under
-the flag's name (`--seq-len 999 exceeds ...`). Every user error is a RefimplError, printed as ONE
-line, `refimpl: error: ...`, on stderr with exit status 2 and no traceback; so are bad arguments,
-a path that cannot be read or written (OSError) and running out of memory.
+Each command is a pair: `_X_args(parser)` declares its flags, `_X(args)` calls the library. A user error is
+ONE line on stderr, `refimpl: error: ...` (the library's `seq_len=999` shown as `--seq-len 999`), exit 2.
 """
 import argparse
 import importlib.util
@@ -21,6 +18,28 @@ from .errors import RefimplError, require
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 MAX_INT = 2**31 - 1  # larger counts only end in an out-of-memory or NumPy size error
+TRAIN_SIZES = ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead")  # the memory model's step sizes
+HELP = {  # the help of flags several commands share; each command adds its default
+    "preset": "model size", "dtype": "parameter dtype", "batch_size": "sequences per batch",
+    "steps": "optimizer steps in the whole run, which set the LR schedule", "lr": "peak learning rate",
+    "seq_len": "tokens per sequence (0: the decoder's max_seq_len)",
+    "warmup": "linear warmup steps; cosine decay to 0.1 x lr follows",
+    "weight_decay": "decoupled (AdamW) weight decay on weight matrices", "clip": "max global gradient norm",
+    "eval_every": "held-out loss every N steps, and at the end (0: only at the end)",
+    "eval_batches": "held-out batches per evaluation", "seed": "seed of the init and of the batch sampler",
+    "n_latents": "latent embeddings N_L written per augmentation point",
+    "n_ahead": "tokens N_A after each augmentation point that the loss scores",
+    "n_traces": "augmentation points (traces) K per sequence",
+    "init": "coprocessor init: a copy of the decoder, or random (the ablation)",
+    "mode": "what trains: the coprocessor, or the pause-token baseline",
+    "latent_positions": "position ids of the latents: behind the augmentation point (max(0, p-N_L+1)..p, the "
+                        "method) or after it (p+1..p+N_L, the ablation); docs/method.md C8",
+    "horizon": "ahead positions scored (0: 2 x the largest N_A)", "limit": "reasoning prompts used (0: all)",
+    "skip_windows": "held-out windows skipped first (64: past every training-time evaluation)",
+    "split": "reasoning prompts ('long': 3..5-digit answers only; 'fewshot': few-shot prompts for an LLM)",
+    "prompt_batch": "prompts decoded together (left-padded)", "max_new_tokens": "tokens decoded per prompt",
+    "latency_repeats": "timed repeats of each latency measurement",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +54,8 @@ def _bounded(kind, ok, what):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not ok(value):
+            value = None
+        if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         if kind is int and value > MAX_INT:
             raise argparse.ArgumentTypeError(f"must be at most {MAX_INT}, got {text!r}")
@@ -54,19 +73,33 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _model_args(p, dtype=True):
-    """The flags every command that loads a decoder shares."""
-    p.add_argument("--decoder", default=None, help="frozen decoder checkpoint (.npz); default: the shipped one")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (GPU)")
-    if dtype:
-        p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-
-
-def _dataclass_args(p, config, kinds, helps=None):
-    """One flag per dataclass field named in kinds ({field: argparse type}), its default the field's."""
-    defaults = {f.name: f.default for f in fields(config)}
+def _table_args(p, kinds, defaults, helps=None, given_only=False):
+    """One flag per name of kinds ({name: argparse type, or a tuple of choices}), its help HELP[name] (or
+    helps[name]) with defaults[name]; given_only: its value is None unless given."""
     for name, kind in kinds.items():
-        p.add_argument(_flag(name), type=kind, default=defaults[name], help=(helps or {}).get(name))
+        choices = kind if isinstance(kind, tuple) else None
+        p.add_argument(_flag(name), type=None if choices else kind, choices=choices,
+                       default=None if given_only else defaults[name],
+                       help=f"{(helps or {}).get(name, HELP.get(name))} (default {defaults[name]})")
+
+
+def _model_args(p, decoder=True, dtype=True):
+    """The flags of the decoder a command runs, and where."""
+    if decoder:
+        p.add_argument("--decoder", help="frozen decoder checkpoint (.npz), or the name of a fetched model "
+                       "(default: the shipped decoder)")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (GPU) "
+                   "(default numpy)")
+    if dtype:
+        p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                       help="dtype of the arrays (default float32)")
+
+
+def _run_args(p):
+    """The flags of a training run that saves and resumes."""
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--stop-after", type=positive_int, metavar="STEP", help="stop (and save) after this step, "
+                   "keeping the schedule of --steps; continue later with --resume (default: run to --steps)")
 
 
 def _force_arg(p):
@@ -74,17 +107,20 @@ def _force_arg(p):
                    "estimated peak memory exceeds what is available (the kernel may then kill the run)")
 
 
-def _itemsize(args):
-    return 8 if getattr(args, "dtype", None) == "float64" else 4
+def _decoder_path(args):
+    from .data.corpus import SHIPPED_DECODER
+    from .data.pretrained import decoder_file
+    return decoder_file(args.decoder) if args.decoder else SHIPPED_DECODER  # a name: the fetched model
 
 
-def _stored_config(path):
-    """The ModelConfig in a checkpoint's JSON sidecar, read without loading its arrays (None if unreadable:
-    loading the checkpoint then reports the problem)."""
+def _decoder_config(args):
+    """The ModelConfig in the decoder checkpoint's JSON sidecar, read without loading its arrays (None if
+    unreadable: loading the checkpoint then reports the problem)."""
     from .config import ModelConfig
     from .training.checkpoint import checkpoint_paths
     try:
-        return ModelConfig.from_dict(json.loads(checkpoint_paths(path)[1].read_text())["config"])
+        meta = json.loads(checkpoint_paths(_decoder_path(args))[1].read_text())
+        return ModelConfig.from_dict(meta["config"])
     except (OSError, ValueError, KeyError, TypeError, RefimplError):
         return None
 
@@ -95,13 +131,16 @@ def _preflight(estimate_of, sizes, adjustable, args):
     check_fits(estimate_of, sizes, adjustable, getattr(args, "backend", "numpy"), args.force)
 
 
-def _decoder_path(args):
-    from .data.corpus import SHIPPED_DECODER
-    from .data.pretrained import decoder_file
-    return decoder_file(args.decoder) if args.decoder else SHIPPED_DECODER  # a name: the fetched model
+def _check_memory(args, estimate, cfg, adjustable=(), **sizes):
+    """_preflight of estimate(cfg, **sizes) in the run's dtype; a seq_len of 0 (or None) is cfg's
+    max_seq_len, and no cfg (an unreadable decoder) skips the check."""
+    if cfg is not None:
+        itemsize = 8 if getattr(args, "dtype", None) == "float64" else 4
+        if "seq_len" in sizes:
+            sizes["seq_len"] = sizes["seq_len"] or cfg.max_seq_len
+        _preflight(lambda **k: estimate(cfg, itemsize=itemsize, **k), sizes, list(adjustable), args)
 
 
-# ---------------------------------------------------------------------------------------------
 # demo
 def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -113,85 +152,59 @@ def _demo_args(p):
 def _demo(args):
     from .demo import plan, run_demo
     from .memory import train_step
-    cfg = _stored_config(_decoder_path(args))
-    if cfg is not None:
-        largest = max((tc for _, tc in plan(args.quick, args.backend)),
-                      key=lambda tc: tc.n_latents * tc.n_traces * tc.batch_size)
-        _preflight(lambda **k: train_step(cfg, **k), dict(batch_size=largest.batch_size, seq_len=cfg.max_seq_len,
-                   n_traces=largest.n_traces, n_latents=largest.n_latents, n_ahead=largest.n_ahead), [], args)
+    largest = max((tc for _, tc in plan(args.quick, args.backend)),
+                  key=lambda tc: tc.n_latents * tc.n_traces * tc.batch_size)
+    _check_memory(args, train_step, _decoder_config(args), **{k: getattr(largest, k) for k in TRAIN_SIZES})
     run_demo(args.out, args.quick, _decoder_path(args), args.backend)
 
 
-# ---------------------------------------------------------------------------------------------
 # pretrain
 def _pretrain_args(p):
-    from .training.pretrain import DEFAULTS as d
-    p.add_argument("--preset", choices=list(PRESETS), help=f"model size (default {d['preset']})")
-    p.add_argument("--steps", type=positive_int, help=f"optimizer steps in the whole run, which set the LR "
-                   f"schedule (default {d['steps']}); may be raised on --resume")
-    p.add_argument("--stop-after", type=positive_int, metavar="STEP", help="stop (and save) after this step, "
-                   "keeping the schedule of --steps; continue later with --resume")
-    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {d['batch_size']})")
-    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the preset's max_seq_len)")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {d['lr']})")
-    p.add_argument("--warmup", type=nonneg_int, help="linear warmup steps (default: min(100, steps/10)); "
-                   "cosine decay to 0.1 x lr follows")
-    p.add_argument("--weight-decay", type=nonneg_float, help=f"decoupled (AdamW) weight decay on weight "
-                   f"matrices (default {d['weight_decay']})")
-    p.add_argument("--clip", type=nonneg_float, help=f"max global gradient norm, 0 = off (default {d['clip']})")
-    p.add_argument("--eval-every", type=positive_int, help=f"held-out loss every N steps (default "
-                   f"{d['eval_every']}, and at the end)")
-    p.add_argument("--eval-batches", type=positive_int, help=f"val batches per evaluation (default {d['eval_batches']})")
-    p.add_argument("--save-every", type=positive_int, help=f"checkpoint every N steps (default {d['save_every']}, "
-                   "and at the end)")
-    p.add_argument("--seed", type=nonneg_int, help=f"seed of the init and of the batch sampler (default {d['seed']})")
-    p.add_argument("--dtype", choices=list(DTYPES), help=f"parameter dtype (default {d['dtype']})")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (GPU)")
-    p.add_argument("--out", default=None, help="output directory (default runs/pretrain-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    from .training.pretrain import DEFAULTS
+    # every value is None unless given: a resumed run keeps its own, and a changed one is refused
+    _table_args(p, {"preset": tuple(PRESETS), "steps": positive_int, "batch_size": positive_int,
+                    "seq_len": positive_int, "lr": positive_float, "warmup": nonneg_int,
+                    "weight_decay": nonneg_float, "clip": nonneg_float, "eval_every": positive_int,
+                    "eval_batches": positive_int, "save_every": positive_int, "seed": nonneg_int,
+                    "dtype": tuple(DTYPES)},
+                {**DEFAULTS, "seq_len": "the preset's max_seq_len", "warmup": "min(100, steps/10)"},
+                {"steps": HELP["steps"] + "; may be raised on --resume", "seq_len": "tokens per sequence",
+                 "clip": "max global gradient norm, 0 = off",
+                 "save_every": "checkpoint every N steps, and at the end",
+                 "eval_every": "held-out loss every N steps, and at the end"}, given_only=True)
+    _model_args(p, decoder=False, dtype=False)
+    p.add_argument("--out", help="output directory (default runs/pretrain-<preset>)")
+    _run_args(p)
     _force_arg(p)
 
 
 def _pretrain(args):
-    from .config import get_preset
     from .memory import pretrain_step
     from .training.checkpoint import run_lock
     from .training.pretrain import DEFAULTS, pretrain
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    cfg = get_preset(given.get("preset", DEFAULTS["preset"]))
-    sizes = dict(batch_size=given.get("batch_size", DEFAULTS["batch_size"]),
-                 seq_len=given.get("seq_len") or cfg.max_seq_len)
-    _preflight(lambda **k: pretrain_step(cfg, itemsize=8 if given.get("dtype") == "float64" else 4, **k), sizes,
-               ["batch_size", "seq_len"], args)
-    out = args.out or f"runs/pretrain-{given.get('preset', DEFAULTS['preset'])}"
+    preset = given.get("preset", DEFAULTS["preset"])
+    _check_memory(args, pretrain_step, get_preset(preset), ["batch_size", "seq_len"],
+                  batch_size=given.get("batch_size", DEFAULTS["batch_size"]), seq_len=given.get("seq_len"))
+    out = args.out or f"runs/pretrain-{preset}"
     with run_lock(out):  # a second run into the same --out is refused
         pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
 
 
-# ---------------------------------------------------------------------------------------------
 # train
 def _train_args(p):
     from .core.coprocessor import INITS, MODES
     from .core.layout import LATENT_POSITIONS
     from .training.train import TrainConfig
     p.add_argument("--out", required=True, help="output directory")
-    _dataclass_args(p, TrainConfig, {
-        **dict.fromkeys(("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"), positive_int),
-        **dict.fromkeys(("seq_len", "steps", "warmup", "seed", "eval_every"), nonneg_int),
-        "lr": positive_float, "weight_decay": nonneg_float, "clip": positive_float})
-    d = TrainConfig()
-    p.add_argument("--init", choices=INITS, default=d.init,
-                   help=f"coprocessor init (default {d.init}): a copy of the decoder, or random (the ablation)")
-    p.add_argument("--mode", choices=MODES, default=d.mode,
-                   help=f"what trains (default {d.mode}): the coprocessor, or the pause-token baseline")
-    p.add_argument("--latent-positions", choices=LATENT_POSITIONS, default=d.latent_positions,
-                   help=f"position ids of the latents (default {d.latent_positions}): behind the augmentation point "
-                        "(max(0, p-N_L+1)..p, the method) or after it (p+1..p+N_L, the ablation); docs/method.md C8")
+    _table_args(p, {**dict.fromkeys(("n_latents", "n_ahead", "n_traces", "batch_size", "eval_batches"),
+                                    positive_int),
+                    **dict.fromkeys(("seq_len", "steps", "warmup", "seed", "eval_every"), nonneg_int),
+                    "lr": positive_float, "weight_decay": nonneg_float, "clip": positive_float,
+                    "init": INITS, "mode": MODES, "latent_positions": LATENT_POSITIONS}, vars(TrainConfig()))
     _model_args(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
-                   help="stop (and save) after this step, keeping the schedule of --steps")
-    p.add_argument("--quiet", action="store_true")
+    _run_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     _force_arg(p)
 
 
@@ -200,12 +213,9 @@ def _train(args):
     from .training.checkpoint import run_lock
     from .training.train import TrainConfig, train
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    cfg = _stored_config(_decoder_path(args))
-    if cfg is not None:
-        sizes = dict(batch_size=tc.batch_size, seq_len=tc.seq_len or cfg.max_seq_len, n_traces=tc.n_traces,
-                     n_latents=tc.n_latents, n_ahead=tc.n_ahead)
-        _preflight(lambda **k: train_step(cfg, mode=tc.mode, itemsize=_itemsize(args), **k), sizes,
-                   ["n_latents", "batch_size", "n_traces", "n_ahead", "seq_len"], args)
+    _check_memory(args, lambda cfg, **k: train_step(cfg, mode=tc.mode, **k), _decoder_config(args),
+                  ["n_latents", "batch_size", "n_traces", "n_ahead", "seq_len"],
+                  **{k: getattr(tc, k) for k in TRAIN_SIZES})
     with run_lock(args.out):  # a second run into the same --out is refused
         m = train(_decoder_path(args), tc, args.out, args.backend, args.dtype, args.resume, args.quiet,
                   args.stop_after)
@@ -215,7 +225,6 @@ def _train(args):
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'coprocessor.npz'}")
 
 
-# ---------------------------------------------------------------------------------------------
 # golden
 def _golden_args(parser):
     from .golden.state import SETUP
@@ -235,9 +244,10 @@ def _golden_args(parser):
     p = sub.add_parser("verify", help="check refimpl (or another implementation) against DIR",
                        description="Recompute every output from DIR's inputs and compare, or with --actual "
                                    "compare another implementation's tensors. DIR may hold one set or one "
-                                   "subfolder per convention. Exit 1 on any mismatch.")
+                                   "subfolder per set (default, gqa, latents-after). Exit 1 on any mismatch.")
     p.add_argument("dir", help="golden directory (e.g. tiny_data/golden)")
-    p.add_argument("--actual", metavar="FILE.npz", help="another implementation's outputs, with the golden names")
+    p.add_argument("--actual", metavar="FILE.npz", help="another implementation's outputs, with the golden "
+                   "names (default: none, refimpl recomputes every output)")
 
 
 def _golden(args):
@@ -259,27 +269,24 @@ def _golden(args):
           f"({size / 1024:.0f} KiB)")
 
 
-# ---------------------------------------------------------------------------------------------
 # eval
 def _eval_args(p):
     from .data.corpus import EVAL_SPLITS
     from .evaluation.runner import EvalConfig
-    p.add_argument("--coprocessor", action="append", default=[], metavar="PATH",
-                   help="coprocessor checkpoint or run directory (repeatable)")
-    p.add_argument("--runs", default=None, metavar="DIR", help="a folder of runs (subfolders with coprocessor.npz)")
-    p.add_argument("--out", default=None, help="write report.json, report.md and plots here")
-    p.add_argument("--no-plots", action="store_true")
-    _dataclass_args(p, EvalConfig, {
-        **dict.fromkeys(("eval_batches", "batch_size", "n_traces", "prompt_batch", "max_new_tokens",
-                         "latency_repeats"), positive_int),
-        **dict.fromkeys(("seq_len", "horizon", "limit", "seed", "skip_windows"), nonneg_int)},
-        {"seq_len": "0: max_seq_len", "horizon": "0: 2 x the largest N_A", "limit": "0: all prompts",
-         "seed": "of the held-out points"})
-    p.add_argument("--split", choices=EVAL_SPLITS, default=EvalConfig.split,
-                   help="reasoning prompts ('long': 3..5-digit answers only; 'fewshot': few-shot prompts for a real LLM)")
-    p.add_argument("--delays", type=nonneg_int, nargs="+", default=list(EvalConfig.delays), help="Table 8 delays")
+    p.add_argument("--coprocessor", action="append", default=[], metavar="PATH", help="coprocessor "
+                   "checkpoint or run directory; repeatable (default: none, the decoder alone)")
+    p.add_argument("--runs", metavar="DIR", help="a folder of runs, subfolders with coprocessor.npz "
+                   "(default: none)")
+    p.add_argument("--out", help="write report.json, report.md and plots here (default: print the report)")
+    p.add_argument("--no-plots", action="store_true", help="write no plots into --out")
+    _table_args(p, {**dict.fromkeys(("eval_batches", "batch_size", "n_traces", "prompt_batch",
+                                     "max_new_tokens", "latency_repeats"), positive_int),
+                    **dict.fromkeys(("seq_len", "horizon", "limit", "seed", "skip_windows"), nonneg_int),
+                    "split": EVAL_SPLITS}, vars(EvalConfig()), {"seed": "seed of the held-out points"})
+    p.add_argument("--delays", type=nonneg_int, nargs="+", default=list(EvalConfig.delays),
+                   help=f"Table 8 delays (default {' '.join(map(str, EvalConfig.delays))})")
     _model_args(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     _force_arg(p)
 
 
@@ -287,14 +294,12 @@ def _eval(args):
     from .evaluation.plots import make_plots
     from .evaluation.report import render_markdown, write_report
     from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
+    from .memory import evaluation
     ec = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name != "delays"},
                     delays=tuple(args.delays))
-    cfg = _stored_config(_decoder_path(args))
-    if cfg is not None:
-        from .memory import evaluation
-        sizes = dict(batch_size=ec.batch_size, seq_len=ec.seq_len or cfg.max_seq_len, n_traces=ec.n_traces,
-                     n_latents=64, horizon=ec.horizon or 32)
-        _preflight(lambda **k: evaluation(cfg, itemsize=_itemsize(args), **k), sizes, ["batch_size", "n_traces"], args)
+    _check_memory(args, evaluation, _decoder_config(args), ["batch_size", "n_traces"],
+                  batch_size=ec.batch_size, seq_len=ec.seq_len, n_traces=ec.n_traces, n_latents=64,
+                  horizon=ec.horizon or 32)
     log = (lambda m: None) if args.quiet else (lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
     report, runs = evaluate_runs(_decoder_path(args), run_paths(args.coprocessor, args.runs), ec,
                                  args.backend, args.dtype, log)
@@ -307,18 +312,17 @@ def _eval(args):
         print(f"wrote {', '.join(map(str, written + report.get('plots', [])))}")
 
 
-# ---------------------------------------------------------------------------------------------
 # generate
 def _generate_args(p):
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch (prompts of any lengths, left-padded)")
-    p.add_argument("--coprocessor", default=None, help="coprocessor checkpoint or run directory; if missing or "
-                   "unusable, decoding falls back to the decoder alone with a warning")
-    p.add_argument("--max-new-tokens", type=nonneg_int, default=32)
-    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampler")
-    p.add_argument("--delay", type=nonneg_int, default=0, help="asynchronous use: the coprocessor runs in a "
-                   "background thread and its latents are appended after N new tokens")
+    p.add_argument("--coprocessor", help="coprocessor checkpoint or run directory; if missing or unusable, "
+                   "decoding falls back to the decoder alone with a warning (default: none)")
+    _table_args(p, {"max_new_tokens": nonneg_int, "temperature": nonneg_float, "seed": nonneg_int,
+                    "delay": nonneg_int}, {"max_new_tokens": 32, "temperature": 0.0, "seed": 0, "delay": 0},
+                {"temperature": "sampling temperature, 0 = greedy", "seed": "seed of the sampler",
+                 "delay": "asynchronous use: the coprocessor runs in a background thread and its latents are "
+                          "appended after N new tokens"})
     p.add_argument("--stop-at-newline", action="store_true", help="end each completion at a newline")
     _model_args(p)
     _force_arg(p)
@@ -327,31 +331,31 @@ def _generate_args(p):
 def _generate(args):
     from .evaluation.generate import generate_from_files
     from .memory import generation
-    cfg = _stored_config(_decoder_path(args))
-    if cfg is not None:                                      # a prompt has at most one token per byte, + eot
-        sizes = dict(batch_size=len(args.prompt), prompt_len=1 + max(len(p.encode()) for p in args.prompt),
-                     max_new_tokens=args.max_new_tokens, n_latents=64)
-        _preflight(lambda **k: generation(cfg, itemsize=_itemsize(args), **k), sizes, ["max_new_tokens"], args)
+    prompt_len = 1 + max(len(p.encode()) for p in args.prompt)  # at most one token per byte, + eot
+    _check_memory(args, generation, _decoder_config(args), ["max_new_tokens"], batch_size=len(args.prompt),
+                  prompt_len=prompt_len, max_new_tokens=args.max_new_tokens, n_latents=64)
     texts = generate_from_files(_decoder_path(args), args.coprocessor, args.prompt, args.backend, args.dtype,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 seed=args.seed, delay=args.delay, stop_at_newline=args.stop_at_newline)
     print("\n\n".join(p + t for p, t in zip(args.prompt, texts)))
 
 
-# ---------------------------------------------------------------------------------------------
 # bench: the harness lives in benchmarks/bench.py, outside the package
 def _bench_args(p):
-    p.add_argument("--preset", choices=list(PRESETS), default="demo")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--traces", type=positive_int, default=None, help="K for the step timing (default 32)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="B (default 8)")
-    p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds (default 5)")
-    p.add_argument("--memory-traces", type=positive_int, nargs="*", default=None,
-                   help="K values of the memory probe (default 8 16 32 64; none to skip)")
-    p.add_argument("--per-trace-sequences", type=nonneg_int, default=None,
-                   help="time the per-trace form on this many sequences and scale (default 1; 0: all)")
-    p.add_argument("--threads", type=nonneg_int, default=0, help="BLAS and torch threads (default: as is)")
+    p.add_argument("--preset", choices=list(PRESETS), default="demo", help="model size (default demo)")
+    _model_args(p, decoder=False)
+    # None unless given: --quick's sizes, then the flags given, replace BenchConfig's defaults
+    _table_args(p, {**dict.fromkeys(("traces", "batch_size", "rounds"), positive_int),
+                    "per_trace_sequences": nonneg_int},
+                {"traces": 32, "batch_size": 8, "rounds": 5, "per_trace_sequences": 1},
+                {"traces": "K of the step timing", "batch_size": "B of the step timing",
+                 "rounds": "timed rounds",
+                 "per_trace_sequences": "time the per-trace form on this many sequences and scale (0: all)"},
+                given_only=True)
+    p.add_argument("--memory-traces", type=lambda k: None if k == "none" else positive_int(k), nargs="*",
+                   metavar="K", help="K values of the memory probe; none (or no value) to skip "
+                   "(default 8 16 32 64)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="BLAS and torch threads (default 0: as is)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -369,25 +373,23 @@ def load_bench():
 
 
 def _bench(args):
+    from .memory import train_step
     bench = load_bench()
     bc = bench.BenchConfig(preset=args.preset, backend=args.backend, dtype=args.dtype, threads=args.threads,
                            torch=not args.no_torch)
     bc = replace(bc, **bench.QUICK) if args.quick else bc
     given = {"n_traces": args.traces, "batch_size": args.batch_size, "rounds": args.rounds,
              "per_trace_sequences": args.per_trace_sequences,
-             "memory_traces": None if args.memory_traces is None else tuple(args.memory_traces)}
+             "memory_traces": None if args.memory_traces is None else tuple(filter(None, args.memory_traces))}
     bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
-    from .memory import train_step
-    cfg = get_preset(bc.preset)
-    sizes = dict(batch_size=bc.batch_size, seq_len=cfg.max_seq_len, n_latents=bc.n_latents, n_ahead=bc.n_ahead,
-                 n_traces=max((bc.n_traces, *bc.memory_traces)))
-    _preflight(lambda **k: train_step(cfg, itemsize=_itemsize(args), **k), sizes, ["batch_size", "n_traces"], args)
+    _check_memory(args, train_step, get_preset(bc.preset), ["batch_size", "n_traces"],
+                  batch_size=bc.batch_size, seq_len=0, n_latents=bc.n_latents, n_ahead=bc.n_ahead,
+                  n_traces=max((bc.n_traces, *bc.memory_traces)))
     log = (lambda m: None) if args.json else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
     result = bench.run_bench(bc, log)
     print(json.dumps(result) if args.json else bench.render_table(result))
 
 
-# ---------------------------------------------------------------------------------------------
 # fetch
 def _fetch_args(p):
     from .data.pretrained import CACHE_ENV, MODELS
@@ -401,7 +403,6 @@ def _fetch(args):
     print(f"{args.name}: {path} (use it with --decoder {args.name})")
 
 
-# ---------------------------------------------------------------------------------------------
 COMMANDS = {  # name: (help, declare flags, run)
     "demo": ("train, evaluate and report the paper's tables at tiny scale (the main job)", _demo_args, _demo),
     "pretrain": ("train the decoder from scratch on the pretraining mixture", _pretrain_args, _pretrain),
@@ -409,9 +410,9 @@ COMMANDS = {  # name: (help, declare flags, run)
     "golden": ("export or verify golden vectors for other implementations", _golden_args, _golden),
     "eval": ("the paper's tables on held-out data for a decoder and coprocessor runs", _eval_args, _eval),
     "generate": ("complete prompts, optionally with a coprocessor (and --delay)", _generate_args, _generate),
-    "fetch": ("download a pretrained LLM (smollm2-135m) and convert it once into a frozen decoder", _fetch_args,
+    "fetch": ("download a pretrained LLM (smollm2-135m), converted once to a frozen decoder", _fetch_args,
               _fetch),
-    "bench": ("time the training step, the per-trace form, memory and latency, side by side with PyTorch", _bench_args,
+    "bench": ("time the train step, the per-trace form, memory and latency, beside PyTorch", _bench_args,
               _bench),
 }
 
@@ -448,20 +449,16 @@ def main(argv=None):
         status = args._run(args)
         return 0 if status is None else int(status)
     except RefimplError as e:
-        message = flag_names(" ".join(str(e).split()), getattr(args, "_parser", None)).replace("force=True", "--force")
-        print(f"refimpl: error: {message}", file=sys.stderr)
-        return 2
+        message = flag_names(" ".join(str(e).split()), getattr(args, "_parser", None))
+        message = message.replace("force=True", "--force")
     except OSError as e:  # a path that cannot be read or written: no permission, a file for a dir, disk full
-        where = f" {e.filename}" if e.filename else ""
-        print(f"refimpl: error: cannot use{where}: {e.strerror or e}; check the path, its permissions and "
-              "the free disk space", file=sys.stderr)
-        return 2
+        message = (f"cannot use{f' {e.filename}' if e.filename else ''}: {e.strerror or e}; check the path, "
+                   "its permissions and the free disk space")
     except MemoryError:
-        print("refimpl: error: out of memory: use a smaller --batch-size, --seq-len, --prompt-batch or model "
-              "preset", file=sys.stderr)
-        return 2
+        message = "out of memory: use a smaller --batch-size, --seq-len, --prompt-batch or model preset"
     except KeyboardInterrupt:
-        print("refimpl: error: interrupted", file=sys.stderr)
-        return 2
+        message = "interrupted"
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
+    print(f"refimpl: error: {message}", file=sys.stderr)
+    return 2

@@ -1,15 +1,10 @@
 """`refimpl demo`: the paper's tables rebuilt at tiny scale, in one command.
 
-From the shipped frozen decoder it trains every coprocessor the tables need (several N_L, the
-pause-token baseline, a random-init coprocessor, another N_A, the other latent-position
-convention), evaluates them on held-out data (evaluation.runner), together with the long-trained
-coprocessor shipped in tiny_data/, and writes OUT/report.md (led by one sentence: where
-augmentation helps at this scale and where it does not yet), report.json and the plots, among
-them the break-even curve of the main run. Each run lands in OUT/runs/NAME; a run whose checkpoint
-already exists with the same options is reused, so a second call only re-evaluates.
-
-Plans: the CPU plan fits 10 minutes on 2 cores; with `--backend cupy` the demo runs the GPU plan,
-the same runs at batch 64 x K 32 (the main run 1.6M traces); `--quick` is a smoke test.
+From the shipped frozen decoder it trains every coprocessor the tables need into OUT/runs/NAME
+(reusing a finished run with the same options), evaluates them with the long-trained coprocessor
+shipped in tiny_data/, and writes OUT/report.md (led by one sentence: where augmentation helps at
+this scale and where not yet), report.json and the plots. The CPU plan fits 10 minutes on 2 cores;
+`--backend cupy` runs the GPU plan (batch 64 x K 32, the main run 1.6M traces); `--quick` is a smoke test.
 """
 import json
 import time
@@ -25,21 +20,21 @@ from .training.train import TrainConfig, saved_train_config, train
 
 SHIPPED_COPROCESSOR = TINY_DATA / "shipped-coprocessor"   # trained against SHIPPED_DECODER (docs/results.md)
 
-# The recipe (docs/results.md, "Screens"): the method's defaults (latents behind the augmentation
-# point), lr 3e-3. Every run shares BASE; each line changes what its table
-# varies. The largest N_L is the main run: it alone evaluates while it trains (the break-even curve).
+# The recipe (docs/results.md, "Screens"): the method's defaults, lr 3e-3. Every run shares BASE; each
+# line changes what its table varies. The largest N_L is the main run: it alone evaluates while it
+# trains (the break-even curve).
 BASE = TrainConfig(n_latents=8, n_ahead=8, n_traces=16, batch_size=4, steps=600, lr=3e-3, warmup=60,
                    eval_every=0, eval_batches=4)
-MAIN = dict(eval_every=50)
+MAIN = {"eval_every": 50}
 FULL = [
-    ("copy-nl2", dict(n_latents=2)),                        # Tables 1, 2: N_L
-    ("copy-nl4", dict(n_latents=4)),
+    ("copy-nl2", {"n_latents": 2}),                         # Tables 1, 2: N_L
+    ("copy-nl4", {"n_latents": 4}),
     ("copy-nl8", MAIN),                                     # the main run (also Table 8, the curve)
-    ("pause-nl8", dict(mode="pause")),                      # Table 3: the latents are the trained soft
+    ("pause-nl8", {"mode": "pause"}),                       # Table 3: the latents are the trained soft
                                                             # tokens themselves, NOT a function of the input
-    ("random-nl8", dict(init="random")),                    # Tables 5/7
-    ("copy-nl8-na4", dict(n_ahead=4)),                      # Table 6
-    ("copy-nl8-after", dict(latent_positions="after")),     # Table P: the latents after the point
+    ("random-nl8", {"init": "random"}),                     # Tables 5/7
+    ("copy-nl8-na4", {"n_ahead": 4}),                       # Table 6
+    ("copy-nl8-after", {"latent_positions": "after"}),      # Table P: the latents after the point
 ]
 QUICK_BASE = replace(BASE, steps=40, warmup=4, eval_batches=2)
 QUICK = [(name, {**changes, "eval_every": 10} if changes is MAIN else changes)
@@ -47,9 +42,9 @@ QUICK = [(name, {**changes, "eval_every": 10} if changes is MAIN else changes)
 # One GPU (`--backend cupy`): 2048 traces a step; the main run 800 steps = 1.64M traces, the others 200;
 # lr 1e-2, the better of 3e-3 and 1e-2 at this batch in the GPU runs of docs/results.md (not re-screened).
 GPU_BASE = replace(BASE, batch_size=64, n_traces=32, steps=200, warmup=20, lr=1e-2, eval_batches=1)
-GPU_MAIN = dict(steps=800, warmup=50, eval_every=25)
+GPU_MAIN = {"steps": 800, "warmup": 50, "eval_every": 25}
 EVAL_FULL = EvalConfig(eval_batches=6, batch_size=8, n_traces=16, limit=300, skip_windows=64)
-EVAL_QUICK = EvalConfig(eval_batches=2, batch_size=8, n_traces=8, limit=100, latency_repeats=3, skip_windows=64)
+EVAL_QUICK = replace(EVAL_FULL, eval_batches=2, n_traces=8, limit=100, latency_repeats=3)
 
 
 def plan(quick, backend="numpy"):
@@ -57,28 +52,19 @@ def plan(quick, backend="numpy"):
     if quick:
         return [(name, replace(QUICK_BASE, **changes)) for name, changes in QUICK]
     if backend == "cupy":
-        return [(name, replace(GPU_BASE, **(GPU_MAIN if changes is MAIN else changes))) for name, changes in FULL]
+        return [(name, replace(GPU_BASE, **(GPU_MAIN if changes is MAIN else changes)))
+                for name, changes in FULL]
     return [(name, replace(BASE, **changes)) for name, changes in FULL]
 
 
-def traces_seen(tc):
-    """Training traces of a plan's run: steps x batch x K."""
-    return tc.steps * tc.batch_size * tc.n_traces
-
-
 def _reusable(run_dir, tc):
-    """True if run_dir holds a finished run with exactly these options."""
-    metrics = run_dir / "metrics.json"
-    if not (metrics.is_file() and (run_dir / "coprocessor.npz").is_file()):
-        return False
+    """True if run_dir holds a finished run with exactly these options (not one with a removed option)."""
     try:
-        m = json.loads(metrics.read_text())
-    except ValueError:
-        return False
-    saved = m.get("train_config")
-    try:                               # a run trained with a removed option is trained again
-        return isinstance(saved, dict) and saved_train_config(saved) == asdict(tc) and m.get("steps") == tc.steps
-    except RefimplError:
+        m = json.loads((run_dir / "metrics.json").read_text())
+        saved = m.get("train_config")
+        return (run_dir / "coprocessor.npz").is_file() and isinstance(saved, dict) and \
+            saved_train_config(saved) == asdict(tc) and m.get("steps") == tc.steps
+    except (OSError, ValueError, RefimplError):
         return False
 
 
@@ -93,23 +79,21 @@ def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=pr
     decoder = Path(decoder or SHIPPED_DECODER)
     require(decoder.is_file(), f"decoder checkpoint {decoder} is missing: restore tiny_data/ from git, or "
                                "pass --decoder DIR/ckpt.npz from `refimpl pretrain`")
-    out = Path(out)
-    t0 = time.perf_counter()
-    runs = plan(quick, backend)
+    out, t0, runs = Path(out), time.perf_counter(), plan(quick, backend)
     for i, (name, tc) in enumerate(runs, 1):
         run_dir = out / "runs" / name
         if _reusable(run_dir, tc):
             log(f"[{i}/{len(runs)}] {name}: reusing {run_dir}")
             continue
         log(f"[{i}/{len(runs)}] training {name}: mode={tc.mode} init={tc.init} N_L={tc.n_latents} "
-            f"N_A={tc.n_ahead} K={tc.n_traces} steps={tc.steps} ({traces_seen(tc):,} traces)")
+            f"N_A={tc.n_ahead} K={tc.n_traces} steps={tc.steps} ({tc.steps * tc.batch_size * tc.n_traces:,} "
+            "traces)")
         m = train(decoder, tc, run_dir, backend=backend)
         log(f"    held-out ahead loss: decoder alone {m['baseline_heldout_loss']:.4f}, "
             f"augmented {m['augmented_heldout_loss']:.4f} ({m['train_seconds']:.0f} s)")
     log(f"[eval] measuring the tables ({time.perf_counter() - t0:.0f} s so far)")
-    ec = EVAL_QUICK if quick else EVAL_FULL
     paths = run_paths(runs=out / "runs") + extra_runs(decoder)
-    report, loaded = evaluate_runs(decoder, paths, ec, backend=backend, log=log)
+    report, loaded = evaluate_runs(decoder, paths, EVAL_QUICK if quick else EVAL_FULL, backend, log=log)
     report["demo"] = {"quick": quick, "backend": backend, "runs": {n: asdict(tc) for n, tc in runs},
                       "seconds": time.perf_counter() - t0}
     report["plots"] = [str(p) for p in make_plots(report, loaded, out)]

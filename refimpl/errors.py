@@ -1,9 +1,5 @@
-"""User-facing errors.
-
-Every problem a user can cause (a bad token id, a wrong shape, a corrupt checkpoint, a NaN during
-training) raises `RefimplError` with ONE line that names the problem and the fix. The CLI prints
-that line and exits with status 2; it never shows a traceback for these.
-"""
+"""User-facing errors: every problem a user can cause (a bad token id, a wrong shape, a corrupt checkpoint,
+a NaN in training) raises RefimplError, ONE line naming the problem and the fix; the CLI prints it, exit 2."""
 
 
 class RefimplError(Exception):

@@ -49,12 +49,14 @@ def test_bench_json_has_every_figure(quick_json):
               "augment_latency_s", "autoregressive_latency_s"):
         assert isinstance(r[k], float) and r[k] > 0, k
     assert set(r["peak_rss_mb_by_traces"]) == {"2", "4"}
-    assert all(v["step_mb"] > 0 and v["peak_rss_mb"] >= v["baseline_rss_mb"] for v in r["memory_probe"].values())
+    assert all(v["step_mb"] > 0 and v["peak_rss_mb"] >= v["baseline_rss_mb"]
+               for v in r["memory_probe"].values())
     case = make_case(BenchConfig(**{**QUICK, "preset": "nano"}))           # the same seeded batch
     assert r["train_step_gflop"] == pytest.approx(step_flops(
         case["cfg"], 2, 64, 4, 4, 4, case["positions"])["total"] / 1e9)
-    assert set(r["targets"]) == {"train_step <= 1.5 x torch", ">= 25% of GEMM peak", "cached >= 10 x per-trace",
-                                 "memory K=32->64 <= 2.2x", "augment <= 0.3 x autoregressive"}
+    assert set(r["targets"]) == {"train_step <= 1.5 x torch", ">= 25% of GEMM peak",
+                                 "cached >= 10 x per-trace", "memory K=32->64 <= 2.2x",
+                                 "augment <= 0.3 x autoregressive"}
     if load_torch_step()[0] is None:
         assert r["torch_train_step_s"] is None and r["torch_note"]
     else:                                      # same weights, same batch: the first losses agree
@@ -108,7 +110,8 @@ def test_torch_step_equals_refimpl(dtype, rtol, latent_positions):
     positions = sample_trace_positions(rng, 2, 24, 5, 4)
     loss, grads, _ = value_and_grad(
         lambda t: loss_cached(dec, t, CFG, tokens, positions, 3, 4, latent_positions)[0], trainable)
-    step = module.TorchStep(flatten_params(dec), trainable, CFG.to_dict(), 3, 4, latent_positions=latent_positions)
+    step = module.TorchStep(flatten_params(dec), trainable, CFG.to_dict(), 3, 4,
+                            latent_positions=latent_positions)
     t_loss = step.loss(tokens, positions)
     t_loss.backward()
     assert abs(t_loss.item() - float(loss)) <= rtol * abs(float(loss))

@@ -158,7 +158,7 @@ def test_metadata_must_be_plain_json(tmp_path):
         ck.save_checkpoint(tmp_path / "c.npz", sample_arrays(), {**sample_meta(), "x": object()})
     with pytest.raises(RefimplError, match="kind"):
         ck.save_checkpoint(tmp_path / "c.npz", sample_arrays(), {"step": 1})
-    assert not ck.checkpoint_exists(tmp_path / "c")
+    assert not any(p.exists() for p in ck.checkpoint_paths(tmp_path / "c"))
 
 
 def nano():

@@ -10,6 +10,7 @@ Three layers:
 
 Everything runs in one scratch directory (the `world`), with paths relative to it, on nano models.
 """
+import argparse
 import contextlib
 import hashlib
 import io
@@ -27,7 +28,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import refimpl
-from refimpl.cli import main
+from refimpl.cli import build_parser, main
 from refimpl.core.decoder import init_params
 from refimpl.data import corpus as data_module
 from refimpl.data import tokenizer as tokenizer_module
@@ -36,7 +37,7 @@ from refimpl.training.checkpoint import TEST_HOOK_SAVE_PAUSE, meta_sha256, run_l
 
 ROOT = Path(refimpl.__file__).resolve().parents[1]
 GOLDEN = ROOT / "tiny_data" / "golden"                # one set per position convention
-GOLDEN_SET = GOLDEN / "original"
+GOLDEN_SET = GOLDEN / "default"
 TINY = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
 EVAL_TINY = ["--limit", "1", "--eval-batches", "1", "--batch-size", "1", "--seq-len", "24", "--n-traces", "2",
              "--horizon", "4", "--latency-repeats", "1", "--delays", "0", "--max-new-tokens", "1", "--quiet"]
@@ -158,7 +159,7 @@ def damaged_data(rel, damage):
     path.unlink()
     if damage is not None:
         path.write_bytes(damage(keep))
-    caches = (data_module._manifest, data_module.data_hash, data_module._load_tokens)
+    caches = (data_module._manifest, data_module.data_hash, data_module.load_tokens)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data_module, "TINY_DATA", Path("data"))
         mp.setattr(tokenizer_module, "TINY_DATA", Path("data"))
@@ -275,7 +276,7 @@ CASES = [
     ("golden: --actual not a zip", ["golden", "verify", str(GOLDEN_SET), "--actual", "bad/random.npz"],
      "not a readable .npz (not a zip", None),
     ("golden: --actual against both sets", ["golden", "verify", str(GOLDEN), "--actual", "bad/random.npz"],
-     "holds 3 golden sets (continue, gqa, original): compare the outputs with the one set", None),
+     "holds 3 golden sets (default, gqa, latents-after): compare the outputs with the one set", None),
     ("golden: directory without a set", ["golden", "verify", "emptyruns"],
      "holds no manifest.json, nor subfolders", None),
     # data and tokenizer files (tiny_data copied to ./data and damaged)
@@ -371,6 +372,46 @@ def test_unusable_coprocessor_in_generate_is_one_warning(name, argv, words):
 
 
 # ---------------------------------------------------------------------------------------------
+# Every flag's help names its default, and does what it says
+def commands(parser, prefix="refimpl"):
+    """(name, parser) of every command, and of every action of a command that has actions (golden)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from commands(sub, f"{prefix} {name}")
+
+
+HELP_WITHOUT_DEFAULT = set()
+
+
+def test_every_flag_help_names_its_default():
+    for name, parser in commands(build_parser()):
+        formatter = parser._get_formatter()
+        for action in (a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)):
+            flag = f"{name} {(action.option_strings or [action.dest])[-1]}"
+            assert action.help, f"{flag} has no help"
+            if (not action.option_strings or action.nargs == 0 or action.required
+                    or flag in HELP_WITHOUT_DEFAULT):           # positionals, store_true flags, --help, --out
+                continue
+            shown = formatter._expand_help(action)
+            assert "default" in shown, f"{flag}: {shown!r}"
+            if action.default not in (None, []):
+                value = action.default
+                value = " ".join(map(str, value)) if isinstance(value, list) else value
+                assert f"default {value}" in shown, f"{flag}: {shown!r} does not name its default {value!r}"
+
+
+def test_bench_memory_traces_none_skips_the_probe():
+    assert build_parser().parse_args(["bench", "--memory-traces", "none"]).memory_traces == [None]
+    status, out, err = cli(["bench", "--quick", "--preset", "nano", "--json", "--no-torch",
+                            "--memory-traces", "none"])
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["bench_config"]["memory_traces"] == [] and result["peak_rss_mb_by_traces"] == {}
+
+
+# ---------------------------------------------------------------------------------------------
 # Hypothesis sweep 1: bad arguments (each draw holds at least one bad option)
 _fresh = itertools.count()
 NUMBERS = ["0", "-1", "-7", "abc", "1.5", "", "nan", "inf", "1e999", "99999999999999999999999"]
@@ -461,7 +502,7 @@ def test_sweep_damaged_files(data):
     target = data.draw(st.sampled_from(sorted(TARGETS) + ["golden"]), label="target")
     d = Path("fuzz") / str(next(_fresh))
     if target == "golden":
-        shutil.copytree(GOLDEN / data.draw(st.sampled_from(["original", "continue"]), label="set"), d)
+        shutil.copytree(GOLDEN / data.draw(st.sampled_from(["default", "gqa", "latents-after"]), label="set"), d)
         stem, argv = d / "tensors", ["golden", "verify", str(d)]
     else:
         src, make_argv, read_fields = TARGETS[target]

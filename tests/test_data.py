@@ -66,8 +66,9 @@ def shipped_lines(split):
 # ---- the reasoning generator -------------------------------------------------------------------
 
 def test_same_seed_same_lines_different_seeds_differ():
-    assert reasoning.generate_lines(300, 7) == reasoning.generate_lines(300, 7)
-    assert reasoning.generate_lines(300, 7) != reasoning.generate_lines(300, 8)
+    def lines(seed):
+        return [reasoning.problem_line(p) for p in reasoning.generate(300, np.random.default_rng(seed))]
+    assert lines(7) == lines(7) and lines(7) != lines(8)
 
 
 @given(st.integers(0, 2**32 - 1))

@@ -63,9 +63,10 @@ def test_the_quick_plan_is_the_full_one_without_copy_nl4():
 def test_the_gpu_plan_is_the_cpu_one_at_a_larger_budget():
     """`refimpl demo --backend cupy`: the same runs and options, batch 64 x K 32, the main run >= 1.6M traces."""
     cpu, gpu = dict(demo.plan(False)), dict(demo.plan(False, "cupy"))
+    traces = lambda tc: tc.steps * tc.batch_size * tc.n_traces      # steps x batch x K
     assert list(gpu) == list(cpu) and dict(demo.plan(False, "numpy")) == cpu
-    assert demo.traces_seen(gpu["copy-nl8"]) >= 1_600_000 and demo.traces_seen(cpu["copy-nl8"]) == 38_400
-    assert all(demo.traces_seen(tc) >= 10 * demo.traces_seen(cpu[n]) for n, tc in gpu.items())
+    assert traces(gpu["copy-nl8"]) >= 1_600_000 and traces(cpu["copy-nl8"]) == 38_400
+    assert all(traces(tc) >= 10 * traces(cpu[n]) for n, tc in gpu.items())
     assert gpu["copy-nl8"].eval_every and 0 < gpu["copy-nl8"].steps // gpu["copy-nl8"].eval_every <= 40
     for name, tc in gpu.items():             # nothing but the budget differs from the CPU plan
         same = {k for k in ("n_latents", "n_ahead", "mode", "init", "latent_positions")}

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def _run(*args, cwd):
     r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                       timeout=300)
+                       timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -41,13 +41,15 @@ def test_three_forms_agree_in_the_example(tmp_path):
 
 
 def test_coprocessor_call_decodes_as_refimpl_generate(tmp_path):
-    """examples/02 on a trained run prints the completion `refimpl generate` prints for its prompt."""
+    """examples/02 on a trained run prints the completion `refimpl generate` prints for its prompt, under
+    the latent positions read from the checkpoint (here the non-default "after")."""
     train(SHIPPED_DECODER, TrainConfig(n_latents=2, n_ahead=2, n_traces=2, batch_size=1, seq_len=32, steps=1,
-                                       eval_every=0, eval_batches=1), tmp_path / "run", quiet=True)
+                                       eval_every=0, eval_batches=1, latent_positions="after"),
+          tmp_path / "run", quiet=True)
     out = _run(EXAMPLES / "02_coprocessor_call.py", "--coprocessor", tmp_path / "run", cwd=tmp_path)
     line = next(x for x in out.splitlines() if x.startswith("augmented:"))
     prompt, completion = (ast.literal_eval(part) for part in line.split(": ", 1)[1].split(" -> "))
-    assert "ahead_positions='original'" in out
+    assert "latents 'after' the point" in out
     cli = _run("-m", "refimpl", "generate", "--coprocessor", tmp_path / "run", "--prompt", prompt,
                "--max-new-tokens", "5", cwd=tmp_path)
     assert cli == prompt + completion + "\n"

@@ -12,7 +12,7 @@ from refimpl.config import get_preset
 from refimpl.core.coprocessor import augment
 from refimpl.core.decoder import decode, extend, init_params, prefill
 from refimpl.data.tokenizer import load_tokenizer
-from refimpl.evaluation.generate import complete, generate, left_pad, load_or_fallback, trained_latent_positions
+from refimpl.evaluation.generate import complete, generate, left_pad, trained_latent_positions
 from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
 from refimpl.training.train import TrainConfig, train
 
@@ -106,19 +106,18 @@ def test_delay_appends_latents_after_n_tokens(setup):
 
 
 def test_missing_coprocessor_falls_back_with_a_warning(setup, capsys, tmp_path):
-    warnings = []
-    assert load_or_fallback(tmp_path / "nope.npz", setup["meta"]["decoder_hash"], warn=warnings.append) == \
-        (None, "behind")
-    assert load_or_fallback(setup["root"] / "run", "0" * 64, warn=warnings.append)[0] is None  # another decoder
-    assert len(warnings) == 2 and "another decoder" in warnings[1]
-    common = ["generate", "--decoder", str(setup["dec_path"]), "--max-new-tokens", "4"] + \
-        [a for p in PROMPTS[:2] for a in ("--prompt", p)]
-    assert main(common) == 0
-    want = capsys.readouterr()
-    assert main(common + ["--coprocessor", str(tmp_path / "missing.npz")]) == 0
-    got = capsys.readouterr()
-    assert got.out == want.out and want.err == ""
-    assert got.err.count("\n") == 1 and got.err.startswith("refimpl: warning: coprocessor")
+    other = tmp_path / "other.npz"                            # a decoder the run was not trained against
+    save_decoder(other, init_params(setup["cfg"], seed=1), setup["cfg"])
+    for dec, coprocessor, why in ((setup["dec_path"], tmp_path / "missing.npz", "missing.npz"),
+                                  (other, setup["root"] / "run", "another decoder")):
+        common = ["generate", "--decoder", str(dec), "--max-new-tokens", "4"] + \
+            [a for p in PROMPTS[:2] for a in ("--prompt", p)]
+        assert main(common) == 0
+        want = capsys.readouterr()
+        assert main(common + ["--coprocessor", str(coprocessor)]) == 0
+        got = capsys.readouterr()
+        assert got.out == want.out and want.err == ""
+        assert got.err.count("\n") == 1 and got.err.startswith("refimpl: warning: coprocessor") and why in got.err
 
 
 def test_raising_coprocessor_falls_back_to_plain_decoding(setup):

@@ -89,7 +89,8 @@ def test_layout_indices(case):
             # latents at max(0, p-N_L+1)..p ("behind") or p+1..p+N_L ("after"); ahead token x_{p+j} at p+j
             latents = p + 1 + np.arange(N_L)
             latents = np.maximum(latents - N_L, 0) if convention == "behind" else latents
-            np.testing.assert_array_equal(layout.group_positions[b, k], np.r_[latents, p + 1 + np.arange(N_A - 1)])
+            ahead = p + 1 + np.arange(N_A - 1)
+            np.testing.assert_array_equal(layout.group_position_ids[b, k], np.r_[latents, ahead])
             read = layout.read_slots[b, k * N_A:(k + 1) * N_A]
             # target x_{p+1} is read at the last latent (or at x_p without latents), x_{p+1+j} at x_{p+j}
             assert pos[b, read[0]] == (latents[-1] if N_L else p)
@@ -131,4 +132,4 @@ def test_too_many_traces():
 def test_latents_behind_the_point():
     """'behind': latent j at max(0, p-N_L+1+j), the last latent at p; ahead tokens at p+1.."""
     layout = build_layout(np.arange(10)[None], np.array([[1, 5]]), n_latents=3, n_ahead=3)
-    np.testing.assert_array_equal(layout.group_positions[0], [[0, 0, 1, 2, 3], [3, 4, 5, 6, 7]])
+    np.testing.assert_array_equal(layout.group_position_ids[0], [[0, 0, 1, 2, 3], [3, 4, 5, 6, 7]])

@@ -20,17 +20,17 @@ from refimpl.cli import main
 from refimpl.config import ModelConfig
 from refimpl.core.decoder import flatten_params, forward, init_params, unflatten_params
 from refimpl.data.llm_tokenizer import (
-    LLMTokenizer,
     byte_spelling,
     load_llm_tokenizer,
     save_llm_tokenizer,
     tokenizer_from_vocab,
 )
 from refimpl.data.pretrained import CACHE_ENV, MODELS, decoder_file, file_sha256
+from refimpl.data.tokenizer import Tokenizer
 from refimpl.errors import RefimplError
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package: pip install -e .[llm]")
-from refimpl.data.gguf import Vocab, permute_rows, read_gguf, unpermute_rows
+from refimpl.data.gguf import Vocab, read_gguf, unpermute_rows
 from refimpl.llm.fetch import convert_gguf
 from refimpl.training.checkpoint import load_model
 
@@ -52,6 +52,12 @@ def tiny_vocab(drop_byte=4):
     spell = {b: c for c, b in byte_spelling().items()}
     tokens = ["<|endoftext|>"] + [spell[b] for b in range(256) if b != drop_byte] + [m.replace(" ", "") for m in MERGES]
     return tokens, [3] + [1] * (len(tokens) - 1)
+
+
+def permute_rows(w, n_heads):
+    """llama.cpp's q/k row permutation (the inverse of unpermute_rows), as its converter writes a GGUF."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def quantized(w, qtype):
@@ -219,7 +225,8 @@ def test_a_dropped_character_cuts_the_text_like_hugging_face(tiny_tok):
 def test_the_tokenizer_files_round_trip_and_are_checked(tiny_tok, tmp_path):
     path = save_llm_tokenizer(tiny_tok, tmp_path / "tok")
     back = load_llm_tokenizer(path)
-    assert isinstance(back, LLMTokenizer) and back == tiny_tok and back.encode("the 12") == tiny_tok.encode("the 12")
+    assert isinstance(back, Tokenizer) and back == tiny_tok
+    assert back.encode("the 12") == tiny_tok.encode("the 12")
     path.write_bytes(path.read_bytes() + b"\n")
     with pytest.raises(RefimplError, match="sha256"):
         load_llm_tokenizer(path)

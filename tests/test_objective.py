@@ -171,7 +171,7 @@ def test_float32_stays_float32():
 def test_latent_positions_behind():
     """'behind' puts latent j at p-N_L+1+j (clamped at 0); the ahead tokens keep their ids p+1.."""
     tokens = np.arange(12)[None] % V
-    behind = build_layout(tokens, np.array([[3, 1]]), 3, 3).group_positions[0]
+    behind = build_layout(tokens, np.array([[3, 1]]), 3, 3).group_position_ids[0]
     np.testing.assert_array_equal(behind, [[1, 2, 3, 4, 5], [0, 0, 1, 2, 3]])   # z1..z3, then x4 x5 / x2 x3
     trainable = init_coprocessor(DEC, CFG, 3, seed=3)
     _, cache = prefill(DEC, CFG, tokens[:, :4])

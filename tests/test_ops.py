@@ -24,7 +24,7 @@ from autograd import make_vjp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.backend import trace_runs
+from refimpl.backend import n_context_runs
 from refimpl.config import get_preset
 from refimpl.core import coprocessor, objective, ops
 from refimpl.core.coprocessor import init_coprocessor
@@ -538,7 +538,7 @@ def test_train_step_gradients_with_and_without_runs(monkeypatch):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, CFG.vocab_size, (2, 30))
     positions = sample_trace_positions(rng, 2, 30, 8, 4)
-    assert len(context_runs(build_layout(tokens, positions, 3, 4).context_visible(), trace_runs(np))) == 4
+    assert len(context_runs(build_layout(tokens, positions, 3, 4).context_visible(), n_context_runs(np))) == 4
 
     def run():
         return value_and_grad(lambda t: loss_cached(dec, t, CFG, tokens, positions, 3, 4)[0], trainable)

@@ -7,14 +7,14 @@ import pytest
 from refimpl.errors import RefimplError
 from refimpl.training.checkpoint import adam_from_arrays, adam_to_arrays
 from refimpl.training.loop import resumed_state
-from refimpl.training.optim import (
-    adam_init,
-    adam_update,
-    clip_by_global_norm,
-    clip_scale,
-    global_norm,
-    lr_schedule,
-)
+from refimpl.training.optim import adam_init, adam_update, clip_scale, global_norm, lr_schedule
+
+
+def clip_by_global_norm(grads, max_norm):
+    """(grads scaled by clip_scale as adam_update scales them, the norm before clipping)."""
+    norm = global_norm(grads)
+    scale = clip_scale(norm, max_norm)
+    return {k: g if g is None or scale is None else g * scale.astype(g.dtype) for k, g in grads.items()}, norm
 
 
 def reference_adam(x, grad_fn, steps, lr, b1, b2, eps, wd):

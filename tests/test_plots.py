@@ -1,22 +1,20 @@
 """Plots: every figure is a non-empty PNG; missing data skips a figure instead of failing."""
-import json
-
 import numpy as np
 
 from refimpl.evaluation.plots import make_plots
+from refimpl.evaluation.runner import Run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def small_report(tmp_path):
-    """A report as `refimpl eval` writes it, for two runs whose folders hold metrics.json."""
-    runs = []
+    """A report as `refimpl eval` builds it, and its two runs with their metrics.json training history."""
+    runs, records = [], []
     for name, n_l in (("a", 2), ("b", 4)):
-        folder = tmp_path / "runs" / name
-        folder.mkdir(parents=True)
+        path = str(tmp_path / "runs" / name / "coprocessor.npz")
         history = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 6)]
-        (folder / "metrics.json").write_text(json.dumps({"history": history}))
-        runs.append({"name": name, "path": str(folder / "coprocessor.npz"), "n_latents": n_l, "n_ahead": 3})
+        records.append(Run(name, path, {"n_latents": n_l, "n_ahead": 3}, None, {"history": history}))
+        runs.append({"name": name, "path": path, "n_latents": n_l, "n_ahead": 3})
     acc = lambda x: {"overall": x}
     m = {"baseline": {"accuracy": acc(10.0)},
          "runs": {"a": {"accuracy": acc(12.0)}, "b": {"accuracy": acc(15.0)}},
@@ -27,11 +25,11 @@ def small_report(tmp_path):
     curve = {"traces": [64, 640, 6400], "position_1": [150.0, 12.0, -0.5], "positions_2_on": [3.0, 0.1, -0.2],
              "n_ahead": 3}
     breakeven = {"id": "breakeven", "curves": {"b": curve}}
-    return {"runs": runs, "measurements": m, "tables": [table1, breakeven]}
+    return {"runs": runs, "measurements": m, "tables": [table1, breakeven]}, records
 
 
 def test_make_plots_writes_nonempty_pngs(tmp_path):
-    paths = make_plots(small_report(tmp_path), None, tmp_path / "plots")   # histories from the run folders
+    paths = make_plots(*small_report(tmp_path), tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["accuracy_vs_nl.png", "attention_mask.png", "breakeven.png",
                                              "latent_norms.png", "ppl_by_position.png", "training_curves.png"]
     for p in paths:

@@ -13,11 +13,10 @@ Needs torch, transformers, accelerate and gguf (`pip install -e .[interop]`). Pr
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
          "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl")
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
@@ -75,19 +74,21 @@ def run(new_tokens, threads):
         text = (TINY_DATA / rel).read_text(encoding="utf-8")
         mine = tok.encode(text)
         same = [mine == h.encode(text, add_special_tokens=False) for h in (hf_tok, hf_smol)]
-        lines = [ln for ln in text.split("\n") if tok.encode(ln) != hf_tok.encode(ln, add_special_tokens=False)]
+        lines = [ln for ln in text.split("\n")
+                 if tok.encode(ln) != hf_tok.encode(ln, add_special_tokens=False)]
         out[f"ids {rel}"] = {"tokens": len(mine), "same_as_hf_gguf": same[0], "same_as_hf_smollm": same[1],
                              "lines_differing_from_hf_gguf": len(lines)}
-        say(f"2. {rel}: {len(mine)} tokens; same ids as HF GGUF tokenizer: {same[0]} ({len(lines)} lines differ); "
-            f"as HF with SmolLM's Digits+ByteLevel: {same[1]}")
+        say(f"2. {rel}: {len(mine)} tokens; same ids as HF GGUF tokenizer: {same[0]} "
+            f"({len(lines)} lines differ); as HF with SmolLM's Digits+ByteLevel: {same[1]}")
 
     ppl_ids = np.array([tok.encode(val[:20000])[:1024]])                               # [1, 1024]
     for who, logits in (("refimpl", forward(params, cfg, ppl_ids)[0]), ("hf", hf_logits(ppl_ids))):
-        z = logits[0, :-1].astype(np.float64)
+        z = logits[0, :-1].astype(np.float64)                                          # [1023, V]
         logp = z - z.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         out[f"ppl_{who}"] = float(np.exp(-logp[np.arange(1023), ppl_ids[0, 1:]].mean()))
-    say(f"3. perplexity, first 1,024 tokens of val[:20000]: refimpl {out['ppl_refimpl']:.3f}, HF {out['ppl_hf']:.3f}")
+    say(f"3. perplexity, first 1,024 tokens of val[:20000]: refimpl {out['ppl_refimpl']:.3f}, "
+        f"HF {out['ppl_hf']:.3f}")
 
     for prompt in PROMPTS:
         p = np.array([tok.encode(prompt)])
@@ -95,16 +96,16 @@ def run(new_tokens, threads):
         new, _ = decode(params, cfg, cache, logits[:, -1], new_tokens)
         with torch.no_grad():
             hf_new = hf.generate(torch.tensor(p), max_new_tokens=new_tokens, do_sample=False)[0, p.shape[1]:]
-        out[f"greedy {prompt}"] = {"refimpl": tok.decode(new[0]), "hf_same": new[0].tolist() == hf_new.tolist()}
-        say(f"4. {prompt!r} -> {tok.decode(new[0])!r} (HF greedy identical: {out[f'greedy {prompt}']['hf_same']})")
+        same = new[0].tolist() == hf_new.tolist()
+        out[f"greedy {prompt}"] = {"refimpl": tok.decode(new[0]), "hf_same": same}
+        say(f"4. {prompt!r} -> {tok.decode(new[0])!r} (HF greedy identical: {same})")
 
-    forward(params, cfg, ids)
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
+    def forward_s():
+        start = time.perf_counter()
         forward(params, cfg, ids)
-        times.append(time.perf_counter() - t)
-    out["forward_256_s"] = sorted(times)[1]
+        return time.perf_counter() - start
+    forward_s()                                                                         # warm-up
+    out["forward_256_s"] = statistics.median(forward_s() for _ in range(3))
     say(f"5. NumPy float32 forward over 256 tokens: {out['forward_256_s']:.3f} s (median of 3; "
         f"{os.cpu_count()} cores, threads {threads or 'default'})")
     return out

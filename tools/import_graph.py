@@ -20,11 +20,7 @@ def module_name(path):
 
 
 def layer(module):
-    if module in BASE:
-        return "base"
-    if module in APP:
-        return "app"
-    return module.split(".")[1]
+    return "base" if module in BASE else "app" if module in APP else module.split(".")[1]
 
 
 def imports(path, module):
@@ -38,8 +34,8 @@ def imports(path, module):
             base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
             for a in node.names:   # `from . import x` may name a module
-                found.add(f"{target}.{a.name}" if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).with_suffix(
-                    ".py").exists() else target)
+                path = (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py")
+                found.add(f"{target}.{a.name}" if path.exists() else target)
     return {m for m in found if m.startswith("refimpl") and m != module}
 
 

@@ -1,23 +1,13 @@
 """Rebuild the shipped data in tiny_data/ from scratch, deterministically and offline.
 
-    . .venv/bin/activate && python tools/make_tiny_data.py     # about 3 minutes on 2 cores
+    python tools/make_tiny_data.py     # about 3 minutes on 2 cores; --keep-tokenizer: seconds
 
-It rewrites tiny_data/{text,reasoning,tokenizer,licenses}/, LICENSES.md and MANIFEST.json (it
-never touches tiny_data/golden/ or tiny_data/checkpoints/):
-
-1. English: CPython's reference topics (`pydoc_data.topics`, PSF licence), one document per topic,
-   lightly cleaned; whole topics (about 5% of the characters) are held out for val.
-2. Reasoning: problems from refimpl/data/reasoning.py with seed SEED, drawn in the order eval_test,
-   eval_val, val, train with one set of seen prompts, so no two splits share a prompt; then
-   eval_long (3..5-digit answers only) with seed LONG_SEED, excluding all of them; then
-   eval_fewshot (N_FEWSHOT easy problems per task and difficulty, each with a few-shot prompt)
-   with seed FEWSHOT_SEED, excluding all of those.
-3. Tokenizer: `tiktoken._educational.bpe_train` to 2048 ranks on a fixed subsample of the train
-   text plus reasoning lines, then `<|endoftext|>` = 2048.
-
-The output depends only on this file, refimpl/data/reasoning.py and the Python version (its
-pydoc_data); the shipped files were made with CPython 3.11.7. `--keep-tokenizer` reuses the
-existing tokenizer files (a quick rebuild when only the text or the reasoning changed).
+It rewrites tiny_data/{text,reasoning,tokenizer,licenses}/, LICENSES.md and MANIFEST.json (never
+golden/ or checkpoints/); docs/data.md describes them. English: CPython's reference topics
+(`pydoc_data.topics`), whole topics (about 5%) held out for val. Reasoning: problems of
+refimpl/data/reasoning.py, no two splits sharing a prompt. Tokenizer: `tiktoken._educational.bpe_train`
+to 2048 ranks on a fixed sample, then `<|endoftext|>` = 2048. The output depends only on this file,
+refimpl/data/reasoning.py and the Python version (its pydoc_data): the shipped files come from 3.11.7.
 """
 
 import argparse
@@ -34,11 +24,9 @@ from pathlib import Path
 import numpy as np
 from tiktoken._educational import bpe_encode, bpe_train
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from refimpl.data import reasoning
-from refimpl.data.corpus import DATA_FILES, DOC_SEPARATOR, EVAL_FILES, TINY_DATA  # noqa: E402
-from refimpl.data.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks  # noqa: E402
+from refimpl.data.corpus import DATA_FILES, DOC_SEPARATOR, EVAL_FILES, TINY_DATA
+from refimpl.data.tokenizer import EOT, N_RANKS, PAT_STR, write_ranks
 
 SEED = 2412
 BUILT_WITH = "3.11.7"
@@ -79,7 +67,8 @@ def english_splits(rng):
 
 
 def reasoning_splits(rng, n_val_lines):
-    """Disjoint problem sets: eval_test, eval_val (jsonl), then the val and train streams."""
+    """Disjoint problem sets drawn in this order with one set of seen prompts: eval_test, eval_val
+    (jsonl), then the val and train streams."""
     seen = set()
     sizes = {"eval_test": N_EVAL, "eval_val": N_EVAL, "val": n_val_lines, "train": N_TRAIN_LINES}
     return {name: reasoning.generate(n, rng, exclude=seen) for name, n in sizes.items()}
@@ -89,7 +78,8 @@ def long_split(problems):
     """N_LONG problems with 3..5-digit answers, none sharing a prompt with the other splits."""
     seen = {p["prompt"] for split in problems.values() for p in split}
     return reasoning.generate(N_LONG, np.random.default_rng(LONG_SEED), exclude=seen,
-                              tasks=tuple(reasoning.LONG_DIFFICULTIES), difficulties=reasoning.LONG_DIFFICULTIES)
+                              tasks=tuple(reasoning.LONG_DIFFICULTIES),
+                              difficulties=reasoning.LONG_DIFFICULTIES)
 
 
 def fewshot_split(problems, long):
@@ -116,16 +106,6 @@ def bpe_sample(train_docs, train_lines, rng):
     return text + "\n\n" + "".join(train_lines[:BPE_REASONING_LINES])
 
 
-def train_tokenizer(sample):
-    """2048 ranks by bpe_train; each token must encode to itself (so tiktoken == the oracle)."""
-    start = time.perf_counter()
-    ranks = bpe_train(sample, N_RANKS, PAT_STR, visualise=None)
-    seconds = time.perf_counter() - start
-    bad = [tok for tok, rank in ranks.items() if bpe_encode(ranks, tok, visualise=None) != [rank]]
-    assert not bad, f"tokens not reachable by their own merges: {bad[:5]}"
-    return ranks, seconds
-
-
 def write_text(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("utf-8"))
@@ -135,7 +115,14 @@ def write_jsonl(path, problems):
     write_text(path, "".join(json.dumps(p, sort_keys=True) + "\n" for p in problems))
 
 
-def write_tokenizer(out, ranks, sample):
+def write_tokenizer(out, sample):
+    """2048 ranks by bpe_train; each token must encode to itself (so tiktoken == the oracle)."""
+    start = time.perf_counter()
+    ranks = bpe_train(sample, N_RANKS, PAT_STR, visualise=None)
+    print(f"bpe_train: {len(ranks)} ranks from {len(sample)} characters "
+          f"in {time.perf_counter() - start:.0f} s")
+    bad = [tok for tok, rank in ranks.items() if bpe_encode(ranks, tok, visualise=None) != [rank]]
+    assert not bad, f"tokens not reachable by their own merges: {bad[:5]}"
     path = out / "tokenizer" / "bpe.tiktoken"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_ranks(ranks, path)
@@ -189,18 +176,15 @@ def main(argv=None):
     problems = reasoning_splits(rng, n_val_lines)
     for split, docs in (("train", train_docs), ("val", val_docs)):
         write_text(out / "text" / f"{split}.txt", DOC_SEPARATOR.join(docs))
-        lines = "".join(map(reasoning.problem_line, problems[split]))
-        write_text(out / "reasoning" / f"{split}.txt", lines)
+        write_text(out / "reasoning" / f"{split}.txt", "".join(map(reasoning.problem_line, problems[split])))
     for split in ("val", "test"):
         write_jsonl(out / "reasoning" / f"eval_{split}.jsonl", problems[f"eval_{split}"])
     long = long_split(problems)
     write_jsonl(out / "reasoning" / "eval_long.jsonl", long)
     write_jsonl(out / "reasoning" / "eval_fewshot.jsonl", fewshot_split(problems, long))
     if not args.keep_tokenizer:
-        sample = bpe_sample(train_docs, [reasoning.problem_line(p) for p in problems["train"]], rng)
-        ranks, seconds = train_tokenizer(sample)
-        write_tokenizer(out, ranks, sample)
-        print(f"bpe_train: {len(ranks)} ranks from {len(sample)} characters in {seconds:.0f} s")
+        train_lines = [reasoning.problem_line(p) for p in problems["train"]]
+        write_tokenizer(out, bpe_sample(train_docs, train_lines, rng))
     write_text(out / "LICENSES.md", LICENSES)
     (out / "licenses").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(sysconfig.get_path("stdlib")) / "LICENSE.txt",

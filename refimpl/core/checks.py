@@ -1,14 +1,13 @@
 """Validation at the API boundary: every check of a user's arrays, in one place, before the math.
 
-The functions of the method (decoder.hidden, the coprocessor, the loss forms' inner passes) trust
-their inputs, as picoGPT's forward does; the entry points (decoder.forward, prefill, extend, the
-loss forms) call these first. Token ids are checked on the host, before they move to a device, so
-that a check never forces a GPU to synchronise inside the loss.
+The method's functions (decoder.hidden, the coprocessor, the loss forms' inner passes) trust their
+inputs, as picoGPT's forward does; the entry points call these first. Token ids are checked on the
+host, before they move to a device, so that a check never makes a GPU synchronise inside the loss.
 """
 import numpy as np
 
 from ..backend import to_numpy
-from ..errors import RefimplError, require
+from ..errors import require
 
 
 def host_tokens(tokens, cfg):
@@ -28,7 +27,9 @@ def host_tokens(tokens, cfg):
 def check_forward(cfg, inputs, positions, cache, may_attend):
     """The arguments of decoder.forward: inputs [B, T] ids or [B, T, D] embeddings, positions int
     [B, T] or None, cache a KVCache of B rows or None, may_attend bool [B|1, T, Tc + T] or None."""
-    if _is_float(inputs):
+    require(hasattr(inputs, "dtype"),
+            f"inputs must be an array of token ids or embeddings, got {type(inputs).__name__}")
+    if inputs.dtype.kind == "f":
         require(inputs.ndim == 3 and inputs.shape[-1] == cfg.d_model,
                 f"input embeddings have shape {tuple(inputs.shape)}: expected [B, T, {cfg.d_model}]")
     else:
@@ -42,12 +43,14 @@ def check_forward(cfg, inputs, positions, cache, may_attend):
     if positions is not None:
         _require_array(positions, "position ids", f"int [{B}, {T}]")
         require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu",
-                f"position ids have shape {tuple(positions.shape)} {positions.dtype}: expected int [{B}, {T}]")
+                f"position ids have shape {tuple(positions.shape)} {positions.dtype}: "
+                f"expected int [{B}, {T}]")
     if may_attend is not None:
         Tk = T + (0 if cache is None else cache.positions.shape[1])
         _require_array(may_attend, "mask", f"bool [{B}, {T}, {Tk}]")
-        require(may_attend.ndim == 3 and may_attend.shape[0] in (1, B) and tuple(may_attend.shape[1:]) == (T, Tk)
-                and may_attend.dtype == bool, f"mask has shape {tuple(may_attend.shape)} {may_attend.dtype}: "
+        shape = tuple(may_attend.shape)
+        require(len(shape) == 3 and shape[0] in (1, B) and shape[1:] == (T, Tk) and may_attend.dtype == bool,
+                f"mask has shape {shape} {may_attend.dtype}: "
                 f"expected bool [{B}, {T}, {Tk}] or [1, {T}, {Tk}]")
 
 
@@ -61,10 +64,3 @@ def check_prompt_length(tokens, cfg):
 def _require_array(a, what, expected):
     require(hasattr(a, "shape") and hasattr(a, "dtype"),
             f"{what} must be an array, got {type(a).__name__}: pass a NumPy (or CuPy) array {expected}")
-
-
-def _is_float(a):
-    dtype = getattr(a, "dtype", None)
-    if dtype is None:
-        raise RefimplError(f"inputs must be an array of token ids or embeddings, got {type(a).__name__}")
-    return dtype.kind == "f"

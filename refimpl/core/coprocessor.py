@@ -1,19 +1,16 @@
 """The coprocessor (paper §3.1, Fig. 1; docs/method.md §2): it reads the frozen decoder's kv-cache
 plus N_L trainable soft tokens and emits N_L latent embeddings in ONE parallel forward pass.
 
-It has the decoder's architecture. Its layer l attends over the DECODER's layer-l cached keys and
-values for the prefix, followed by its own layer-l keys and values for the soft tokens (causal
-among themselves). The prefix is never recomputed with the coprocessor's weights. The latents are
-its final hidden states at the soft-token slots, after its final RMSNorm. Its token embedding and
-LM head are unused, so its trainable arrays are its blocks, its final norm and the soft tokens.
-
-The pause-token baseline (paper Table 3) uses the same machinery with no coprocessor: the soft
-tokens themselves are the latents, so they do NOT depend on the input. `latents` is the one place
-that tells the two modes apart.
+It has the decoder's architecture; its layer l attends over the DECODER's layer-l cache (the
+prefix is never recomputed with its weights), then over its soft tokens' own keys, causally. The
+latents are its final hidden states (after its final RMSNorm) at the soft tokens; its embedding
+and LM head are unused, so it trains its blocks, its final norm and the soft tokens. The pause-token
+baseline (paper Table 3) has no coprocessor: the soft tokens themselves are the latents, the same
+for every input. `latents` is the one place that tells the two modes apart.
 """
 import numpy as np
 
-from ..backend import trace_runs, xp_of
+from ..backend import n_context_runs, xp_of
 from ..errors import require
 from .decoder import causal_may_attend, flatten_params, groups_hidden, hidden, init_params, unflatten_params
 from .layout import context_runs, latent_position_ids
@@ -25,20 +22,17 @@ INITS = ("copy", "random")
 
 
 def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coprocessor", seed=0):
-    """Trainable arrays as a flat dict: Hugging Face names for blocks and final norm, plus soft_tokens.
-
-    init="copy" starts from the decoder's weights (paper default); "random" from a fresh init (the
-    paper's ablation). Soft tokens ~ N(0, std(E)) [choice], so they look like token embeddings.
-    mode="pause" has only the soft tokens.
-    """
+    """Trainable arrays as a flat dict: Hugging Face names for blocks and final norm, plus soft_tokens
+    (only they in mode="pause"). init="copy" starts from the decoder's weights (paper default),
+    "random" from a fresh init (the paper's ablation). Soft tokens ~ N(0, std(E)) [choice], so they
+    look like token embeddings."""
     require(mode in MODES, f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     require(init in INITS, f"unknown init {init!r}: use one of {', '.join(INITS)}")
     require(isinstance(n_latents, int) and n_latents >= 1,
             f"n_latents={n_latents!r} must be a positive int to train a coprocessor or pause tokens")
     E = decoder_params["embed_tokens"]
     xp, rng = xp_of(E), np.random.default_rng(seed)
-    std = float(xp.std(E))
-    soft = rng.standard_normal((n_latents, cfg.d_model)) * std
+    soft = rng.standard_normal((n_latents, cfg.d_model)) * float(xp.std(E))
     trainable = {SOFT_TOKENS: xp.asarray(soft.astype(E.dtype))}
     if mode == "pause":
         return trainable
@@ -47,21 +41,13 @@ def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coproces
     return {**blocks, **trainable}
 
 
-def is_pause(trainable):
-    """True when the trainable arrays are pause tokens only (no coprocessor blocks)."""
-    return set(trainable) == {SOFT_TOKENS}
-
-
-def coprocessor_params(trainable, cfg):
-    """The flat trainable dict (possibly autograd boxes) -> nested params for the decoder code."""
-    return unflatten_params(trainable, cfg.n_layers)
-
-
 def latents(trainable, cfg, lead_shape, run):
     """The latents for soft tokens broadcast to [*lead_shape, N_L, D]: run(coprocessor params,
     soft-token inputs) computes them; in pause mode they are the soft tokens themselves."""
     soft_in = broadcast_rows(trainable[SOFT_TOKENS], tuple(lead_shape))    # [*lead, N_L, D]
-    return soft_in if is_pause(trainable) else run(coprocessor_params(trainable, cfg), soft_in)
+    if set(trainable) == {SOFT_TOKENS}:                                    # pause tokens only
+        return soft_in
+    return run(unflatten_params(trainable, cfg.n_layers), soft_in)         # the flat dict, nested
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,13 +55,13 @@ def latents(trainable, cfg, lead_shape, run):
 def augment(trainable, cfg, cache, latent_positions="behind"):
     """The latents z [B, N_L, D] and their position ids int [B, N_L] for a decoder cache whose last
     slot is the augmentation point p: ONE call. Soft token j sits at max(0, p - N_L + 1 + j)
-    ("behind"; "after": p + 1 + j) and sees every valid cached slot and the soft tokens before it.
-    """
+    ("behind"; "after": p + 1 + j) and sees every valid cached slot and the soft tokens before it."""
     B, n = cache.positions.shape[0], trainable[SOFT_TOKENS].shape[0]
     point = cache.positions.max(1)                                          # [B]: p
     positions = latent_position_ids(point, n, latent_positions, xp_of(point))   # [B, N_L]
     mask = causal_may_attend(cache.positions, positions)                    # [B, N_L, Tc + N_L]
-    z = latents(trainable, cfg, (B,), lambda params, soft: hidden(params, cfg, soft, positions, cache, mask)[0])
+    z = latents(trainable, cfg, (B,),
+                lambda params, soft: hidden(params, cfg, soft, positions, cache, mask)[0])  # [B, N_L, D]
     return z, positions
 
 
@@ -87,8 +73,8 @@ def latents_cached(trainable, cfg, cache, layout):
     visible = layout.context_visible()                                      # [B, K, T]
 
     def run(params, soft):                                                  # soft [B, K, N_L, D]
-        runs = context_runs(visible, trace_runs(xp_of(soft)))
-        ids = layout.group_positions[..., :N]                               # [B, K, N_L]
+        runs = context_runs(visible, n_context_runs(xp_of(soft)))
+        ids = layout.group_position_ids[..., :N]                               # [B, K, N_L]
         z = groups_hidden(params, cfg, soft, ids, cache, visible, runs)
         return reshape(z, (B, K, N, -1))
     return latents(trainable, cfg, (B, K), run)
@@ -99,7 +85,7 @@ def latents_packed(trainable, cfg, cache, layout):
     B, K, N, T = layout.trace_positions.shape[0], layout.n_traces, layout.n_latents, layout.seq_len
     xp = xp_of(cache.positions)
     mask = xp.asarray(layout.packed_may_attend(group_len=N)[:, T:, :])       # [B, K*N_L, T+K*N_L]
-    positions = xp.asarray(layout.group_positions[..., :N].reshape(B, K * N))   # [B, K*N_L]
+    positions = xp.asarray(layout.group_position_ids[..., :N].reshape(B, K * N))   # [B, K*N_L]
 
     def run(params, soft):                                                  # soft [B, K, N_L, D]
         z, _ = hidden(params, cfg, reshape(soft, (B, K * N, -1)), positions, cache, mask)

@@ -1,17 +1,10 @@
 """The decoder: a Llama-style transformer with an explicit kv-cache (paper §3; docs/method.md §1).
 
-Follows the Hugging Face Llama architecture (pre-norm RMSNorm, RoPE "rotate-half", SwiGLU, no
-biases, tied LM head, unscaled token embeddings), written in the style of picoGPT: pure functions
-of a params tree that is also the checkpoint. References: picoGPT (jaymody), nanoGPT (karpathy),
-transformers' modeling_llama.py.
-
-Every layer's cache holds keys AFTER RoPE, [B, Hkv, Tc, Dh], plus the integer position id of every
-cached slot. Position id -1 marks a padding slot that no other slot may attend to. The cache is
-extended by concatenation, never by item assignment, so autograd can trace through it.
-
-`hidden` is the pure forward; `forward`, `prefill` and `extend` are the entry points that check
-their arguments first (checks.py). `groups_hidden` runs K trace groups against one shared cache,
-blockwise: the cached training form of the paper's multi-trace mask (docs/method.md §4).
+Hugging Face Llama (pre-norm RMSNorm, RoPE "rotate-half", SwiGLU, no biases, tied LM head) in
+picoGPT's style: pure functions of a params tree that is also the checkpoint. A layer's cache
+holds keys AFTER RoPE plus the position id of every slot (-1: padding, attended by nobody); it
+grows by concatenation, never item assignment, so autograd traces through it. `hidden` is the
+pure forward; `forward`, `prefill` and `extend` check their arguments first (checks.py).
 """
 from dataclasses import dataclass
 
@@ -44,35 +37,35 @@ LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
 
 # ---------------------------------------------------------------------------------------------
 # Parameters: a nested dict whose leaves carry the Hugging Face Llama leaf names.
+def _layer_shapes(cfg):
+    # {leaf: shape} of one block; Linear weights are [out, in]
+    D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
+    return dict(zip(LAYER_KEYS, [(D,), (D, D), (Dkv, D), (Dkv, D), (D, D), (D,), (F, D), (F, D), (D, F)]))
+
+
 def init_params(cfg, seed=0, dtype=np.float32, xp=np):
     """Random decoder params: N(0, init_std) matrices (output projections by 1/sqrt(2L)), unit norms."""
     rng = np.random.default_rng(seed)
-    D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
+    out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
 
-    def normal(*shape, std=cfg.init_std):
+    def init(key, shape):
+        if len(shape) == 1:                                                    # an RMSNorm weight
+            return xp.ones(shape, dtype=dtype)
+        std = out_std if key in ("o_proj", "down_proj") else cfg.init_std
         return xp.asarray((rng.standard_normal(shape) * std).astype(dtype))
 
-    out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
-    layers = [{
-        "input_layernorm": xp.ones(D, dtype=dtype),
-        "q_proj": normal(D, D), "k_proj": normal(Dkv, D), "v_proj": normal(Dkv, D),
-        "o_proj": normal(D, D, std=out_std),
-        "post_attention_layernorm": xp.ones(D, dtype=dtype),
-        "gate_proj": normal(F, D), "up_proj": normal(F, D), "down_proj": normal(D, F, std=out_std),
-    } for _ in range(cfg.n_layers)]
-    return {"embed_tokens": normal(cfg.vocab_size, D), "layers": layers,
-            "norm": xp.ones(D, dtype=dtype)}
+    layers = [{k: init(k, s) for k, s in _layer_shapes(cfg).items()} for _ in range(cfg.n_layers)]
+    return {"embed_tokens": init("embed_tokens", (cfg.vocab_size, cfg.d_model)), "layers": layers,
+            "norm": init("norm", (cfg.d_model,))}
 
 
 def hf_name(path):
     """Our params path -> Hugging Face Llama name, e.g. ("layers", 0, "q_proj") ->
-    model.layers.0.self_attn.q_proj.weight."""
-    if path == ("embed_tokens",):
-        return "model.embed_tokens.weight"
-    if path == ("norm",):
-        return "model.norm.weight"
+    model.layers.0.self_attn.q_proj.weight; ("norm",) -> model.norm.weight."""
+    if len(path) == 1:
+        return f"model.{path[0]}.weight"
     _, i, key = path
-    group = "self_attn." if key.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else (
+    group = "self_attn." if key in ("q_proj", "k_proj", "v_proj", "o_proj") else (
         "mlp." if key.endswith("_proj") else "")
     return f"model.layers.{i}.{group}{key}.weight"
 
@@ -87,29 +80,23 @@ def flatten_params(params):
 
 def unflatten_params(flat, n_layers):
     """{Hugging Face name: array} -> nested params; a clear error names any missing weight."""
-    missing = [n for n in _expected_names(n_layers) if n not in flat]
+    names = [{k: hf_name(("layers", i, k)) for k in LAYER_KEYS} for i in range(n_layers)]
+    expected = ["model.norm.weight", *(n for layer in names for n in layer.values())]
+    missing = [n for n in expected if n not in flat]
     require(not missing, f"weights missing {missing[:3]}{'...' if len(missing) > 3 else ''}: "
             "the file was written for another model; regenerate it or pass the matching config")
-    params = {"layers": [{k: flat[hf_name(("layers", i, k))] for k in LAYER_KEYS}
-                         for i in range(n_layers)], "norm": flat["model.norm.weight"]}
+    params = {"layers": [{k: flat[n] for k, n in layer.items()} for layer in names],
+              "norm": flat["model.norm.weight"]}
     if "model.embed_tokens.weight" in flat:
         params["embed_tokens"] = flat["model.embed_tokens.weight"]
     return params
 
 
-def _expected_names(n_layers):
-    return ["model.norm.weight"] + [hf_name(("layers", i, k)) for i in range(n_layers) for k in LAYER_KEYS]
-
-
 def param_shapes(cfg):
     """{Hugging Face name: shape} that a config implies (for checkpoint validation)."""
-    D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
-    per_layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "q_proj": (D, D),
-                 "k_proj": (Dkv, D), "v_proj": (Dkv, D), "o_proj": (D, D), "gate_proj": (F, D),
-                 "up_proj": (F, D), "down_proj": (D, F)}
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d_model), "model.norm.weight": (cfg.d_model,)}
     for i in range(cfg.n_layers):
-        shapes.update({hf_name(("layers", i, k)): s for k, s in per_layer.items()})
+        shapes.update({hf_name(("layers", i, k)): s for k, s in _layer_shapes(cfg).items()})
     return shapes
 
 
@@ -126,7 +113,7 @@ class KVCache:
         return self.positions.shape[1]
 
     def append(self, ks, vs, positions):
-        """A new cache with Tn slots appended: ks, vs are L arrays [B, H, Tn, Dh]."""
+        """A new cache with Tn slots appended: ks, vs are L arrays [B, Hkv, Tn, Dh]."""
         xp = xp_of(self.positions)
         return KVCache(tuple(concat(a, b, 2) for a, b in zip(self.k, ks)),
                        tuple(concat(a, b, 2) for a, b in zip(self.v, vs)),
@@ -139,13 +126,11 @@ class KVCache:
 
 
 def causal_may_attend(cache_positions, positions):
-    """Default mask: new slot i sees every valid cached slot and new slots j <= i.
-
-    cache_positions int [B, Tc] (or None), positions int [B, T] -> bool [B, T, Tc + T].
-    Slots with position -1 (padding) are visible to nobody but themselves.
-    """
+    """Default mask: new slot i sees every valid cached slot and new slots j <= i; a slot at
+    position -1 (padding) is visible to nobody but itself.
+    cache_positions int [B, Tc] (or None), positions int [B, T] -> bool [B, T, Tc + T]."""
     xp = xp_of(positions)
-    B, T = positions.shape
+    T = positions.shape[1]
     key_pos = positions if cache_positions is None else xp.concatenate([cache_positions, positions], 1)
     Tc = key_pos.shape[1] - T
     new_causal = xp.tril(xp.ones((T, T), dtype=bool))                            # [T, T]
@@ -157,11 +142,9 @@ def causal_may_attend(cache_positions, positions):
 # ---------------------------------------------------------------------------------------------
 # The transformer
 def block(layer, x, cos, sin, attend, cfg):
-    """One pre-norm Llama block. attend(q, k, v) -> [B, H, T, Dh] sees this layer's new keys.
-
-    [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and values [B, Hkv, T, Dh]
-    (grouped-query attention: Hkv key/value heads, each read by H/Hkv query heads).
-    """
+    """One pre-norm Llama block: [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and
+    values [B, Hkv, T, Dh] (grouped-query: H/Hkv query heads read each key/value head).
+    attend(q, k, v) -> [B, H, T, Dh] is handed this layer's new keys and values."""
     H, Hkv, eps = cfg.n_heads, cfg.kv_heads, cfg.norm_eps
     h = rmsnorm(x, layer["input_layernorm"], eps)                                # [B, T, D]
     q = rope(split_heads(linear(h, layer["q_proj"]), H), cos, sin)               # [B, H, T, Dh]
@@ -174,11 +157,8 @@ def block(layer, x, cos, sin, attend, cfg):
 
 
 def run_layers(params, cfg, x, positions, attend_for_layer):
-    """Embeddings [B, T, D] through every block and the final norm.
-
-    attend_for_layer(i) returns the attention function of layer i. Returns the final hidden
-    states AFTER the final RMSNorm [B, T, D], and per-layer new keys and values.
-    """
+    """Embeddings [B, T, D] through every block (layer i attends with attend_for_layer(i)): hidden
+    states AFTER the final RMSNorm [B, T, D], and every layer's new keys and values."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)    # [B, 1, T, Dh]
     ks, vs = [], []
     for i, layer in enumerate(params["layers"]):
@@ -195,11 +175,9 @@ def lm_head(params, h):
 
 def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     """Final hidden states (after the final norm) [B, T, D] and the cache extended by T slots.
-
-    inputs: token ids int [B, T], or input embeddings [B, T, D] (e.g. latents).
-    positions: int [B, T]; default: counting on after the cache (0.. without one).
-    may_attend: bool [B|1, T, Tc + T]; default `causal_may_attend`. Nothing is checked here.
-    """
+    inputs: token ids int [B, T] or embeddings [B, T, D] (e.g. latents); positions: int [B, T],
+    default counting on after the cache; may_attend: bool [B|1, T, Tc + T], default
+    `causal_may_attend`. Nothing is checked here."""
     xp = xp_of(inputs)
     x = inputs if inputs.dtype.kind == "f" else embedding(params["embed_tokens"], inputs)   # [B, T, D]
     B, T, _ = x.shape
@@ -210,10 +188,11 @@ def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     bias = additive_mask(may_attend[:, None], x.dtype)                           # [B|1, 1, T, Tc+T]
 
     def attend_for_layer(i):
-        if cache is None:
-            return lambda q, k, v: attention(q, *_heads(cfg, k, v), bias)
-        return lambda q, k, v: attention(q, *_heads(cfg, concat(cache.k[i], k, 2), concat(cache.v[i], v, 2)),
-                                         bias)
+        def attend(q, k, v):                                                     # k, v [B, Hkv, T, Dh]
+            if cache is not None:
+                k, v = concat(cache.k[i], k, 2), concat(cache.v[i], v, 2)        # [B, Hkv, Tc+T, Dh]
+            return attention(q, *_heads(cfg, k, v), bias)
+        return attend
 
     h, ks, vs = run_layers(params, cfg, x, positions, attend_for_layer)
     new_cache = KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
@@ -227,24 +206,22 @@ def _heads(cfg, k, v):
 
 
 def groups_hidden(params, cfg, inputs, positions, cache, context_visible, runs):
-    """K groups of G slots run against one shared cache, blockwise: hidden [B, K*G, D] (after the final norm).
-
-    inputs [B, K, G, D] embeddings; positions int [B, K, G]; cache: the decoder's KVCache of T slots;
-    context_visible bool [B, K, T] (host): the cached slots trace k may see; runs: `layout.context_runs`.
-    A slot of group k sees those cached slots and the slots of its own group at or before itself,
-    and nothing else; no [K*G, T + K*G] mask is ever built. The groups' keys are not cached.
-    """
+    """K groups of G slots against one shared cache, blockwise (paper Fig. 2, the cached form):
+    inputs [B, K, G, D], positions int [B, K, G], cache of T slots -> hidden [B, K*G, D] (after the
+    final norm). A slot of group k sees the cached slots context_visible [B, K, T] (host) allows and
+    its own group's slots up to itself; runs: `layout.context_runs`. The groups' keys are not cached."""
     xp = xp_of(inputs)
     B, K, G, D = inputs.shape
     H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B, 1, K, 1, T]
+    ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B,1,K,1,T]
     own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
 
     def attend_for_layer(i):
         def attend(q, k, v):                                                     # [B, H, K*G, Dh] each
             q = reshape(q, (B, H, K, G, Dh))
             k, v = _heads(cfg, *(reshape(a, (B, Hkv, K, G, Dh)) for a in (k, v)))
-            out = trace_attention(q, *_heads(cfg, cache.k[i], cache.v[i]), k, v, ctx_bias, own_bias, runs=runs)
+            k_ctx, v_ctx = _heads(cfg, cache.k[i], cache.v[i])                  # [B, H, T, Dh]
+            out = trace_attention(q, k_ctx, v_ctx, k, v, ctx_bias, own_bias, runs=runs)
             return reshape(out, (B, H, K * G, Dh))
         return attend
 
@@ -254,7 +231,7 @@ def groups_hidden(params, cfg, inputs, positions, cache, context_visible, runs):
 
 
 # ---------------------------------------------------------------------------------------------
-# The entry points: forward, and the inference API built on it (prefill, extend, generate)
+# The entry points: forward, and the inference API built on it (prefill, extend, decode)
 def forward(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     """logits [B, T, V], final hidden states [B, T, D], and the cache extended by T slots (checked)."""
     check_forward(cfg, inputs, positions, cache, may_attend)
@@ -270,11 +247,9 @@ def prefill(params, cfg, tokens, positions=None):
 
 
 def extend(params, cfg, cache, inputs, positions=None):
-    """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache.
-
-    Positions are not checked against max_seq_len here: training itself places latents and ahead
-    tokens at positions up to max_seq_len + N_L - 2. The user-facing limit is in
-    evaluation.generate.generate."""
+    """Append tokens or embeddings after a cache: logits [B, Tn, V] and the longer cache. Positions
+    are not checked against max_seq_len: training places latents and ahead tokens up to
+    max_seq_len + N_L - 2 (the user-facing limit is in evaluation.generate.generate)."""
     logits, _, cache = forward(params, cfg, inputs, positions, cache)
     return logits, cache
 
@@ -291,12 +266,9 @@ def sample_next(logits, temperature, rng):
 
 
 def decode(params, cfg, cache, last_logits, n_new, temperature=0.0, rng=None, positions=None):
-    """Decode n_new tokens after a cache whose last slot produced last_logits [B, V].
-
-    positions: int [B, 1], the first new token's position id (default: counting on after the
-    cache); each later token takes the next one. Returns the new ids int64 [B, n_new] (host) and
-    the final cache.
-    """
+    """Decode n_new tokens after a cache whose last slot produced last_logits [B, V]: the new ids
+    int64 [B, n_new] (host) and the final cache. positions: int [B, 1], the first new token's
+    position id (default: counting on after the cache); each later token takes the next one."""
     xp = xp_of(last_logits)
     rng = rng or np.random.default_rng(0)
     out = []

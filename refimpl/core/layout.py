@@ -12,11 +12,10 @@ In the packed sequence (the T original tokens followed by the K groups, S = T + 
 original token sees earlier original tokens; a group slot sees x_0..x_{p_k} and the slots of its
 own group at or before itself. Nothing else: no other group, no original token after p_k.
 
-`TraceLayout` holds every index and mask of that layout, built once, in one place, as host NumPy
-arrays; `format_mask` prints one for reading. `context_runs` cuts the traces into runs that each
-need only a prefix of the cache, for the blockwise pass `decoder.groups_hidden` (a fast path,
-docs/performance.md).
+`TraceLayout` holds every index and mask of that layout as host NumPy arrays, built once;
+`context_runs` cuts the traces into runs that each need only a prefix of the cache (a fast path).
 """
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,15 +42,15 @@ def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
 
 @dataclass(frozen=True)
 class TraceLayout:
-    """Indices and masks of the packed layout for tokens [B, T] and trace positions [B, K]."""
+    """Indices and masks of the packed layout for tokens [B, T] and the augmentation points [B, K]."""
     seq_len: int
     n_latents: int
     n_ahead: int
-    trace_positions: np.ndarray   # int [B, K]: insert after this 0-based token index
-    ahead_inputs: np.ndarray      # int [B, K, N_A-1]: x_{p+1} .. x_{p+N_A-1}
-    targets: np.ndarray           # int [B, K, N_A]:   x_{p+1} .. x_{p+N_A}
-    group_positions: np.ndarray   # int [B, K, G]: position ids of each group's slots
-    read_slots: np.ndarray        # int [B, K*N_A]: packed slot where each target is read
+    trace_positions: np.ndarray     # int [B, K]: the augmentation points p (0-based token indices)
+    ahead_inputs: np.ndarray        # int [B, K, N_A-1]: x_{p+1} .. x_{p+N_A-1}
+    targets: np.ndarray             # int [B, K, N_A]:   x_{p+1} .. x_{p+N_A}
+    group_position_ids: np.ndarray  # int [B, K, G]: position ids of each group's slots
+    read_slots: np.ndarray          # int [B, K*N_A]: packed slot where each target is read
 
     @property
     def n_traces(self):
@@ -69,7 +68,7 @@ class TraceLayout:
         """int [B, S]: the original tokens' positions, then every group's."""
         B = self.trace_positions.shape[0]
         original = np.broadcast_to(np.arange(self.seq_len), (B, self.seq_len))
-        return np.concatenate([original, self.group_positions.reshape(B, -1)], axis=1)
+        return np.concatenate([original, self.group_position_ids.reshape(B, -1)], axis=1)
 
     def slot_kinds(self):
         """int [S]: ORIGINAL, LATENT or AHEAD for every packed slot."""
@@ -77,22 +76,27 @@ class TraceLayout:
         return np.array([ORIGINAL] * self.seq_len + group * self.n_traces, dtype=np.int64)
 
     def packed_may_attend(self, group_len=None):
-        """bool [B, S, S], S = T + K*group_len: the one-pass mask (paper Fig. 2).
-
-        group_len defaults to G (the decoder's groups); the coprocessor's packed pass uses
-        group_len = N_L (its groups are the soft tokens alone).
-        """
-        return packed_may_attend(self.trace_positions, self.seq_len,
-                                 self.group_len if group_len is None else group_len)
+        """bool [B, S, S], S = T + K*group_len: the one-pass mask (paper Fig. 2, see module doc).
+        group_len: G by default; the coprocessor's packed pass has groups of its N_L soft tokens."""
+        group_len = self.group_len if group_len is None else group_len
+        (B, K), T = self.trace_positions.shape, self.seq_len
+        S = T + K * group_len
+        trace_of = np.concatenate([np.full(T, -1), np.repeat(np.arange(K), group_len)])  # [S]
+        index = np.arange(S)
+        causal = index[None, :] <= index[:, None]                                        # [S, S]
+        same_group = (trace_of[:, None] == trace_of[None, :]) & (trace_of[:, None] >= 0)
+        original_key = (trace_of == -1)[None, :]                                         # [1, S]
+        # original query: causal over originals. group query: originals <= p_k, own group causally.
+        prefix_limit = np.concatenate([np.broadcast_to(np.arange(T), (B, T)),                # [B, S]
+                                       np.repeat(self.trace_positions, group_len, axis=1)], axis=1)
+        sees_original = original_key[None] & (index[None, None, :] <= prefix_limit[:, :, None])
+        return sees_original | (same_group & causal)[None]
 
 
 def build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions="behind"):
-    """The layout for tokens int [B, T] and trace positions int [B, K] (host arrays).
-
-    The ahead tokens keep their own position ids. latent_positions: "behind" (the method): latent
-    j at max(0, p-N_L+1+j), so the last latent sits on p, where the decoder predicts x_{p+1};
-    "after" (the ablation): at p+1+j. docs/method.md §4.
-    """
+    """The layout for tokens int [B, T] and the augmentation points trace_positions int [B, K] (host).
+    latent_positions "behind" (the method) puts the last latent on p, where the decoder predicts
+    x_{p+1}; "after" (the ablation) at p+1+j. Ahead tokens keep their own position ids (method.md §4)."""
     require(latent_positions in LATENT_POSITIONS,
             f"unknown latent_positions {latent_positions!r}: use one of {', '.join(LATENT_POSITIONS)}")
     tokens, trace_positions = np.asarray(tokens), np.asarray(trace_positions)
@@ -114,14 +118,14 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions="
     targets = np.take_along_axis(tokens[:, None, :], offsets, axis=2)                # x_{p+1..p+N_A}
     latent_ids = latent_position_ids(trace_positions, n_latents, latent_positions)  # [B, K, N_L]
     ahead_ids = trace_positions[..., None] + 1 + np.arange(n_ahead - 1)             # [B, K, N_A-1]: p+j
-    group_positions = np.concatenate([latent_ids, ahead_ids], axis=-1)              # [B, K, G]
+    group_position_ids = np.concatenate([latent_ids, ahead_ids], axis=-1)           # [B, K, G]
     # target j of trace k is read at group slot N_L-1+j; with N_L = 0, j = 0 reads x_p itself
     slot = T + np.arange(K)[:, None] * G + (n_latents - 1) + np.arange(n_ahead)     # [K, N_A]
     read_slots = np.broadcast_to(slot, (B, K, n_ahead)).copy()
     if n_latents == 0:
         read_slots[..., 0] = trace_positions
     return TraceLayout(T, n_latents, n_ahead, trace_positions, targets[..., :-1], targets,
-                       group_positions, read_slots.reshape(B, K * n_ahead))
+                       group_position_ids, read_slots.reshape(B, K * n_ahead))
 
 
 def latent_position_ids(points, n_latents, latent_positions="behind", xp=np):
@@ -130,36 +134,20 @@ def latent_position_ids(points, n_latents, latent_positions="behind", xp=np):
     return xp.maximum(ids - n_latents, 0) if latent_positions == "behind" else ids   # behind: p-N_L+1..p
 
 
-def packed_may_attend(trace_positions, seq_len, group_len):
-    """bool [B, S, S] with S = T + K*group_len, the packed multi-trace mask (see module doc)."""
-    B, K = trace_positions.shape
-    T, S = seq_len, seq_len + K * group_len
-    trace_of = np.concatenate([np.full(T, -1), np.repeat(np.arange(K), group_len)])  # [S]
-    index = np.arange(S)
-    causal = index[None, :] <= index[:, None]                                        # [S, S]
-    same_group = (trace_of[:, None] == trace_of[None, :]) & (trace_of[:, None] >= 0)
-    original_key = (trace_of == -1)[None, :]                                         # [1, S]
-    # original query: causal over originals. group query: originals <= p_k, own group causally.
-    prefix_limit = np.concatenate([np.broadcast_to(np.arange(T), (B, T)),
-                                   np.repeat(trace_positions, group_len, axis=1)], axis=1)  # [B, S]
-    sees_original = original_key[None] & (index[None, None, :] <= prefix_limit[:, :, None])
-    return sees_original | (same_group & causal)[None]
-
-
 def format_mask(may_attend, labels, header=()):
     """A printable picture of one [S, S] may-attend mask, a row per query: '#' sees, '.' does not.
     header: (name, [S] values) rows printed above it, one value per key column."""
     width = max(len(str(lab)) for lab in [*labels, *(name for name, _ in header)])
     rows = [(name, [str(v) for v in values]) for name, values in header]
     rows += [(lab, ["#" if v else "." for v in row]) for lab, row in zip(labels, may_attend)]
-    return "\n".join(f"{str(lab):>{width}}  " + " ".join(cells) for lab, cells in rows)
+    return "\n".join(f"{lab!s:>{width}}  " + " ".join(cells) for lab, cells in rows)
 
 
 def worked_example(text="abcdef", points=(1, 3), n_latents=2, n_ahead=2, latent_positions="behind"):
     """docs/method.md §4's worked example: the packed slots, their position ids, and the mask.
-
     Latent j of the trace at x_p is z<j+1>@x_p (column z); an ahead token is its own letter."""
-    layout = build_layout(np.arange(len(text))[None], np.array([points]), n_latents, n_ahead, latent_positions)
+    tokens = np.arange(len(text))[None]                                             # [1, T]
+    layout = build_layout(tokens, np.array([points]), n_latents, n_ahead, latent_positions)
     names = list(text) + [f"z{j + 1}@{text[p]}" if j < n_latents else text[p + 1 + j - n_latents]
                           for p in points for j in range(layout.group_len)]
     header = (("slot", [n[0] for n in names]), ("position id", layout.packed_positions()[0]))
@@ -169,16 +157,13 @@ def worked_example(text="abcdef", points=(1, 3), n_latents=2, n_ahead=2, latent_
 # ---------------------------------------------------------------------------------------------
 # The cached form of the same attention pattern
 def context_runs(context_visible, n_runs=4):
-    """Runs of consecutive traces and the context each needs, for `ops.trace_attention`.
-
+    """Runs of consecutive traces and the context each needs, for `ops.trace_attention`:
     context_visible bool [B, K, T] (host) -> ((k_start, k_stop, n_ctx), ...), n_runs runs of
-    (nearly) equal length covering 0..K: no trace of a run, in any sequence, sees a context slot
-    >= n_ctx. Traces sampled in sorted order make the early runs short (about 0.63 of the
-    T-wide context work at K=32, T=128, 4 runs; docs/performance.md).
-    """
+    (nearly) equal length covering 0..K; no trace of a run, in any sequence, sees a slot >= n_ctx.
+    Sorted points make the early runs short (0.63 of the context work at K=32, T=128, 4 runs)."""
     vis = np.asarray(context_visible)
-    B, K, T = vis.shape
+    _, K, T = vis.shape
     last = np.where(vis.any(-1), T - np.argmax(vis[..., ::-1], axis=-1), 0)         # [B, K]: 1 + last seen
     need = last.max(0)                                                               # [K]
     bounds = np.linspace(0, K, min(n_runs, K) + 1).round().astype(int)
-    return tuple((int(a), int(b), max(1, int(need[a:b].max()))) for a, b in zip(bounds[:-1], bounds[1:]))
+    return tuple((int(a), int(b), max(1, int(need[a:b].max()))) for a, b in itertools.pairwise(bounds))

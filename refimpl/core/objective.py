@@ -2,21 +2,18 @@
 
 `trace_loss` is the whole method for one augmentation point, through the inference API (paper §3,
 Fig. 1): prefill the frozen decoder, ONE coprocessor call on its cache, the decoder over
-[latents, ahead tokens], read-out, cross-entropy. The loss of training (paper §3.2) is its mean
-over all B*K*N_A ahead targets:
-
+[latents, ahead tokens], read-out, cross-entropy. The training loss (paper §3.2) is its mean over
+all B*K*N_A ahead targets; each form returns (loss, out), out holding `nll` [B, K, N_A], `logits`
+[B, K, N_A, V] and `latents` [B, K, N_L, D] (None with N_L = 0):
 - per-trace `loss_per_trace`: `trace_loss` for every trace, one by one. The ground truth.
-- cached `loss_cached`:       the same for K traces at once: one decoder prefill (a constant, the
-                              decoder is frozen), then the coprocessor and the decoder groups
-                              blockwise against it. This is what training uses.
-- packed `loss_packed`:       one decoder pass over [original tokens; all K groups] with the packed
-                              mask of the paper's Fig. 2.
-
-Each form returns (loss, out): out holds `nll` [B, K, N_A], `logits` [B, K, N_A, V] and `latents`
-[B, K, N_L, D] (None with N_L = 0). `trainable` None or N_L = 0 is the plain decoder: every form
-then reduces to teacher-forced decoding of the same targets.
+- cached `loss_cached`: one decoder prefill (a constant: the decoder is frozen), then the
+  coprocessor and the decoder groups blockwise against it. This is what training uses.
+- packed `loss_packed`: one decoder pass over [original tokens; all K groups], the mask of Fig. 2.
+`trainable` None or N_L = 0 is the plain decoder: every form is then teacher-forced decoding.
 """
-from ..backend import trace_runs, xp_of
+import functools
+
+from ..backend import n_context_runs, xp_of
 from .checks import host_tokens
 from .coprocessor import augment, latents_cached, latents_packed
 from .decoder import extend, groups_hidden, hidden, lm_head, prefill
@@ -46,7 +43,8 @@ def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, latent_positions="be
 
 def loss_per_trace(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                    latent_positions="behind"):
-    """The per-trace form: `trace_loss` trace by trace. tokens int [B, T], trace_positions int [B, K] (host)."""
+    """The per-trace form: `trace_loss` trace by trace, for tokens int [B, T] and the augmentation
+    points trace_positions int [B, K] (host)."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             latent_positions)
     B, K = layout.trace_positions.shape
@@ -54,14 +52,13 @@ def loss_per_trace(dec_params, trainable, cfg, tokens, trace_positions, n_latent
     traces = [trace_loss(dec_params, with_z, cfg, tokens[b:b + 1], int(layout.trace_positions[b, k]), n_ahead,
                          latent_positions) for b in range(B) for k in range(K)]
     nll, logits, z = ([t[i] for t in traces] for i in range(3))
-    stack = lambda xs, shape: reshape(_concat_all(xs), shape)  # noqa: E731
-    z = None if with_z is None else stack(z, (B, K, n_latents, -1))
-    return _finish(stack(logits, (B, K, n_ahead, -1)), stack(nll, (B, K, n_ahead)), z)
+    z = None if with_z is None else _stack(z, (B, K, n_latents, -1))
+    return _finish(_stack(logits, (B, K, n_ahead, -1)), _stack(nll, (B, K, n_ahead)), z)
 
 
 def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                 latent_positions="behind"):
-    """The cached form: one prefill, then the K traces' latents and decoder groups blockwise against its cache."""
+    """The cached form: one prefill, then the K traces' latents and decoder groups blockwise against it."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             latent_positions)
     h_prefix, cache = hidden(dec_params, cfg, tokens)                        # [B, T, D]: a constant
@@ -69,9 +66,9 @@ def loss_cached(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
     h_all = h_prefix
     if layout.group_len > 0:
         visible = layout.context_visible()                                   # [B, K, T] (host)
-        runs = context_runs(visible, trace_runs(xp_of(tokens)))              # traces sharing a context prefix
-        groups = _group_inputs(dec_params, cfg, z, layout, tokens)           # [B, K, G, D]
-        h_groups = groups_hidden(dec_params, cfg, groups, layout.group_positions, cache, visible, runs)
+        runs = context_runs(visible, n_context_runs(xp_of(tokens)))          # traces sharing a context prefix
+        groups = _group_inputs(dec_params, z, layout)                        # [B, K, G, D]
+        h_groups = groups_hidden(dec_params, cfg, groups, layout.group_position_ids, cache, visible, runs)
         h_all = concat(h_prefix, h_groups, 1)                                # [B, S, D]: packed slot order
     return _finish(*_scored(h_all, layout, dec_params), z)
 
@@ -86,8 +83,8 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
     z = latents_packed(trainable, cfg, cache, layout) if layout.n_latents else None
     x = embedding(dec_params["embed_tokens"], tokens)                        # [B, T, D]
     if layout.group_len > 0:
-        B, K, G = layout.group_positions.shape
-        groups = reshape(_group_inputs(dec_params, cfg, z, layout, tokens), (B, K * G, cfg.d_model))
+        B, K, G = layout.group_position_ids.shape
+        groups = reshape(_group_inputs(dec_params, z, layout), (B, K * G, cfg.d_model))
         x = concat(x, groups, 1)                                             # [B, S, D]
     h_all, _ = hidden(dec_params, cfg, x, xp.asarray(layout.packed_positions()),
                       may_attend=xp.asarray(layout.packed_may_attend()))     # [B, S, D]
@@ -103,11 +100,10 @@ def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahe
     return layout, xp_of(dec_params["embed_tokens"]).asarray(host)
 
 
-def _group_inputs(params, cfg, latents, layout, tokens):
+def _group_inputs(params, latents, layout):
     """Decoder inputs of the K groups [B, K, G, D]: per trace [z_1..z_{N_L}, x_{p+1}..x_{p+N_A-1}]."""
-    xp = xp_of(tokens)
-    B, K, _ = layout.ahead_inputs.shape
-    ahead = embedding(params["embed_tokens"], xp.asarray(layout.ahead_inputs))   # [B, K, N_A-1, D]
+    E = params["embed_tokens"]
+    ahead = embedding(E, xp_of(E).asarray(layout.ahead_inputs))                # [B, K, N_A-1, D]
     return ahead if latents is None else concat(latents, ahead, 2)           # [B, K, G, D]
 
 
@@ -120,11 +116,9 @@ def _scored(h_all, layout, params):
     return logits, cross_entropy(logits, xp.asarray(layout.targets))
 
 
-def _concat_all(arrays):
-    out = arrays[0]
-    for a in arrays[1:]:
-        out = concat(out, a, 0)
-    return out
+def _stack(arrays, shape):
+    # the per-trace results, in trace order, as one array of shape [B, K, ...]
+    return reshape(functools.reduce(lambda a, b: concat(a, b, 0), arrays), shape)
 
 
 def _finish(logits, nll, latents):

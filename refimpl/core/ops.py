@@ -1,21 +1,15 @@
 """The ops of the transformer, each an autograd primitive with its backward pass beside it.
 
-Every op that a gradient flows through is defined here, forward and VJP side by side
-(the llm.c `layernorm.py` pattern), and written against the array module of its inputs
-(`xp_of`), never against `autograd.numpy`. autograd's own VJPs for sum/mean/dot/getitem
-allocate host NumPy arrays and fail on CuPy; these do not. Each op is checked against finite
-differences and against autograd's derivative of the plain NumPy composition in
-tests/test_ops.py.
+Every op a gradient flows through is defined here, forward and VJP side by side (llm.c's
+`layernorm.py` pattern), on the array module of its inputs (`xp_of`): autograd's own VJPs for
+sum/mean/dot/getitem allocate host NumPy arrays and fail on CuPy. tests/test_ops.py checks each
+against finite differences and autograd's derivative of the plain NumPy composition.
 
-Conventions: activations are [..., D]; attention heads are batched as [B, H, T, Dh];
-Linear weights are stored [out, in] (Hugging Face layout), so linear(x, w) = x @ w.T.
-A VJP never writes into the cotangent g it receives.
-
-Speed (docs/performance.md): NumPy runs each elementwise op as one single-threaded pass over
-memory, so the ops count passes. They work in place on temporaries they own, keep float32 as
-float32 (scalars are Python floats: a NumPy float64 scalar would promote), and reuse what the
-forward already knows: cross_entropy's lse is nll + the picked logit; the attentions hand their
-row log-sum-exp to their backward; trace_attention can skip context slots no trace of a run sees.
+Conventions: activations are [..., D]; heads are batched as [B, H, T, Dh]; Linear weights are
+[out, in] (Hugging Face), so linear(x, w) = x @ w.T. A VJP never writes into its cotangent g.
+Speed (docs/performance.md): NumPy makes one single-threaded pass over memory per elementwise op,
+so the ops work in place on temporaries they own, keep float32 as float32 (scalars are Python
+floats: a NumPy float64 one would promote) and reuse what the forward knows (lse, below).
 """
 import math
 import threading
@@ -33,26 +27,21 @@ def linear(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
 
 
-def _linear_vjp(argnums, y, args, kwargs):
-    x, w = args
-
-    def vjp(g):
-        g2 = g.reshape(-1, w.shape[0])                                   # [N, Out]
-        dx = (g2 @ w).reshape(x.shape) if 0 in argnums else None         # [N, In]
-        dw = g2.T @ x.reshape(-1, x.shape[-1]) if 1 in argnums else None  # [Out, In]
-        return [d for i, d in ((0, dx), (1, dw)) if i in argnums]
-    return vjp
-
-
-defvjp_argnums(linear, _linear_vjp)
+defvjp(linear, lambda y, x, w: lambda g: (g.reshape(-1, w.shape[0]) @ w).reshape(x.shape),     # dx = g w
+       lambda y, x, w: lambda g: g.reshape(-1, w.shape[0]).T @ x.reshape(-1, x.shape[-1]))  # dw = g^T x
 
 
 # ---------------------------------------------------------------------------------------------
 # RMSNorm: y = w * x / sqrt(mean(x^2) + eps)
+def _rowdot(a, b):
+    # [..., N], [..., N] -> [..., 1]: the dot product of every row, with no [..., N] temporary
+    return xp_of(a).einsum("...i,...i->...", a, b)[..., None]
+
+
 def _rms_inverse(x, eps):
     # [..., D] -> [..., 1]: 1 / sqrt(mean(x^2) + eps)
     xp = xp_of(x)
-    r = xp.einsum("...i,...i->...", x, x)[..., None]                    # sum of squares, no [.., D] temp
+    r = _rowdot(x, x)                                                    # sum of squares
     r *= 1.0 / x.shape[-1]
     r += eps
     xp.sqrt(r, out=r)
@@ -71,7 +60,6 @@ def _rmsnorm_vjp(argnums, y, args, kwargs):
     x, w, eps = args
 
     def vjp(g):
-        xp = xp_of(x)
         r = _rms_inverse(x, eps)                                          # [..., 1]
         xhat = x * r                                                      # [..., D]
         out = {}
@@ -79,7 +67,7 @@ def _rmsnorm_vjp(argnums, y, args, kwargs):
             out[1] = (g * xhat).reshape(-1, x.shape[-1]).sum(0)          # [D]
         if 0 in argnums:                  # dx = r * (gw - xhat * mean(gw * xhat)), gw = g * w
             gw = g * w
-            c = xp.einsum("...i,...i->...", gw, xhat)[..., None]
+            c = _rowdot(gw, xhat)
             c *= 1.0 / x.shape[-1]
             xhat *= c
             gw -= xhat
@@ -103,9 +91,7 @@ def rotate_half(x):
 
 def rope_tables(positions, head_dim, theta, dtype):
     """cos, sin for integer position ids: [B, T] -> two [B, 1, T, Dh] (broadcast over heads).
-
-    Angle of pair i at position p is p * theta^(-2i/Dh), i = 0..Dh/2-1, computed in float64.
-    """
+    Angle of pair i at position p is p * theta^(-2i/Dh), i = 0..Dh/2-1, computed in float64."""
     xp = xp_of(positions)
     inv_freq = theta ** (-xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim)  # [Dh/2]
     angles = positions.astype(xp.float64)[..., None] * inv_freq                     # [B, T, Dh/2]
@@ -170,22 +156,9 @@ def _scaled(q):
     return q * (1.0 / math.sqrt(q.shape[-1]))
 
 
-def _rowdot(a, b):
-    # [..., Dh], [..., Dh] -> [..., 1]
-    return xp_of(a).einsum("...i,...i->...", a, b)[..., None]
-
-
-def _exp_shifted(s, lse):
-    # in place on scores s: s <- exp(s - lse), the probabilities
-    s -= lse
-    return xp_of(s).exp(s, out=s)
-
-
 def _stable_exp(*scores):
-    """In place: each scores array s <- exp(s - m), m the row max over all of them jointly.
-
-    Returns the row sum z (over all of them) and lse = m + log(z), both [..., 1].
-    """
+    # in place: each scores array s <- exp(s - m), m the row max over all of them jointly;
+    # returns the row sum z (over all of them) and lse = m + log(z), both [..., 1]
     xp = xp_of(scores[0])
     m = scores[0].max(-1, keepdims=True)
     for s in scores[1:]:
@@ -196,6 +169,25 @@ def _stable_exp(*scores):
         xp.exp(s, out=s)
         z = z + s.sum(-1, keepdims=True)
     return z, m + xp.log(z)
+
+
+def _probs_in_place(lse, *scores):
+    # each scores array s <- P = exp(s - lse), one softmax across all of them; lse None: recompute it
+    if lse is None:
+        z, _ = _stable_exp(*scores)
+        for s in scores:
+            s /= z
+    else:
+        for s in scores:
+            s -= lse
+            xp_of(s).exp(s, out=s)
+
+
+def _dscores(dp, rowdot, p):
+    # in place on dP: dS = P * (dP - rowdot(dP, P)) of the scaled scores; rowdot(dP, P) = rowdot(g, out)
+    dp -= rowdot
+    dp *= p
+    return dp
 
 
 def _scores(qs, k, bias):
@@ -222,17 +214,11 @@ def _attention_vjp(argnums, out, args, kwargs):
     def vjp(g):
         qs = _scaled(q)
         p = _scores(qs, k, bias)                                          # [B, H, Tq, Tk]
-        if lse is None:
-            z, _ = _stable_exp(p)
-            p /= z
-        else:
-            _exp_shifted(p, lse)
+        _probs_in_place(lse, p)
         grads = {}
         if 2 in argnums:
             grads[2] = p.swapaxes(-1, -2) @ g                             # [B, H, Tk, Dh]
-        ds = g @ v.swapaxes(-1, -2)                                       # dP: [B, H, Tq, Tk]
-        ds -= _rowdot(g, out)                                             # rowdot(dP, P) = rowdot(g, out)
-        ds *= p                                                           # dS (of the scaled scores)
+        ds = _dscores(g @ v.swapaxes(-1, -2), _rowdot(g, out), p)         # [B, H, Tq, Tk]
         if 0 in argnums:
             grads[0] = ds @ k
             grads[0] *= 1.0 / math.sqrt(q.shape[-1])                      # [B, H, Tq, Dh]
@@ -248,30 +234,28 @@ defvjp_argnums(attention, _attention_vjp)
 # ---------------------------------------------------------------------------------------------
 # Trace attention: the blockwise form of the multi-trace mask (paper Fig. 2; the cached form).
 # K traces of G slots each attend to (a) a shared context cache of Tc slots, through a per-trace
-# visibility bias, and (b) the slots of their own trace, causally. One softmax spans both.
-# This equals `attention` over the concatenated keys with the full block mask, without ever
-# building the [K*G, Tc + K*G] mask (tests/test_ops.py checks the equality).
-#
-# Runs of traces (a fast path; tests/test_bench.py checks it equals one run): trace k sees
-# context slots t <= p_k only, so the traces can be cut into runs, each run computed against
-# the first n_ctx context slots alone. `runs` is ((k_start, k_stop, n_ctx), ...), host ints
-# covering 0..K in order; the caller guarantees that ctx_bias hides every slot >= n_ctx from
-# the traces of that run (`layout.context_runs` builds it from the layout). None: one run.
+# visibility bias, and (b) the slots of their own trace, causally, with one softmax over both:
+# `attention` over the concatenated keys with the full block mask, without ever building the
+# [K*G, Tc + K*G] mask (tests/test_ops.py checks the equality).
+# runs = ((k_start, k_stop, n_ctx), ...), host ints covering 0..K in order (None: one run). Trace k
+# sees context slots t <= p_k only, so each run of traces is computed against the first n_ctx
+# context slots alone (a fast path): the caller's ctx_bias hides slots >= n_ctx from that run's
+# traces (`layout.context_runs` builds the runs from the layout).
+def _shared_matmul(a, b):
+    # [B,H,K,G,X], [B,H,X,Y] -> [B,H,K,G,Y]: every trace's rows times the one context matrix
+    B, H, K, G, X = a.shape
+    return (a.reshape(B, H, K * G, X) @ b).reshape(B, H, K, G, -1)
+
+
 def _trace_scores(qs, k_ctx, ctx_bias, k_own, own_bias):
     # [B,H,K,G,Dh] (scaled), [B,H,Tc,Dh], [B,1,K,1,Tc], [B,H,K,G,Dh], [G,G] -> [B,H,K,G,Tc], [B,H,K,G,G]
-    B, H, K, G, Dh = qs.shape
-    s_ctx = (qs.reshape(B, H, K * G, Dh) @ k_ctx.swapaxes(-1, -2)).reshape(B, H, K, G, -1)
+    s_ctx = _shared_matmul(qs, k_ctx.swapaxes(-1, -2))
     s_ctx += ctx_bias
     return s_ctx, _scores(qs, k_own, own_bias)
 
 
-def _ctx_matmul(p_ctx, v_ctx):
-    # [B,H,K,G,Tc], [B,H,Tc,Dh] -> [B,H,K,G,Dh]
-    B, H, K, G, Tc = p_ctx.shape
-    return (p_ctx.reshape(B, H, K * G, Tc) @ v_ctx).reshape(B, H, K, G, -1)
-
-
-def _trace_runs(runs, q, k_ctx):
+def _runs_or_one_run(runs, q, k_ctx):
+    # None -> one run: every trace against the whole context
     return ((0, q.shape[2], k_ctx.shape[2]),) if runs is None else runs
 
 
@@ -279,14 +263,15 @@ def _run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias):
     # the traces k_start..k_stop-1 and the first n_ctx context slots (views)
     k0, k1, n = run
     r = slice(k0, k1)
-    return q[:, :, r], k_ctx[:, :, :n], v_ctx[:, :, :n], k_own[:, :, r], v_own[:, :, r], ctx_bias[:, :, r, :, :n]
+    return (q[:, :, r], k_ctx[:, :, :n], v_ctx[:, :, :n], k_own[:, :, r], v_own[:, :, r],
+            ctx_bias[:, :, r, :, :n])
 
 
 def _trace_forward(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
     # one run -> out [B,H,K,G,Dh], lse [B,H,K,G,1]
     e_ctx, e_own = _trace_scores(_scaled(q), k_ctx, ctx_bias, k_own, own_bias)
     z, lse = _stable_exp(e_ctx, e_own)                                    # joint softmax, unnormalised
-    out = _ctx_matmul(e_ctx, v_ctx)
+    out = _shared_matmul(e_ctx, v_ctx)
     out += e_own @ v_own
     out /= z
     return out, lse
@@ -296,11 +281,10 @@ def _trace_forward(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
 def trace_attention(q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias, *, runs=None):
     # [B,H,K,G,Dh], [B,H,Tc,Dh] x2, [B,H,K,G,Dh] x2, [B,1,K,1,Tc], [G,G] -> [B,H,K,G,Dh]
     parts = [_trace_forward(*_run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias), own_bias)
-             for run in _trace_runs(runs, q, k_ctx)]
+             for run in _runs_or_one_run(runs, q, k_ctx)]
     if len(parts) == 1:
         return _leave_lse(*parts[0])
-    xp = xp_of(q)
-    return _leave_lse(*(xp.concatenate(p, axis=2) for p in zip(*parts)))
+    return _leave_lse(*(xp_of(q).concatenate(p, axis=2) for p in zip(*parts)))
 
 
 def _trace_backward(argnums, g, out, lse, q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias):
@@ -308,28 +292,17 @@ def _trace_backward(argnums, g, out, lse, q, k_ctx, v_ctx, k_own, v_own, ctx_bia
     B, H, K, G, Dh = q.shape
     qs = _scaled(q)
     p_ctx, p_own = _trace_scores(qs, k_ctx, ctx_bias, k_own, own_bias)
-    if lse is None:
-        z, _ = _stable_exp(p_ctx, p_own)
-        p_ctx /= z
-        p_own /= z
-    else:
-        _exp_shifted(p_ctx, lse)
-        _exp_shifted(p_own, lse)
-    g2 = g.reshape(B, H, K * G, Dh)
+    _probs_in_place(lse, p_ctx, p_own)
     grads = {}
     if 2 in argnums:                                                      # [B,H,Tc,Dh]
-        grads[2] = p_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ g2
+        grads[2] = p_ctx.reshape(B, H, K * G, -1).swapaxes(-1, -2) @ g.reshape(B, H, K * G, Dh)
     if 4 in argnums:                                                      # [B,H,K,G,Dh]
         grads[4] = p_own.swapaxes(-1, -2) @ g
     rowdot = _rowdot(g, out)                                              # [B,H,K,G,1]
-    ds_ctx = (g2 @ v_ctx.swapaxes(-1, -2)).reshape(p_ctx.shape)           # dP, then dS
-    ds_ctx -= rowdot
-    ds_ctx *= p_ctx
-    ds_own = g @ v_own.swapaxes(-1, -2)
-    ds_own -= rowdot
-    ds_own *= p_own
+    ds_ctx = _dscores(_shared_matmul(g, v_ctx.swapaxes(-1, -2)), rowdot, p_ctx)   # [B,H,K,G,Tc]
+    ds_own = _dscores(g @ v_own.swapaxes(-1, -2), rowdot, p_own)                  # [B,H,K,G,G]
     if 0 in argnums:
-        grads[0] = _ctx_matmul(ds_ctx, k_ctx)
+        grads[0] = _shared_matmul(ds_ctx, k_ctx)
         grads[0] += ds_own @ k_own
         grads[0] *= 1.0 / math.sqrt(Dh)
     if 1 in argnums:
@@ -341,14 +314,15 @@ def _trace_backward(argnums, g, out, lse, q, k_ctx, v_ctx, k_own, v_own, ctx_bia
 
 def _trace_attention_vjp(argnums, out, args, kwargs):
     q, k_ctx, v_ctx, k_own, v_own, ctx_bias, own_bias = args
-    runs = _trace_runs(kwargs.get("runs"), q, k_ctx)
+    runs = _runs_or_one_run(kwargs.get("runs"), q, k_ctx)
     lse = _lse_or_none(out)
 
     def vjp(g):
         parts = []
         for run in runs:
             r = slice(run[0], run[1])                                     # this run's traces
-            parts.append(_trace_backward(argnums, g[:, :, r], out[:, :, r], None if lse is None else lse[:, :, r],
+            run_lse = None if lse is None else lse[:, :, r]
+            parts.append(_trace_backward(argnums, g[:, :, r], out[:, :, r], run_lse,
                                          *_run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias), own_bias))
         return [_join_runs(i, runs, parts, k_ctx) for i in argnums]
     return vjp
@@ -414,7 +388,7 @@ defvjp_argnums(swiglu, _swiglu_vjp)
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedding gather and its scatter-add backward
+# Row gathers (the embedding; the read-out of scored slots) and their scatter-add backward
 def scatter_add_rows(xp, n_rows, idx, values):
     """zeros [n_rows, D] with values [N, D] added at rows idx [N] (repeats accumulate)."""
     out = xp.zeros((n_rows, values.shape[-1]), dtype=values.dtype)
@@ -440,11 +414,9 @@ def _embedding_vjp(y, table, ids):
 defvjp(embedding, _embedding_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
-# Row gather along axis 1: x [B, S, D], idx int [B, R] -> [B, R, D] (read-out of scored slots)
 @primitive
 def take_rows(x, idx):
-    # [B, S, D], [B, R] -> [B, R, D]
+    # [B, S, D], int [B, R] -> [B, R, D]: the rows idx of each sequence, gathered along axis 1
     xp = xp_of(x)
     return x[xp.arange(x.shape[0])[:, None], idx]
 
@@ -469,12 +441,8 @@ def _picked(logits, targets):
 @primitive
 def cross_entropy(logits, targets):
     # [..., V], int [...] -> [...]
-    xp = xp_of(logits)
-    m = logits.max(-1, keepdims=True)
-    e = logits - m
-    xp.exp(e, out=e)
-    lse = xp.log(e.sum(-1)) + m[..., 0]
-    return lse - _picked(logits, targets)
+    _, lse = _stable_exp(logits.copy())                                    # [..., 1]
+    return lse[..., 0] - _picked(logits, targets)
 
 
 def _cross_entropy_vjp(nll, logits, targets):
@@ -524,9 +492,7 @@ def concat(a, b, axis):
 def _concat_vjp(part):
     def maker(y, a, b, axis):
         n = a.shape[axis]
-        ax = axis % y.ndim
-        cut = (slice(None),) * ax
-        return lambda g: g[cut + (slice(0, n),)] if part == 0 else g[cut + (slice(n, None),)]
+        return lambda g: g[(slice(None),) * (axis % y.ndim) + (slice(0, n) if part == 0 else slice(n, None),)]
     return maker
 
 

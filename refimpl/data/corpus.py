@@ -1,18 +1,6 @@
-"""The tiny data: the pretraining mixture as token ids, random windows, and the reasoning evals.
-
-Everything is read from `tiny_data/` (see docs/data.md), made by `python tools/make_tiny_data.py`:
-
-    text/{train,val}.txt           CPython's reference topics, "\\f\\n" between documents
-    reasoning/{train,val}.txt      one synthetic problem per line (refimpl/data/reasoning.py)
-    reasoning/eval_{val,test}.jsonl  held-out problems {task, difficulty, prompt, answer}
-    reasoning/eval_long.jsonl      held-out problems with 3..5-digit answers (an extra test split)
-    reasoning/eval_fewshot.jsonl   easy held-out problems with few-shot prompts, for a real LLM
-    tokenizer/bpe.tiktoken, meta.json
-    MANIFEST.json                  sha256 of every file above ("files": those data_hash covers;
-                                   "eval_files": evaluation-only files, outside it)
-
-The pretraining mixture of a split is every document of both sources (a topic, or one reasoning
-line), in a fixed shuffled order, each followed by the end-of-text token.
+"""The tiny data of `tiny_data/` (docs/data.md), every file checked against its sha256 in MANIFEST.json: the
+pretraining mixture as token ids (every document of both sources, a reference topic or a reasoning line, in
+a fixed shuffled order, each followed by end-of-text), random windows of it, the reasoning evals, the hash.
 """
 
 import functools
@@ -31,7 +19,7 @@ SHIPPED_DECODER = TINY_DATA / "checkpoints" / "decoder-demo.npz"
 DATA_FILES = ("text/train.txt", "text/val.txt", "reasoning/train.txt", "reasoning/val.txt",
               "reasoning/eval_val.jsonl", "reasoning/eval_test.jsonl",
               "tokenizer/bpe.tiktoken", "tokenizer/meta.json")
-EVAL_FILES = ("reasoning/eval_long.jsonl", "reasoning/eval_fewshot.jsonl")   # read by evaluation only: not in data_hash
+EVAL_FILES = ("reasoning/eval_long.jsonl", "reasoning/eval_fewshot.jsonl")  # evaluation's: not in data_hash
 EVAL_SPLITS = ("val", "test", "long", "fewshot")
 DOC_SEPARATOR = "\f\n"
 MIXTURE_SEED = 0
@@ -50,7 +38,7 @@ def _read_bytes(rel):
     return blob
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _manifest():
     path = TINY_DATA / "MANIFEST.json"
     require(path.is_file(), f"{path} is missing; {FIX}")
@@ -64,25 +52,16 @@ def _manifest():
     return manifest
 
 
-def _documents(split):
-    """The documents of a split's mixture, in their fixed order."""
+@functools.lru_cache(maxsize=8)
+def load_tokens(split, tokenizer):
+    """The pretraining mixture of "train" or "val" as int32 [N], each document followed by eot (cached)."""
+    require(split in ("train", "val"), f"unknown split {split!r}; use 'train' or 'val'")
     text = _read_bytes(f"text/{split}.txt").decode("utf-8").split(DOC_SEPARATOR)
     lines = _read_bytes(f"reasoning/{split}.txt").decode("utf-8").splitlines(keepends=True)
     docs = text + lines
-    return [docs[i] for i in np.random.default_rng(MIXTURE_SEED).permutation(len(docs))]
-
-
-def load_tokens(split, tokenizer):
-    """The pretraining mixture of "train" or "val" as int32 [N], each document followed by eot."""
-    require(split in ("train", "val"), f"unknown split {split!r}; use 'train' or 'val'")
-    return _load_tokens(split, tokenizer)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tokens(split, tokenizer):
     ids = []
-    for doc in _documents(split):
-        ids.extend(tokenizer.encode(doc))
+    for i in np.random.default_rng(MIXTURE_SEED).permutation(len(docs)):
+        ids.extend(tokenizer.encode(docs[i]))
         ids.append(tokenizer.eot_id)
     tokens = np.asarray(ids, dtype=np.int32)
     tokens.flags.writeable = False  # the cached array is shared
@@ -90,10 +69,8 @@ def _load_tokens(split, tokenizer):
 
 
 def _check_windows(tokens, batch_size, seq_len):
-    require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
-            f"batch_size must be a positive int, got {batch_size!r}")
-    require(isinstance(seq_len, (int, np.integer)) and seq_len >= 1,
-            f"seq_len must be a positive int, got {seq_len!r}")
+    for name, n in (("batch_size", batch_size), ("seq_len", seq_len)):
+        require(isinstance(n, (int, np.integer)) and n >= 1, f"{name} must be a positive int, got {n!r}")
     require(np.ndim(tokens) == 1, f"tokens must be 1-D, got shape {np.shape(tokens)}; "
                                   "pass the array from load_tokens")
     require(len(tokens) >= seq_len, f"the corpus has {len(tokens)} tokens, fewer than "
@@ -110,10 +87,8 @@ def sample_batch(tokens, batch_size, seq_len, rng):
 
 
 def iter_eval_batches(tokens, batch_size, seq_len):
-    """Yield int64 [B, T] batches of the non-overlapping windows tokens[i*T:(i+1)*T], in order.
-
-    The tail shorter than T is dropped; the last batch may have fewer than B rows.
-    """
+    """Yield int64 [B, T] batches of the non-overlapping windows tokens[i*T:(i+1)*T], in order; the tail
+    shorter than T is dropped, the last batch may have fewer than B rows."""
     _check_windows(tokens, batch_size, seq_len)
     n = len(tokens) // seq_len
     windows = np.asarray(tokens)[: n * seq_len].reshape(n, seq_len).astype(np.int64)  # [n, T]
@@ -129,7 +104,7 @@ def load_reasoning_eval(split="test"):
     return [json.loads(line) for line in lines if line]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def data_hash():
     """sha256 over the names and contents of every shipped data file (for checkpoints)."""
     h = hashlib.sha256()

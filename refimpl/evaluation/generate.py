@@ -1,8 +1,6 @@
-"""Augmented decoding and `refimpl generate`: prompts in, text out.
+"""Augmented decoding and `refimpl generate`: prompts in, text out (docs/method.md §3).
 
-The one implementation of decoding with a coprocessor, shared by `refimpl generate`, the
-evaluation (paper Tables 2 and 8) and examples/02:
-
+The one implementation of decoding with a coprocessor (`refimpl generate`, Tables 2 and 8):
     prefill   [eot] + prompt                      -> cache C_p, logits          (left-padded batch)
     decode    `delay` tokens without latents      (the decoder does not wait for the coprocessor)
     augment   z = coprocessor(C_p, S)             ONE call on the PROMPT's cache, maybe in a thread
@@ -10,19 +8,15 @@ evaluation (paper Tables 2 and 8) and examples/02:
               token's ("behind", the method) or at the next N_L ids ("after", the ablation)
     decode    the next token is read at the last latent, then greedy or sampled decoding goes on
 
-With delay = 0 this is the paper's "coprocessor called once at the end of the prompt". With
-delay = N the latents arrive N tokens late (paper Table 8); the decoder waits for them at token N
-if they are not ready, so the output depends only on N, never on thread timing.
-
-The tokens decoded after the latents keep their own position ids, going on from the last token's
-as if the latents took none (docs/method.md §3). The latents' ids follow the convention the
-coprocessor was trained with, which `trained_latent_positions` reads from a checkpoint's metadata.
-Prompts of different lengths share a batch by left padding.
+delay = 0 is the paper's "coprocessor called once at the end of the prompt"; with delay = N the
+latents arrive N tokens late (Table 8) and the decoder waits for them at token N, so the output
+depends on N only, never on thread timing. The tokens after the latents keep their own position
+ids, going on from the last token's as if the latents took none.
 """
-import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -33,15 +27,6 @@ from ..core.layout import LATENT_POSITIONS, latent_position_ids
 from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 
-PAD_POSITION = -1
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts as a left-padded batch
-def encode_prompts(tokenizer, prompts):
-    """Texts -> token id lists [eot] + encode(prompt): every document starts after an eot."""
-    return [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
-
 
 def left_pad(prompt_ids, pad_id=0):
     """Ragged id lists -> tokens int64 [B, T] and positions int64 [B, T]: each prompt's real tokens at
@@ -50,34 +35,20 @@ def left_pad(prompt_ids, pad_id=0):
             "every prompt needs at least one token: pass non-empty prompts")
     T = max(len(p) for p in prompt_ids)
     tokens = np.full((len(prompt_ids), T), pad_id, dtype=np.int64)
-    positions = np.full((len(prompt_ids), T), PAD_POSITION, dtype=np.int64)
+    positions = np.full((len(prompt_ids), T), -1, dtype=np.int64)
     for b, p in enumerate(prompt_ids):
         tokens[b, T - len(p):] = p
         positions[b, T - len(p):] = np.arange(len(p))
     return tokens, positions
 
 
-@functools.lru_cache(maxsize=4)
+@lru_cache(maxsize=4)
 def stop_token_ids(tokenizer, at_newline=True):
     """Ids that end a completion: eot, plus every token whose text holds a newline."""
     ids = [tokenizer.eot_id]
     if at_newline:
-        ids += [i for i in range(tokenizer.n_vocab) if i != tokenizer.eot_id and "\n" in tokenizer.decode([i])]
+        ids += [i for i in range(tokenizer.n_vocab) if i != ids[0] and "\n" in tokenizer.decode([i])]
     return tuple(ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# The latents: computed when needed, or in a background thread while the decoder goes on
-def latents_later(trainable, cfg, cache, background, latent_positions="behind"):
-    """() -> augment(trainable, cfg, cache): the latents z [B, N_L, D] and their ids [B, N_L], computed
-    when called, or in a thread started now (the call then waits for it); either way the call
-    raises augment's error."""
-    if not background:
-        return lambda: augment(trainable, cfg, cache, latent_positions)
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(augment, trainable, cfg, cache, latent_positions)
-    pool.shutdown(wait=False)                                  # the thread ends when augment returns
-    return future.result
 
 
 def warn_stderr(message):
@@ -93,20 +64,12 @@ class Decoded:
     latents_at: int = None  # tokens generated before the latents were appended (the delay)
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding
 def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
              seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr, latent_positions="behind"):
-    """Decode a left-padded batch of prompts, with the coprocessor called once on the prompt.
-
-    The latents are appended once `delay` tokens have been generated, at the ids latent_positions
-    gives (behind or after the last token); the tokens after them keep their own position ids
-    (module docstring). If the coprocessor raises, `warn` gets one
-    line and decoding goes on without latents. The decoder reads at most T + max_new_tokens - 1
-    token slots (T: the longest prompt), which must fit in max_seq_len: decoding past the context
-    the decoder was trained on is an error, never a silent extrapolation. The N_L latents are
-    extra slots, as in training.
-    """
+    """Decode a left-padded batch of prompts, the coprocessor called once on the prompt and its latents
+    appended after `delay` tokens (module docstring). If the coprocessor raises, `warn` gets one line
+    and decoding goes on without latents. The T + max_new_tokens - 1 token slots read (T: the longest
+    prompt) must fit in max_seq_len: never a silent extrapolation. The N_L latents are extra slots."""
     require(latent_positions in LATENT_POSITIONS, f"unknown latent_positions={latent_positions!r}: "
             f"use one of {', '.join(LATENT_POSITIONS)}")
     require(max_new_tokens >= 0 and delay >= 0,
@@ -120,16 +83,22 @@ def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, tem
             "or shorten the prompt")
     logits, cache = prefill(dec_params, cfg, xp.asarray(tokens), xp.asarray(positions))
     last = logits[:, -1]                                                      # [B, V]
-    pending = None if trainable is None else latents_later(trainable, cfg, cache, background,
-                                                           latent_positions)
+    # () -> (z [B, N_L, D], ids): augment on the prompt's cache when called, or in a thread started now
+    pending = None if trainable is None else partial(augment, trainable, cfg, cache, latent_positions)
+    if pending is not None and background:
+        pool = ThreadPoolExecutor(max_workers=1)
+        pending = pool.submit(pending).result                 # waits for the thread, raises augment's error
+        pool.shutdown(wait=False)                             # the thread ends when augment returns
     rng, out, done, z, z_at = np.random.default_rng(seed), [], np.zeros(B, dtype=bool), None, None
     token_pos = cache.next_positions(1)                                       # [B, 1]
     for i in range(max_new_tokens):
         if pending is not None and i == delay:
-            got, pending = _await(pending, warn), None
-            if got is not None:                                               # ids behind / after the LAST token
-                z, q = got[0], cache.positions.max(1)                         # [B, N_L, D], [B]
-                ids = latent_position_ids(q, z.shape[1], latent_positions, xp)  # [B, N_L]
+            try:
+                z = pending()[0]                                              # [B, N_L, D]
+            except Exception as e:                # noqa: BLE001  any failure: decode without latents
+                warn(f"the coprocessor failed ({type(e).__name__}: {e}); decoding without latents")
+            else:                                           # ids [B, N_L] behind / after the LAST token
+                ids = latent_position_ids(cache.positions.max(1), z.shape[1], latent_positions, xp)
                 lg, cache = extend(dec_params, cfg, cache, z, ids)
                 last, z_at = lg[:, -1], i                                     # read at the last latent
         nxt = sample_next(last, temperature, rng)                             # [B]
@@ -139,62 +108,42 @@ def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, tem
             break
         lg, cache = extend(dec_params, cfg, cache, xp.asarray(nxt[:, None]), token_pos)  # [B, 1, V]
         last, token_pos = lg[:, -1], token_pos + 1
-    new = np.stack(out, 1) if out else np.zeros((B, 0), dtype=np.int64)       # [B, n]
-    return Decoded([_until_stop(row, stop_ids) for row in new], cache, T, z, z_at)
-
-
-def _await(pending, warn):
-    try:
-        return pending()
-    except Exception as e:
-        warn(f"the coprocessor failed ({type(e).__name__}: {e}); decoding without latents")
-        return None
-
-
-def _until_stop(row, stop_ids):
-    ids = [int(t) for t in row]
-    stop = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids) - 1)
-    return ids[:stop + 1]
+    rows = [[int(t) for t in row] for row in (np.stack(out, 1) if out else np.zeros((B, 0)))]  # [B][n]
+    ends = [next((j for j, t in enumerate(ids) if t in stop_ids), len(ids) - 1) for ids in rows]
+    return Decoded([ids[:end + 1] for ids, end in zip(rows, ends)], cache, T, z, z_at)   # up to the stop
 
 
 def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32, temperature=0.0,
              seed=0, delay=0, stop_at_newline=False, background=False, warn=warn_stderr,
              latent_positions="behind"):
-    """(completion texts, Decoded) for text prompts fed as [eot] + prompt.
-
-    A completion ends at eot (not included) and, with stop_at_newline, at the first newline.
-    """
+    """(completion texts, Decoded) for text prompts fed as [eot] + prompt; a completion ends at eot
+    (not included) and, with stop_at_newline, at the first newline."""
     stops = stop_token_ids(tokenizer, stop_at_newline)
-    dec = generate(dec_params, cfg, encode_prompts(tokenizer, prompts), trainable, max_new_tokens,
-                   temperature, seed, delay, stops, background, warn, latent_positions)
+    dec = generate(dec_params, cfg, [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts], trainable,
+                   max_new_tokens, temperature, seed, delay, stops, background, warn, latent_positions)
     texts = [tokenizer.decode([t for t in ids if t != tokenizer.eot_id]) for ids in dec.tokens]
     return [t.split("\n")[0] if stop_at_newline else t for t in texts], dec
 
 
-# ---------------------------------------------------------------------------------------------
-# From checkpoint files
 def trained_latent_positions(meta):
     """The latent_positions a coprocessor checkpoint was trained with (checked on load)."""
     return meta["train_config"]["latent_positions"]
 
 
-def load_or_fallback(path, decoder_hash, dtype=np.float32, xp=np, warn=warn_stderr):
-    """(trainable arrays, the latent_positions they were trained with), or (None, "behind") with one
-    warning if the coprocessor at path (a file or run directory) cannot be used."""
-    try:
-        trainable, _, meta = load_coprocessor(coprocessor_file(path), decoder_hash, dtype, xp)
-    except (RefimplError, OSError, ValueError, KeyError) as e:
-        warn(f"coprocessor {path} not used ({e}); decoding with the decoder alone")
-        return None, "behind"
-    return trainable, trained_latent_positions(meta)
-
-
 def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy", dtype="float32", **options):
-    """`refimpl generate`: completions of prompts by a decoder checkpoint, with a coprocessor if given,
-    decoded under the position conventions it was trained with. options: as `complete`."""
+    """`refimpl generate`: completions by a decoder checkpoint, with a coprocessor if given (decoded under
+    the latent positions it was trained with; one that cannot be used gets one warning, and the decoder
+    decodes alone). options: as `complete`."""
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, meta, tokenizer = load_model(decoder_path, dt, xp)
-    trainable, latent_positions = (None, "behind") if coprocessor_path is None else load_or_fallback(
-        coprocessor_path, meta["decoder_hash"], dt, xp)
+    trainable, latent_positions = None, "behind"
+    if coprocessor_path is not None:
+        try:
+            path = coprocessor_file(coprocessor_path)
+            trainable, _, cop_meta = load_coprocessor(path, meta["decoder_hash"], dt, xp)
+        except (RefimplError, OSError, ValueError, KeyError) as e:
+            warn_stderr(f"coprocessor {coprocessor_path} not used ({e}); decoding with the decoder alone")
+        else:
+            latent_positions = trained_latent_positions(cop_meta)
     return complete(dec_params, cfg, tokenizer, prompts, trainable, background=True,
                     latent_positions=latent_positions, **options)[0]

@@ -1,7 +1,6 @@
-"""Measurements on held-out reasoning prompts: exact-match accuracy with the coprocessor called
-once at the end of the prompt (paper Table 2, and Table 8 with latents arriving late), the
-latency of one coprocessor call against N_L decode steps, and the check that the ahead positions
-scored (the horizon) fit the held-out windows.
+"""Measurements on held-out reasoning prompts: exact-match accuracy with the coprocessor called once
+at the end of the prompt (paper Table 2; Table 8 with the latents late), the latency of one
+coprocessor call against N_L decode steps, and the check that the horizon fits the windows.
 """
 import time
 
@@ -25,11 +24,8 @@ def check_horizon(horizon, seq_len, n_traces, max_seq_len):
 
 def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, delay=0,
                        prompt_batch=64, max_new_tokens=10, latent_positions="behind"):
-    """Exact-match accuracy (%) overall and per task, greedy, coprocessor once at the prompt end;
-    latent_positions: the convention the coprocessor was trained with.
-
-    Returns (accuracy dict, row norms of every latent appended: float64 [n_prompts * N_L]).
-    """
+    """(accuracy dict, row norms of every latent appended: float64 [n_prompts * N_L]): exact match,
+    greedy, the coprocessor once at the prompt end, its latents at the positions it was trained with."""
     order = sorted(range(len(problems)), key=lambda i: len(problems[i]["prompt"]))  # less padding
     predictions, norms = [None] * len(problems), []
     for start in range(0, len(order), prompt_batch):
@@ -52,18 +48,17 @@ def row_norms(x):
 
 
 def _accuracy(problems, correct, predictions):
-    """{overall (%), correct, n, by_task: {task: {correct, n, accuracy}}, the first 5 examples, predictions}."""
+    """{overall (%), correct, n, by_task: {task: {correct, n, accuracy}}, 5 examples, predictions}."""
     def score(oks):
         return {"correct": int(sum(oks)), "n": len(oks), "accuracy": 100.0 * sum(oks) / max(len(oks), 1)}
     tasks = {}
     for prob, ok in zip(problems, correct):
         tasks.setdefault(prob["task"], []).append(ok)
     total = score(correct)
-    examples = [{"prompt": p["prompt"], "answer": p["answer"], "prediction": pred}
-                for p, pred in zip(problems[:5], predictions[:5])]
-    return {"overall": total["accuracy"], "correct": total["correct"], "n": total["n"],
-            "by_task": {t: score(oks) for t, oks in sorted(tasks.items())}, "examples": examples,
-            "predictions": predictions}
+    return {"overall": total.pop("accuracy"), **total,
+            "by_task": {t: score(oks) for t, oks in sorted(tasks.items())},
+            "examples": [{"prompt": p["prompt"], "answer": p["answer"], "prediction": pred}
+                         for p, pred in zip(problems[:5], predictions[:5])], "predictions": predictions}
 
 
 def latency(dec_params, cfg, trainable, prompt_ids, repeats=5, latent_positions="behind"):
@@ -76,19 +71,16 @@ def latency(dec_params, cfg, trainable, prompt_ids, repeats=5, latent_positions=
         z, ids = augment(trainable, cfg, cache, latent_positions)            # [1, N_L, D], [1, N_L]
         extend(dec_params, cfg, cache, z, ids)                              # cache + N_L slots
 
-    def sequential():
-        decode(dec_params, cfg, cache, logits[:, -1], n)                    # N_L extend calls
+    def median_seconds(fn):
+        fn()                                                                 # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
 
-    aug_s, seq_s = _median_seconds(augmented, repeats), _median_seconds(sequential, repeats)
+    aug_s = median_seconds(augmented)
+    seq_s = median_seconds(lambda: decode(dec_params, cfg, cache, logits[:, -1], n))    # N_L extend calls
     return {"n_latents": n, "prompt_tokens": len(prompt_ids), "augment_s": aug_s,
             "sequential_s": seq_s, "ratio": aug_s / seq_s, "repeats": repeats}
-
-
-def _median_seconds(fn, repeats):
-    fn()                                                                     # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

@@ -1,9 +1,7 @@
-"""The paper's tables, rebuilt from one evaluation's measurements, and the report files.
+"""The paper's tables as views of one evaluation's measurements (`runner.measure`), and the report files.
 
-Each table is a view of the numbers `runner.measure` took, every run measured once, with the
-paper's own numbers beside ours for shape, not for size. A table whose runs are missing says
-"not run"; nothing is filled in. What each measurement is: docs/method.md.
-
+Every run is measured once; the paper's numbers stand beside ours for shape, not for size. A table
+whose runs are missing says "not run": nothing is filled in. What each measurement is: docs/method.md.
 A table: {id, title, note, status, missing, header, rows, sources}; cells are numbers or text.
 """
 import json
@@ -32,8 +30,8 @@ PAPER = {
     "table3": {"source": "Liu et al. 2025, Table 3 (pause tokens vs augmentation at 32 embeddings: "
                          "perplexity, GSM8K)",
                "baseline": (10.96, 21.38), "pause": (11.63, 22.37), "augmented": (10.60, 26.76)},
-    "table5": {"source": "Liu et al. 2025, Table 5 (GSM8K: coprocessor trained from scratch vs full finetune from "
-                         "the decoder's weights)", "random": 25.78, "copy": 26.76},
+    "table5": {"source": "Liu et al. 2025, Table 5 (GSM8K: coprocessor trained from scratch vs full finetune "
+                         "from the decoder's weights)", "random": 25.78, "copy": 26.76},
     "table6": {"source": "Liu et al. 2025, Table 6 (GSM8K by N_A at 16 latents)",
                "by_na": {4: 24.03, 8: 24.11, 16: 24.72, 32: 23.73}},
     "table8": {"source": "Liu et al. 2025, Table 8 (GSM8K with the latents on time or 1/2/3 tokens late)",
@@ -42,67 +40,70 @@ PAPER = {
 TABLE1_POSITIONS = (1, 2, 4, 8, 16, 32)
 NOT_RUN = "not run"
 DEFAULT_POSITIONS = TrainConfig.latent_positions   # the latents' position ids of a new `refimpl train`
-# TrainConfig fields that do not change what a run learns (only how often it is measured and saved)
-NOT_TRAINING = ("eval_every", "eval_batches")
 
 
 # ---------------------------------------------------------------------------------------------
 # Which runs each table compares
-def positions_of(r):
-    """The latent_positions run r was trained with."""
-    return r.latent_positions
-
-
 def copy_runs(runs):
-    """Copy-init coprocessor runs under the latent-position convention most of them share (ties: the
-    default); the other convention's runs appear only in Table P."""
+    """Copy-init coprocessor runs under the latent positions most of them share (ties: the default);
+    the others appear only in Table P."""
     copies = [r for r in runs if r.mode == "coprocessor" and r.init == "copy"]
-    counts = Counter(positions_of(r) for r in copies)
+    counts = Counter(r.latent_positions for r in copies)
     main = max(counts, key=lambda c: (counts[c], c == DEFAULT_POSITIONS), default=DEFAULT_POSITIONS)
-    return [r for r in copies if positions_of(r) == main]
-
-
-def main_n_ahead(runs):
-    """The N_A shared by most main copy-init runs (ties: the larger), or None."""
-    counts = Counter(r.n_ahead for r in copy_runs(runs))
-    return max(counts, key=lambda n: (counts[n], n), default=None)
+    return [r for r in copies if r.latent_positions == main]
 
 
 def table1_runs(runs):
-    """Copy-init coprocessor runs at the main N_A, by N_L: the columns of Tables 1, 2 and 8."""
-    n_a = main_n_ahead(runs)
-    return sorted([r for r in copy_runs(runs) if r.n_ahead == n_a], key=lambda r: (r.n_latents, r.name))
+    """Copy-init runs at the N_A most share (ties: the larger), by N_L: the columns of Tables 1, 2, 8."""
+    copies = copy_runs(runs)
+    counts = Counter(r.n_ahead for r in copies)
+    n_a = max(counts, key=lambda n: (counts[n], n), default=None)
+    return sorted([r for r in copies if r.n_ahead == n_a], key=lambda r: (r.n_latents, r.name))
 
 
 def _partner(runs, like):
-    """The copy-init coprocessor run with like's N_L (same N_A preferred), or None."""
-    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents and positions_of(r) == positions_of(like)]
-    return next((r for r in same if r.n_ahead == like.n_ahead), same[0] if same else None)
+    """The copy-init run with like's N_L and latent positions (like's N_A preferred), or None."""
+    same = [r for r in copy_runs(runs) if r.n_latents == like.n_latents
+            and r.latent_positions == like.latent_positions]
+    return next((r for r in same if r.n_ahead == like.n_ahead), next(iter(same), None))
 
 
 def _groups(runs, key, varies, order):
-    """Runs grouped by key (groups in order of first appearance), each sorted by order; only the
-    groups whose runs differ in varies."""
+    """Runs grouped by key (in order of first appearance), each sorted by order, one group after the
+    other; only the groups whose runs differ in varies."""
     groups = {}
     for r in runs:
         groups.setdefault(key(r), []).append(r)
-    return [sorted(g, key=order) for g in groups.values() if len({varies(r) for r in g}) > 1]
+    return [r for g in groups.values() if len({varies(r) for r in g}) > 1 for r in sorted(g, key=order)]
+
+
+def _all_but_positions(r):
+    """What run r trained with but its latent positions (and how often it was measured and saved)."""
+    tc = {**saved_train_config(r.meta["train_config"], r.path), "mode": r.mode, "init": r.init,
+          "n_latents": r.n_latents, "n_ahead": r.n_ahead}
+    skip = ("latent_positions", "eval_every", "eval_batches")
+    return tuple(sorted((k, v) for k, v in tc.items() if k not in skip))
 
 
 # ---------------------------------------------------------------------------------------------
 # Table pieces
 def _table(tid, title, note, header, rows, sources, missing=None, **extra):
     """missing: why the table's runs are absent; the table is then "not run" (rows kept in JSON)."""
-    return {"id": tid, "title": title, "note": note, "status": NOT_RUN if missing else "ok", "missing": missing,
-            "header": header, "rows": rows, "sources": sources, **extra}
+    return {"id": tid, "title": title, "note": note, "status": NOT_RUN if missing else "ok",
+            "missing": missing, "header": header, "rows": rows, "sources": sources, **extra}
 
 
 def _col(r):
     return f"N_L={r.n_latents} ({r.name})"
 
 
-def _ppl(nll, n):
-    return float(np.exp(np.mean(nll[:n])))
+def _ppl(nll, n_ahead):
+    """Perplexity over ahead positions 1..n_ahead, and at position 1."""
+    return [float(np.exp(np.mean(nll[:n]))) for n in (n_ahead, 1)]
+
+
+def _mean(xs):
+    return float(np.mean(xs)) if len(xs) else ""
 
 
 def _overall(m, r=None):
@@ -115,13 +116,10 @@ def _changes(m, r):
     return m["runs"][r.name]["relative_ppl_change_pct"]
 
 
-def _change_cells(m, r, n):
-    """Run r's perplexity change (%) at positions 1..n ("" past the horizon), then its mean over 1..H."""
-    ch = _changes(m, r)
-    return [ch[i] if i < len(ch) else "" for i in range(n)] + [float(np.mean(ch))]
-
-
 def _labelled(label, r, sources):
+    """The row label of run r (None: a run not given), its checkpoint recorded in sources."""
+    if r is None:
+        return label
     sources[f"{label} ({r.name})"] = r.path
     return f"{label} ({r.name})"
 
@@ -130,14 +128,15 @@ def _labelled(label, r, sources):
 # The tables
 def table1(m, runs):
     main, H, paper = table1_runs(runs), m["horizon"], PAPER["table1"]
-    shown = sorted({p for p in TABLE1_POSITIONS if p <= H} | {p for p in (main_n_ahead(runs), H) if p and p <= H})
+    shown = sorted({p for p in TABLE1_POSITIONS + (H,) + tuple(r.n_ahead for r in main) if p <= H})
     header = ["position n"] + [_col(r) for r in main] + [f"paper N_L={k}" for k in paper["by_nl"]]
     rows = [[n] + [_changes(m, r)[n - 1] for r in main] + [v.get(n, "") for v in paper["by_nl"].values()]
             for n in shown]
-    return _table("table1", "Table 1: relative perplexity change (%) of the n-th token after the augmentation point",
-                  f"Held-out val windows of {m['seq_len']} tokens, the same sampled points for the decoder alone and "
-                  f"every run; 100*(exp(nll_aug - nll_base) - 1) at each ahead position 1..{H} (all in report.json). "
-                  f"Paper: {paper['source']}.", header, rows, {_col(r): r.path for r in main},
+    note = (f"Held-out val windows of {m['seq_len']} tokens, the same sampled points for the decoder alone "
+            f"and every run; 100*(exp(nll_aug - nll_base) - 1) at each ahead position 1..{H} (all in "
+            f"report.json). Paper: {paper['source']}.")
+    title = "Table 1: relative perplexity change (%) of the n-th token after the augmentation point"
+    return _table("table1", title, note, header, rows, {_col(r): r.path for r in main},
                   None if main else "no copy-init coprocessor run given", positions=list(range(1, H + 1)),
                   relative_ppl_change_pct={r.name: _changes(m, r) for r in main})
 
@@ -145,111 +144,92 @@ def table1(m, runs):
 def table2(m, runs):
     main, base, paper = table1_runs(runs), m["baseline"]["accuracy"], PAPER["table2"]
     accs = [m["runs"][r.name]["accuracy"] for r in main]
-    header = ["task", "decoder alone"] + [_col(r) for r in main]
-    rows = [[t, base["by_task"][t]["accuracy"]] + [a["by_task"][t]["accuracy"] for a in accs] for t in base["by_task"]]
+    rows = [[t, base["by_task"][t]["accuracy"]] + [a["by_task"][t]["accuracy"] for a in accs]
+            for t in base["by_task"]]
     rows.append(["overall", base["overall"]] + [a["overall"] for a in accs])
-    for bench in ("gsm8k", "mmlu"):
-        by_nl = paper[bench]
-        rows.append([f"paper {bench.upper()}", paper[bench + "_baseline"]] + [by_nl.get(r.n_latents, "") for r in main])
-    return _table("table2", "Table 2: exact-match accuracy (%) on held-out reasoning prompts",
-                  f"{base['n']} prompts, [eot]+prompt, coprocessor called once at the end of the prompt, greedy "
-                  "decoding to the first newline, exact match; prompts batched with left padding. "
-                  f"Paper: {paper['source']}." + ("" if main else " No copy-init coprocessor run given: the decoder "
-                                                  "alone only."), header, rows, {_col(r): r.path for r in main},
+    rows += [[f"paper {b.upper()}", paper[b + "_baseline"]] + [paper[b].get(r.n_latents, "") for r in main]
+             for b in ("gsm8k", "mmlu")]
+    note = (f"{base['n']} prompts, [eot]+prompt, coprocessor called once at the end of the prompt, greedy "
+            "decoding to the first newline, exact match; prompts batched with left padding. Paper: "
+            f"{paper['source']}.")
+    note += "" if main else " No copy-init coprocessor run given: the decoder alone only."
+    return _table("table2", "Table 2: exact-match accuracy (%) on held-out reasoning prompts", note,
+                  ["task", "decoder alone"] + [_col(r) for r in main], rows, {_col(r): r.path for r in main},
                   None if main or base["n"] else "no copy-init coprocessor run given and no prompts")
 
 
 def table3(m, runs):
     pause, paper = [r for r in runs if r.mode == "pause"], PAPER["table3"]
-    header = ["method", "N_L", "ppl n=1..N_A", "ppl n=1", "accuracy %", "paper ppl", "paper GSM8K"]
     rows, sources = [], {}
     for p in pause:
-        n_a, base_nll = p.n_ahead, m["baseline"]["ahead_nll"]
-        rows.append(["decoder alone", 0, _ppl(base_nll, n_a), _ppl(base_nll, 1), _overall(m), *paper["baseline"]])
-        for label, r, key in (("pause tokens", p, "pause"), ("cache augmentation", _partner(runs, p), "augmented")):
-            if r is None:
-                rows.append([label, p.n_latents, NOT_RUN, NOT_RUN, NOT_RUN, *paper[key]])
-                continue
-            nll = m["runs"][r.name]["ahead_nll"]
-            rows.append([_labelled(label, r, sources), r.n_latents, _ppl(nll, n_a), _ppl(nll, 1), _overall(m, r),
-                         *paper[key]])
-    return _table("table3", "Table 3: pause tokens vs cache augmentation at the same N_L",
-                  "Pause tokens: the N_L latents are the trained soft tokens themselves and do NOT depend on the "
-                  "input (no coprocessor reads the cache); cache augmentation computes them from the prompt's cache. "
-                  "Perplexity = exp(mean held-out nll over ahead positions 1..N_A of the pause run), same points "
-                  f"for every row; accuracy as in Table 2. Paper: {paper['source']}.", header, rows, sources,
-                  None if pause else "no pause-token run given (`refimpl train --mode pause`)")
+        rows.append(["decoder alone", 0, *_ppl(m["baseline"]["ahead_nll"], p.n_ahead), _overall(m),
+                     *paper["baseline"]])
+        for label, r, key in (("pause tokens", p, "pause"),
+                              ("cache augmentation", _partner(runs, p), "augmented")):
+            cells = [NOT_RUN] * 3 if r is None else [*_ppl(m["runs"][r.name]["ahead_nll"], p.n_ahead),
+                                                     _overall(m, r)]
+            rows.append([_labelled(label, r, sources), p.n_latents, *cells, *paper[key]])
+    note = ("Pause tokens: the N_L latents are the trained soft tokens themselves and do NOT depend on the "
+            "input (no coprocessor reads the cache); cache augmentation computes them from the prompt's "
+            "cache. Perplexity = exp(mean held-out nll over ahead positions 1..N_A of the pause run), same "
+            f"points for every row; accuracy as in Table 2. Paper: {paper['source']}.")
+    header = ["method", "N_L", "ppl n=1..N_A", "ppl n=1", "accuracy %", "paper ppl", "paper GSM8K"]
+    return _table("table3", "Table 3: pause tokens vs cache augmentation at the same N_L", note, header,
+                  rows, sources, None if pause else "no pause-token run given (`refimpl train --mode pause`)")
 
 
 def table5(m, runs):
     rand, paper = [r for r in runs if r.mode == "coprocessor" and r.init == "random"], PAPER["table5"]
-    header = ["coprocessor init", "N_L", "N_A", "ppl change n=1 %", "mean ppl change n=1..N_A %", "accuracy %",
-              "paper GSM8K"]
     rows, sources = [], {}
     for rr in rand:
-        rows.append(["decoder alone", 0, rr.n_ahead, 0.0, 0.0, _overall(m), PAPER["table2"]["gsm8k_baseline"]])
+        rows.append(["decoder alone", 0, rr.n_ahead, 0.0, 0.0, _overall(m),
+                     PAPER["table2"]["gsm8k_baseline"]])
         for label, r in (("random", rr), ("copy", _partner(runs, rr))):
-            if r is None:
-                rows.append([label, rr.n_latents, rr.n_ahead, NOT_RUN, NOT_RUN, NOT_RUN, paper[label]])
-                continue
-            ch = _changes(m, r)
-            rows.append([_labelled(label, r, sources), r.n_latents, r.n_ahead, ch[0], float(np.mean(ch[:r.n_ahead])),
-                         _overall(m, r), paper[label]])
+            ch = _changes(m, r) if r else []
+            cells = [NOT_RUN] * 3 if r is None else [ch[0], _mean(ch[:r.n_ahead]), _overall(m, r)]
+            rows.append([_labelled(label, r, sources), rr.n_latents, (r or rr).n_ahead, *cells, paper[label]])
+    header = ["coprocessor init", "N_L", "N_A", "ppl change n=1 %", "mean ppl change n=1..N_A %",
+              "accuracy %", "paper GSM8K"]
     return _table("table5", "Tables 5/7: random-init vs copy-init coprocessor",
-                  f"Same held-out points and prompts as Tables 1-2. Paper: {paper['source']}.", header, rows, sources,
-                  None if rand else "no random-init coprocessor run given (`refimpl train --init random`)")
+                  f"Same held-out points and prompts as Tables 1-2. Paper: {paper['source']}.", header, rows,
+                  sources, None if rand else
+                  "no random-init coprocessor run given (`refimpl train --init random`)")
 
 
 def table6(m, runs):
     H, paper = m["horizon"], PAPER["table6"]
-    groups = _groups(sorted(copy_runs(runs), key=lambda r: r.n_latents), lambda r: r.n_latents,
-                     lambda r: r.n_ahead, order=lambda r: (r.n_ahead, r.name))
+    shown = _groups(sorted(copy_runs(runs), key=lambda r: r.n_latents), lambda r: r.n_latents,
+                    lambda r: r.n_ahead, order=lambda r: (r.n_ahead, r.name))
+    rows = [[f"{r.n_ahead} ({r.name})", r.n_latents, _changes(m, r)[0], _mean(_changes(m, r)), _overall(m, r),
+             paper["by_na"].get(r.n_ahead, "")] for r in shown]
+    note = (f"Every run scored on the same points at positions 1..{H}, whatever N_A it was trained with. "
+            f"Paper: {paper['source']}.")
     header = ["N_A", "N_L", "ppl change n=1 %", f"mean ppl change n=1..{H} %", "accuracy %",
               "paper GSM8K (16 latents)"]
-    rows = [[f"{r.n_ahead} ({r.name})", r.n_latents, *_change_cells(m, r, 1), _overall(m, r),
-             paper["by_na"].get(r.n_ahead, "")] for g in groups for r in g]
-    return _table("table6", "Table 6: N_A ablation (copy-init runs that differ in n_ahead)",
-                  f"Every run scored on the same points at positions 1..{H}, whatever N_A it was trained with. "
-                  f"Paper: {paper['source']}.", header, rows, {r.name: r.path for g in groups for r in g},
-                  None if groups else "no two copy-init runs with the same N_L and different N_A")
-
-
-def _all_but_positions(r):
-    """What run r trained with, its latent positions left out: runs with equal keys differ only
-    in those."""
-    tc = saved_train_config(r.meta["train_config"], r.path)
-    rest = tuple(sorted((k, v) for k, v in tc.items() if k not in ("latent_positions",) + NOT_TRAINING
-                        and k not in ("mode", "init", "n_latents", "n_ahead")))
-    return (r.mode, r.init, r.n_latents, r.n_ahead) + rest
+    return _table("table6", "Table 6: N_A ablation (copy-init runs that differ in n_ahead)", note, header,
+                  rows, {r.name: r.path for r in shown},
+                  None if shown else "no two copy-init runs with the same N_L and different N_A")
 
 
 def table_positions(m, runs):
-    """Runs that differ only in the latents' position ids, the default first."""
-    H = m["horizon"]
-    groups = _groups(runs, _all_but_positions, positions_of,
-                     order=lambda r: (positions_of(r) != DEFAULT_POSITIONS, positions_of(r), r.name))
+    """Table P: runs that differ only in the latents' position ids, the default first."""
+    shown = _groups(runs, _all_but_positions, lambda r: r.latent_positions,
+                    order=lambda r: (r.latent_positions != DEFAULT_POSITIONS, r.latent_positions, r.name))
+    rows = [[r.latent_positions, r.name, r.n_latents, ch[0], ch[1] if len(ch) > 1 else "",
+             _mean(ch[1:r.n_ahead]), _mean(ch), _overall(m, r)] for r in shown for ch in [_changes(m, r)]]
+    note = ("'behind' (the method): latent j at max(0, p-N_L+1+j), so the last latent sits where the "
+            "decoder predicts x_{p+1}; 'after' (the ablation): at p+1+j. The ahead tokens keep their own ids "
+            "in both. Runs in a group differ in nothing else (docs/method.md, C8).")
     header = ["latent positions", "run", "N_L", "ppl change n=1 %", "ppl change n=2 %",
-              "mean ppl change n=2..N_A %", f"mean ppl change n=1..{H} %", "accuracy %"]
-    rows = [[positions_of(r), r.name, r.n_latents, *_change_cells(m, r, 2)[:2], _mean_rest(m, r),
-             _change_cells(m, r, 2)[2], _overall(m, r)] for g in groups for r in g]
-    return _table("positions", "Table P: the latents' position ids (not in the paper)",
-                  "'behind' (the method): latent j at max(0, p-N_L+1+j), so the last latent sits where the decoder "
-                  "predicts x_{p+1}; 'after' (the ablation): at p+1+j. The ahead tokens keep their own ids in both. "
-                  "Runs in a group differ in nothing else (docs/method.md, C8).",
-                  header, rows, {r.name: r.path for g in groups for r in g},
-                  None if groups else "no two runs that differ only in --latent-positions")
-
-
-def _mean_rest(m, r):
-    """Run r's mean perplexity change (%) over ahead positions 2..N_A ("" with N_A = 1)."""
-    ch = _changes(m, r)[1:r.n_ahead]
-    return float(np.mean(ch)) if len(ch) else ""
+              "mean ppl change n=2..N_A %", f"mean ppl change n=1..{m['horizon']} %", "accuracy %"]
+    return _table("positions", "Table P: the latents' position ids (not in the paper)", note, header, rows,
+                  {r.name: r.path for r in shown},
+                  None if shown else "no two runs that differ only in --latent-positions")
 
 
 def table_breakeven(m, runs):
     """The held-out gap against traces seen, from the evaluations each run made while training."""
     curves = {r.name: m["curves"][r.name] for r in runs if r.name in (m.get("curves") or {})}
-    header = ["run", "step", "traces seen", "ppl change n=1 %", "mean ppl change n=2..N_A %"]
     rows = [[name, c["steps"][i], c["traces"][i], c["position_1"][i], c["positions_2_on"][i]]
             for name, c in curves.items() for i in log_spaced(c["traces"])]
     even = {name: {key: _crossings(c["traces"], c[key]) for key in ("position_1", "positions_2_on")}
@@ -257,26 +237,25 @@ def table_breakeven(m, runs):
     said = "; ".join(f"{name}: position 1 {_crossing(e['position_1'], curves[name]['position_1'][-1])}, "
                      f"positions 2..N_A {_crossing(e['positions_2_on'], curves[name]['positions_2_on'][-1])}"
                      for name, e in even.items())
-    return _table("breakeven", "Break-even: the gap to the decoder alone against traces seen",
-                  "Each run's own held-out val windows and points, measured while it trained (every "
-                  "--eval-every steps); traces seen = step x batch x K; 100*(exp(nll_aug - nll_base) - 1). "
-                  f"Rows log-spaced (all evaluations in report.json). {said}.", header, rows,
-                  {r.name: r.path for r in runs if r.name in curves},
-                  None if curves else "no run with evaluations while training (`refimpl train --eval-every N`)",
+    note = ("Each run's own held-out val windows and points, measured while it trained (every --eval-every "
+            "steps); traces seen = step x batch x K; 100*(exp(nll_aug - nll_base) - 1). Rows log-spaced (all "
+            f"evaluations in report.json). {said}.")
+    header = ["run", "step", "traces seen", "ppl change n=1 %", "mean ppl change n=2..N_A %"]
+    return _table("breakeven", "Break-even: the gap to the decoder alone against traces seen", note, header,
+                  rows, {r.name: r.path for r in runs if r.name in curves}, None if curves else
+                  "no run with evaluations while training (`refimpl train --eval-every N`)",
                   curves=curves, break_even=even)
 
 
 def log_spaced(xs, per_decade=3):
     """Indices of about per_decade entries per decade of the increasing positive xs, and the last."""
-    if not xs:
-        return []
     picked, k = [], 0
     for i, x in enumerate(xs):
         if x >= xs[0] * 10 ** (k / per_decade):        # the first entry at or past each grid point
             picked.append(i)
             while x >= xs[0] * 10 ** (k / per_decade):
                 k += 1
-    return picked if picked[-1] == len(xs) - 1 else picked + [len(xs) - 1]
+    return picked if not xs or picked[-1] == len(xs) - 1 else picked + [len(xs) - 1]
 
 
 def _crossings(traces, gaps):
@@ -299,29 +278,29 @@ def _crossing(even, last):
 def table8(m, runs):
     paper, measured = PAPER["table8"], m.get("async") or {}
     run = next((r for r in runs if r.name == measured.get("run")), None)
-    header = ["latents arrive", "accuracy %", "paper GSM8K"]
     rows = [["decoder alone", _overall(m), PAPER["table2"]["gsm8k_baseline"]]]
     for d, acc in (measured["by_delay"].items() if run else ()):
         late = "on time" if d == "0" else f"{d} token{'s' if d != '1' else ''} late"
         rows.append([late, acc["overall"], paper["by_delay"].get(int(d), "")])
     which = (f"; run {run.name} (largest N_L, most trained; latents {run.latent_positions} the point)"
              if run else "")
-    return _table("table8", "Table 8: asynchronous use (latents arriving late)",
-                  "The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
-                  "latents, then the latents are appended after them and decoding goes on from the last latent"
-                  f"{which}. Paper: {paper['source']}.", header, rows, {run.name: run.path} if run else {},
+    note = ("The coprocessor reads the PROMPT's cache; the decoder greedily decodes `delay` tokens without "
+            "latents, then the latents are appended after them and decoding goes on from the last latent"
+            f"{which}. Paper: {paper['source']}.")
+    return _table("table8", "Table 8: asynchronous use (latents arriving late)", note,
+                  ["latents arrive", "accuracy %", "paper GSM8K"], rows, {run.name: run.path} if run else {},
                   None if run else "no copy-init coprocessor run given")
 
 
 def table_latency(m, runs):
     paths = {r.name: r.path for r in runs}
     lat = [x for x in m.get("latency") or [] if x["run"] in paths]
-    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / decode"]
     rows = [[x["run"], x["n_latents"], x["augment_s"], x["sequential_s"], x["ratio"]] for x in lat]
-    return _table("latency", "Latency: N_L latents in one call vs N_L tokens one by one",
-                  f"Median of {lat[0]['repeats'] if lat else 0} repeats on one held-out prompt: one coprocessor call "
-                  "+ one decoder pass over its N_L latents, vs N_L decoder extend calls one by one (greedy).",
-                  header, rows, {x["run"]: paths[x["run"]] for x in lat}, None if lat else "no coprocessor run given")
+    note = (f"Median of {lat[0]['repeats'] if lat else 0} repeats on one held-out prompt: one coprocessor "
+            "call + one decoder pass over its N_L latents, vs N_L decoder extend calls one by one (greedy).")
+    header = ["run", "N_L", "coprocessor + append (s)", "N_L decode steps (s)", "augment / decode"]
+    return _table("latency", "Latency: N_L latents in one call vs N_L tokens one by one", note, header, rows,
+                  {x["run"]: paths[x["run"]] for x in lat}, None if lat else "no coprocessor run given")
 
 
 TABLES = (table1, table2, table3, table5, table6, table_positions, table_breakeven, table8, table_latency)
@@ -341,19 +320,18 @@ def traces_of(r):
 
 
 def headline(m, runs):
-    """One sentence: where augmentation helps at this scale and where it does not yet, from the
-    largest-N_L Table 1 run with the least training and the run with the most (None without runs)."""
+    """One sentence: where augmentation helps at this scale and where not yet, from the largest-N_L
+    Table 1 run with the least training and the run with the most (None without runs)."""
     main = [r for r in table1_runs(runs) if traces_of(r) is not None]
     if not main:
         return None
     top = max(r.n_latents for r in main)
     chosen = [min((r for r in main if r.n_latents == top), key=traces_of), max(main, key=traces_of)]
     chosen = chosen[:1] if chosen[0] is chosen[1] else chosen
-    n_a = chosen[0].n_ahead
+    n_a, longest = chosen[0].n_ahead, chosen[-1].name
     first = {r.name: _changes(m, r)[0] for r in chosen}
     rest = {r.name: float(np.mean(_changes(m, r)[1:n_a])) for r in chosen}
     where = {f"ahead positions 2..{n_a}": rest, "ahead position 1 (the token read at the last latent)": first}
-    longest = chosen[-1].name
     helps = [w for w, v in where.items() if v[longest] < 0]
     not_yet = [w for w, v in where.items() if v[longest] >= 0]
     said = ("helps at " + " and ".join(helps) + (" and does not yet help at " + " and ".join(not_yet)
@@ -367,13 +345,14 @@ def headline(m, runs):
 
 def render_markdown(report):
     c = report["config"]
-    intro = (f"Decoder `{c['decoder']}` (hash {c['decoder_hash'][:12]}), {len(report['runs'])} runs; the method is "
-             f"docs/method.md. Paper numbers: {CITATION} (Gemma-2 2B, N_A = 16), each table's note naming the paper "
-             "table they come from; they are beside ours for shape, not for size.")
-    lines = ["# Evaluation report", ""] + ([f"**{report['headline']}**", ""] if report.get("headline") else [])
+    lines = ["# Evaluation report", ""]
+    lines += [f"**{report['headline']}**", ""] if report.get("headline") else []
     if any(Path(p).name == "breakeven.png" for p in report.get("plots") or []):
         lines += ["![break-even curve](breakeven.png)", ""]
-    lines += [intro, ""]
+    lines += [(f"Decoder `{c['decoder']}` (hash {c['decoder_hash'][:12]}), {len(report['runs'])} runs; the "
+               f"method is docs/method.md. Paper numbers: {CITATION} (Gemma-2 2B, N_A = 16), each table's "
+               "note naming the paper table they come from; they are beside ours for shape, not for "
+               "size."), ""]
     for t in report["tables"]:
         lines += [f"## {t['title']}", ""]
         if t["status"] == NOT_RUN:
@@ -392,10 +371,10 @@ def _fmt(v):
 
 
 def write_report(report, out_dir):
-    """out_dir/report.json and out_dir/report.md; returns their paths."""
+    """out_dir/report.json and out_dir/report.md, each written atomically; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "report.json", out / "report.md"
-    atomic_write_bytes(paths[0], (json.dumps(report, indent=1) + "\n").encode())  # a kill keeps the old one
+    atomic_write_bytes(paths[0], (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(paths[1], (render_markdown(report) + "\n").encode())
     return list(paths)

@@ -1,9 +1,7 @@
 """`refimpl eval`: load a decoder and coprocessor runs, measure everything once, build the report.
 
-Every run is measured once: ahead-token nll at positions 1..H on fixed held-out windows and
-points (the same for every run and the decoder alone), and exact-match accuracy on the held-out
-reasoning prompts, decoded under the position convention the run was trained with. The tables of
-`report` are views of those numbers.
+Every run and the decoder alone are scored on the same held-out points (ahead nll at positions 1..H)
+and reasoning prompts (exact match), each run under the latent positions it was trained with.
 """
 import json
 from dataclasses import asdict, dataclass
@@ -91,8 +89,8 @@ def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
 
 
 def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lambda m: None):
-    """Every number the tables use: ahead nll and accuracy for the decoder alone and each run,
-    accuracy by delay for the Table 8 run, latency, and norms."""
+    """Every number the tables use: ahead nll and accuracy of the decoder alone and of each run, the
+    break-even curves, accuracy by delay of the Table 8 run, latency, and norms."""
     T = ec.seq_len or cfg.max_seq_len
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
     check_horizon(H, T, ec.n_traces, cfg.max_seq_len)
@@ -126,24 +124,25 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
 
 
 def _measure_curves(dec_params, cfg, runs, val_tokens, log):
-    """{run: break-even curve} for runs whose metrics.json holds at least two evaluations: the
-    held-out gap at ahead position 1 and its mean over 2..N_A (%) against traces seen. The
-    baseline is the decoder alone on the run's own held-out set (recomputed if not recorded)."""
+    """{run: break-even curve} for runs whose metrics.json holds two evaluations or more: the held-out
+    gap at ahead position 1 and its mean over 2..N_A (%) against traces seen, to the decoder alone on
+    the run's own held-out set (recomputed if not recorded)."""
     curves = {}
     for r in runs:
-        evals = [e for e in (r.metrics or {}).get("evals", []) if e.get("ahead_loss")]
-        tc = saved_train_config((r.metrics or {}).get("train_config") or r.meta["train_config"], r.path)
+        metrics = r.metrics or {}
+        evals = [e for e in metrics.get("evals", []) if e.get("ahead_loss")]
+        tc = saved_train_config(metrics.get("train_config") or r.meta["train_config"], r.path)
         if len(evals) < 2:
             continue
-        base = (r.metrics or {}).get("baseline_ahead_loss")
+        base, n_a = metrics.get("baseline_ahead_loss"), tc["n_ahead"]
         if base is None:
             log(f"break-even curve of {r.name}: the decoder alone on its held-out set")
             T = tc["seq_len"] or cfg.max_seq_len
-            held = heldout_set(val_tokens, tc["eval_batches"], tc["batch_size"], T, tc["n_traces"], tc["n_ahead"])
-            base = ahead_nll(dec_params, None, cfg, held, 0, tc["n_ahead"]).tolist()
-        per_step = tc["batch_size"] * tc["n_traces"]
+            held = heldout_set(val_tokens, tc["eval_batches"], tc["batch_size"], T, tc["n_traces"], n_a)
+            base = ahead_nll(dec_params, None, cfg, held, 0, n_a).tolist()
+        steps, per_step = [e["step"] for e in evals], tc["batch_size"] * tc["n_traces"]
         change = [relative_ppl_change(base, e["ahead_loss"]) for e in evals]          # [n_evals][N_A]
-        curves[r.name] = {"steps": [e["step"] for e in evals], "traces": [e["step"] * per_step for e in evals],
+        curves[r.name] = {"steps": steps, "traces": [s * per_step for s in steps],
                           "position_1": [float(c[0]) for c in change],
                           "positions_2_on": [float(np.mean(c[1:])) if len(c) > 1 else None for c in change],
                           "n_ahead": len(base), "traces_per_step": per_step}
@@ -151,10 +150,11 @@ def _measure_curves(dec_params, cfg, runs, val_tokens, log):
 
 
 def _measure_async(runs, ec, acc, log):
+    """Table 8: accuracy by delay of the largest-N_L main run (ties: the most trained), or None."""
     main = table1_runs(runs)
     if not main:
         return None
-    r = max(main, key=lambda r: (r.n_latents, traces_of(r) or 0))          # ties: the most trained
+    r = max(main, key=lambda r: (r.n_latents, traces_of(r) or 0))
     log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
     return {"run": r.name, "by_delay": {str(d): acc(r, d)[0] for d in ec.delays}}
 
@@ -165,8 +165,8 @@ def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
         return []
     log(f"latency: {len(chosen)} runs x {ec.latency_repeats} repeats")
     prompt = [tokenizer.eot_id] + tokenizer.encode(problems[0]["prompt"])
-    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats, r.latent_positions)}
-            for r in chosen]
+    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats,
+                                      r.latent_positions)} for r in chosen]
 
 
 def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="float32", log=lambda m: None):
@@ -174,8 +174,7 @@ def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, dec_meta, tok = load_model(decoder_path, dt, xp)
     runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
-    problems = load_reasoning_eval(ec.split)
-    problems = problems[:ec.limit] if ec.limit else problems
+    problems = load_reasoning_eval(ec.split)[:ec.limit or None]
     m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)
     config = {**asdict(ec), "decoder": str(decoder_path), "decoder_hash": dec_meta["decoder_hash"],
               "backend": backend, "dtype": dtype, "horizon": m["horizon"], "seq_len": m["seq_len"]}

@@ -8,7 +8,7 @@ from ..config import get_preset
 from ..core.coprocessor import SOFT_TOKENS, init_coprocessor
 from ..core.decoder import forward, init_params
 from ..core.layout import build_layout
-from ..core.objective import loss_cached, loss_packed, loss_sequential
+from ..core.objective import FORMS, loss_cached
 from ..training.autodiff import value_and_grad
 from ..training.optim import adam_init, adam_update
 
@@ -69,18 +69,13 @@ def make_state(seed=SETUP["seed"], setup=SETUP):
     return cfg, dec, trainable, tokens, np.array(TRACE_POSITIONS, dtype=np.int64)
 
 
-# The latents' position ids of every golden set: latent j at p+1+j ("after"; `refimpl train` defaults to
-# "behind", p-N_L+1+j). The manifests state it as config.latent_positions.
-LATENT_POSITIONS = "after"
-
-
 # ---------------------------------------------------------------------------------------------
 # Every output, computed with the project's own functions
-def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, adam=ADAM):
+def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, latent_positions, adam=ADAM):
     """{name: array} of every output tensor (manifest_text.json lists them with their meanings)."""
-    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions)
     logits, _, cache = forward(dec, cfg, tokens)                             # [B, T, V]
-    layout = build_layout(tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
+    layout = build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions)
     loss, res = loss_cached(dec, trainable, *rest)
     out = {"baseline.logits": logits,
            "decoder_cache.k": np.stack(cache.k),                             # [L, B, Hkv, T, Dh]
@@ -104,17 +99,17 @@ def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ah
     return out
 
 
-def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, ahead_positions, rtol=1e-9):
-    """Raise AssertionError unless packed, cached and sequential forms agree (loss, logits,
+def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, latent_positions, rtol=1e-9):
+    """Raise AssertionError unless the three forms of the loss (objective.FORMS) agree (loss, logits,
     latents, every gradient). Run at export time; cheap at golden size."""
-    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, ahead_positions, LATENT_POSITIONS)
+    rest = (cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions)
     results = {}
-    for name, fn in (("cached", loss_cached), ("packed", loss_packed), ("sequential", loss_sequential)):
+    for name, fn in FORMS.items():
         _, res = fn(dec, trainable, *rest)
         loss, grads, _ = value_and_grad(lambda tr, fn=fn: fn(dec, tr, *rest)[0], trainable)
         results[name] = {"loss": loss, "logits": res["logits"], "latents": res["latents"],
                          **{"grad." + k: g for k, g in grads.items()}}
-    for name in ("packed", "sequential"):
+    for name in FORMS:                                                   # cached against itself: trivially
         for key, ref in results["cached"].items():
             got = results[name][key]
             if not np.allclose(got, ref, rtol=rtol, atol=rtol * (np.abs(ref).max() + 1e-30)):

@@ -1,2 +1,1 @@
-"""Pretrained LLMs as frozen decoders: fetch one by name, convert it once to a refimpl checkpoint, load it
-with its own tokenizer."""
+"""Pretrained LLMs as frozen decoders: fetch one by name, convert it once to a refimpl checkpoint."""

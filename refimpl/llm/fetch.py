@@ -1,9 +1,5 @@
-"""`refimpl fetch NAME`: download a named pretrained model, convert it once, and load it with its tokenizer.
-
-    fetch("smollm2-135m")    -> CACHE/smollm2-135m/decoder.npz (+ .json, tokenizer/), converted once
-
-The converted pair is an ordinary refimpl decoder checkpoint (float32, Hugging Face names, config with
-n_kv_heads and rope_theta); its metadata names the model, its source and its tokenizer file.
+"""`refimpl fetch NAME`: download a named pretrained model (data/pretrained.py) and convert it, once, into an
+ordinary decoder checkpoint pair (float32, Hugging Face names) whose metadata names its source and tokenizer.
 """
 from pathlib import Path
 
@@ -30,14 +26,14 @@ def fetch(name, log=print):
 
 
 def convert_gguf(gguf_path, directory, name=None):
-    """Write DIR/tokenizer/ and the decoder pair DIR/decoder.{npz,json} of a llama GGUF file; returns the npz path."""
+    """Write DIR/tokenizer/ and the decoder pair DIR/decoder.{npz,json} of a llama GGUF file; the npz path."""
     directory = Path(directory)
     model = read_gguf(gguf_path)
     source = {"model": name, "gguf": Path(gguf_path).name}
     if name in MODELS:
         s = MODELS[name]
-        source.update(package=f"{s.package}=={s.version}", wheel_sha256=s.wheel_sha256, gguf_sha256=s.gguf_sha256,
-                      license=s.license, about=s.about)
+        source.update(package=f"{s.package}=={s.version}", wheel_sha256=s.wheel_sha256,
+                      gguf_sha256=s.gguf_sha256, license=s.license, about=s.about)
     tok = tokenizer_from_vocab(model.vocab, source)
     require(tok.n_vocab == model.config.vocab_size, f"{gguf_path}: its vocabulary has {tok.n_vocab} tokens, "
             f"its embeddings {model.config.vocab_size} rows; the file is inconsistent")

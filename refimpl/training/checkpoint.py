@@ -1,20 +1,12 @@
 """Checkpoints: one `.npz` of named arrays plus a sidecar `.json` of metadata, written atomically.
 
     NAME.npz   arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>
-    NAME.json  {"format_version", "kind" ("decoder" | "coprocessor"), "config", "step", the
-               sampler's rng state, "tokenizer_sha256", "data_hash", "arrays" ({name: spec}),
-               "npz_sha256", "meta_sha256" (of the JSON's own other fields), ...}
+    NAME.json  {"format_version", "kind" ("decoder" | "coprocessor"), "config", "step", the sampler's rng
+               state, "tokenizer_sha256", "data_hash", "arrays" ({name: spec}), "npz_sha256", "meta_sha256"}
 
-A pair is saved as: both temporary files complete and fsync'ed, the npz renamed over the old one,
-then the JSON (os.replace). A kill between the two renames leaves the new npz, the old JSON and
-the new JSON's temporary file; loading takes the JSON whose npz_sha256 matches, so a kill at any
-moment leaves the old checkpoint or the new one (docs/robustness.md). Loading never unpickles, and
-every problem is a one-line RefimplError naming the file and the fix. Arrays are saved from the
-host and load onto any backend.
-
-Test hook (never set in normal use): with REFIMPL_TEST_HOOK_SAVE_PAUSE=FLAG in the environment,
-every atomic write pauses before os.replace, writes its destination into the file FLAG and waits
-until FLAG is deleted (or 60 s pass), so that tests/test_robustness.py can kill it mid-save.
+A save renames the complete, fsync'ed npz, then the JSON; a kill between the renames leaves the new JSON
+as a temporary file, which loading takes when its npz_sha256 matches (docs/robustness.md). Loading never
+unpickles; every problem is one line naming the file and the fix. Arrays load onto any backend.
 """
 import hashlib
 import json
@@ -33,7 +25,7 @@ from ..core.decoder import flatten_params, param_shapes, unflatten_params
 from ..data.pretrained import decoder_file, tokenizer_for
 from ..errors import RefimplError, require
 
-FORMAT_VERSION, KNOWN_VERSIONS = 1, (1,)
+FORMAT_VERSION = 1
 ADAM_M, ADAM_V = "adam.m.", "adam.v."
 RETRAIN = "restore it from a backup or retrain"
 TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
@@ -48,11 +40,6 @@ def checkpoint_paths(path):
     return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
 
 
-def checkpoint_exists(path):
-    """True if either file of the checkpoint pair exists."""
-    return any(p.exists() for p in checkpoint_paths(path))
-
-
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 def atomic_write_bytes(path, blob):
@@ -65,9 +52,7 @@ def atomic_write_json(path, obj):
 
 
 def _write_atomically(files):
-    """[(path, bytes or write(f))]: every file to a complete, fsync'ed temporary file next to it (a
-    callable writes it, in order, to a file open for reading and writing), then each one renamed
-    over its path in order; an exception removes the temporary files that are left."""
+    """[(path, bytes or write(f))]: each to a complete, fsync'ed temporary file, then renamed, in order."""
     temps = []
     try:
         for path, blob in files:
@@ -86,11 +71,17 @@ def _write_atomically(files):
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(files[0][0].parent)
+    with suppress(OSError):  # fsync the directory, on platforms that can open and fsync one
+        fd = os.open(files[0][0].parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _pause_for_test(path):
-    """The test hook (see the module docstring)."""
+    # with REFIMPL_TEST_HOOK_SAVE_PAUSE=FLAG set (never in normal use): write the destination into FLAG
+    # and wait until FLAG is deleted (or 60 s pass), so that tests/test_robustness.py can kill a save
     flag = os.environ.get(TEST_HOOK_SAVE_PAUSE)
     if flag:
         Path(flag + ".new").write_text(str(path))
@@ -105,22 +96,10 @@ def _temp_files(path):
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
-def _fsync_dir(directory):
-    with suppress(OSError):  # e.g. platforms that cannot open or fsync directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextmanager
 def run_lock(directory):
-    """Hold DIR/.lock (an exclusive flock) while a run writes into DIR; a second run is refused.
-
-    The lock dies with its process, so a killed run never leaves a stale lock. A directory that
-    this call created and that holds nothing else afterwards is removed again.
-    """
+    """Hold DIR/.lock (an exclusive flock: it dies with its process) while a run writes into DIR; a second
+    run is refused. A directory this call created that holds nothing else is removed again."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
@@ -163,7 +142,7 @@ def save_checkpoint(path, arrays, meta):
         np.savez(f, allow_pickle=False, **host)
         f.seek(0)
         full["npz_sha256"] = _sha256_of(f)
-    _write_atomically([(npz_path, write_npz), (json_path, lambda f: f.write(_json_text(full)))])  # npz, then JSON
+    _write_atomically([(npz_path, write_npz), (json_path, lambda f: f.write(_json_text(full)))])  # npz first
     for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
         stale.unlink(missing_ok=True)
 
@@ -235,8 +214,8 @@ def _read_meta(json_path):
             f"checkpoint metadata {json_path} has no format_version: it is not a refimpl "
             "checkpoint; pass the .npz/.json pair written by refimpl")
     version = meta["format_version"]
-    require(version in KNOWN_VERSIONS, f"checkpoint {json_path} has format_version {version!r}, but this "
-                                       f"refimpl reads {list(KNOWN_VERSIONS)}: upgrade refimpl or re-save it")
+    require(version == FORMAT_VERSION, f"checkpoint {json_path} has format_version {version!r}, but this "
+                                       f"refimpl reads [{FORMAT_VERSION}]: upgrade refimpl or re-save it")
     require(meta.get("meta_sha256", None) in (None, meta_sha256(meta)),  # absent in older files
             f"checkpoint metadata {json_path} was modified or damaged after it was saved (meta_sha256 "
             f"mismatch); {RETRAIN}")
@@ -267,15 +246,13 @@ def _read_arrays(f, npz_path):
                                "loads because unpickling can run code: re-save it with numeric arrays "
                                "only") from None
         raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({e}); {RETRAIN}") from None
-    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError ...
+    except Exception as e:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, OSError ...)
         raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({type(e).__name__}: "
                            f"{e}); {RETRAIN}") from None
 
 
-# ---------------------------------------------------------------------------------------------
 # Adam's state as named arrays (adam.m.<name>, adam.v.<name>); its step goes to the metadata
 def adam_to_arrays(adam):
-    """{"adam.m.<name>": m, "adam.v.<name>": v} of an optim.adam_init / adam_update state."""
     return {**{ADAM_M + k: a for k, a in adam["m"].items()}, **{ADAM_V + k: a for k, a in adam["v"].items()}}
 
 
@@ -299,11 +276,8 @@ def decoder_hash(params_flat):
 
 
 def save_decoder(path, params, cfg, meta_extra=None, arrays_extra=None):
-    """Save decoder params (nested or flat) with kind "decoder", its config and decoder_hash.
-
-    meta_extra: more top-level metadata (step, rng, tokenizer_sha256, data_hash, extra, ...).
-    arrays_extra: more arrays, e.g. Adam's state from adam_to_arrays.
-    """
+    """Save decoder params (nested or flat) with kind "decoder", its config and decoder_hash;
+    meta_extra: more metadata (step, rng, ...), arrays_extra: more arrays (Adam's state)."""
     flat = flatten_params(params) if "layers" in params else dict(params)
     check_decoder_shapes(flat, cfg, checkpoint_paths(path)[0])
     meta = {"step": 0, **(meta_extra or {}), "kind": "decoder", "config": cfg.to_dict(),
@@ -312,61 +286,76 @@ def save_decoder(path, params, cfg, meta_extra=None, arrays_extra=None):
 
 
 def load_decoder(path, dtype=np.float32, xp=np):
-    """(nested params on backend xp cast to dtype, ModelConfig, meta) from a decoder checkpoint.
+    """(nested params on backend xp cast to dtype, ModelConfig, meta) from a decoder checkpoint;
+    meta["decoder_hash"] is the hash of the arrays as stored (before any cast)."""
+    arrays, cfg, meta = read_decoder(path)
+    flat = {n: to_xp(a, xp, dtype) for n, a in arrays.items() if n.startswith("model.")}
+    return unflatten_params(flat, cfg.n_layers), cfg, meta
 
-    meta["decoder_hash"] is the hash of the arrays as stored (before any cast).
-    """
+
+def read_decoder(path):
+    """(host arrays, ModelConfig, meta) of a decoder checkpoint, its kind, config, shapes and hash checked."""
     arrays, meta = load_checkpoint(path)
     npz_path = checkpoint_paths(path)[0]
     require(meta.get("kind") == "decoder", f"checkpoint {npz_path} holds a {meta.get('kind')!r}, not a "
                                            "decoder: pass the checkpoint written by `refimpl pretrain`")
-    cfg = decoder_config(meta, npz_path)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as e:
+        raise RefimplError(f"checkpoint {npz_path} has no usable config ({e}): it is corrupt; "
+                           f"{RETRAIN}") from None
+    except RefimplError as e:
+        raise RefimplError(f"checkpoint {npz_path}: {e}") from None
     flat = {n: a for n, a in arrays.items() if n.startswith("model.")}
     check_decoder_shapes(flat, cfg, npz_path)
     stored = meta.get("decoder_hash")
     require(stored is None or stored == decoder_hash(flat),
             f"checkpoint {npz_path}: its weights do not match the decoder_hash in its metadata; {RETRAIN}")
-    flat = {n: to_xp(a, xp, dtype) for n, a in flat.items()}
-    return unflatten_params(flat, cfg.n_layers), cfg, meta
-
-
-def decoder_config(meta, where):
-    """The ModelConfig stored in checkpoint metadata, with an error naming the file."""
-    try:
-        return ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as e:
-        raise RefimplError(f"checkpoint {where} has no usable config ({e}): it is corrupt; "
-                           f"{RETRAIN}") from None
-    except RefimplError as e:
-        raise RefimplError(f"checkpoint {where}: {e}") from None
+    return arrays, cfg, meta
 
 
 def check_decoder_shapes(flat, cfg, where):
     """Every decoder weight present with the shape cfg implies; a one-line error otherwise."""
-    for name, shape in param_shapes(cfg).items():
-        require(name in flat, f"checkpoint {where} lacks decoder weight {name}: it was written for another "
-                              "model; pass a checkpoint that matches its config")
-        got = tuple(flat[name].shape)
-        require(got == tuple(shape), f"checkpoint {where}: {name} has shape {list(got)}, but its config "
-                                     f"implies {list(shape)}; the file and config do not belong together; "
-                                     "re-save or retrain it")
+    problem = _arrays_problem(flat, param_shapes(cfg))
+    require(problem is None, f"checkpoint {where} does not match its config ({problem}): the file and config "
+                             "do not belong together; re-save or retrain it")
 
 
-def check_tokenizer(meta, tokenizer_sha256, where):
-    """Refuse a checkpoint trained with another tokenizer (one that records none passes)."""
-    saved = meta.get("tokenizer_sha256")
-    require(saved is None or saved == tokenizer_sha256,
-            f"checkpoint {where} was trained with another tokenizer (sha256 {str(saved)[:12]}..., "
-            f"the current tokenizer file has {tokenizer_sha256[:12]}...): restore the tokenizer it "
-            "was trained with, or retrain it")
+def _arrays_problem(arrays, shapes, exact=False):
+    """What is wrong with `arrays` for `shapes` {name: shape} (None: nothing); exact: no other names."""
+    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes)) if exact else []
+    if missing or extra:
+        return f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
+    return next((f"{k} has shape {list(arrays[k].shape)}, but its config implies {list(s)}"
+                 for k, s in shapes.items() if tuple(arrays[k].shape) != tuple(s)), None)
+
+
+def load_model(name_or_path, dtype=np.float32, xp=np):
+    """(params on xp in dtype, ModelConfig, meta, tokenizer) of a model name such as smollm2-135m (fetched
+    with `refimpl fetch`) or a decoder checkpoint; refused if trained with another tokenizer."""
+    path = decoder_file(name_or_path)
+    params, cfg, meta = load_decoder(path, dtype, xp)
+    tokenizer, saved = tokenizer_for(path, meta), meta.get("tokenizer_sha256")   # None: not recorded
+    require(saved is None or saved == tokenizer.sha256,
+            f"checkpoint {path} was trained with another tokenizer (sha256 {str(saved)[:12]}..., the "
+            f"current tokenizer file has {tokenizer.sha256[:12]}...): restore the tokenizer it was trained "
+            "with, or retrain it")
+    require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer "
+            f"than its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong together")
+    return params, cfg, meta, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
 # The coprocessor: its trainable arrays (and Adam's state), tied to the decoder it was trained against
 def save_coprocessor(path, trainable, adam, meta):
-    """Write the trainable arrays and Adam's state with kind "coprocessor" and step adam["step"]."""
     save_checkpoint(path, {**trainable, **adam_to_arrays(adam)},
                     {**meta, "kind": "coprocessor", "step": adam["step"]})
+
+
+def coprocessor_file(path):
+    """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
+    path = Path(path)
+    return path / "coprocessor.npz" if path.is_dir() else path
 
 
 def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
@@ -381,15 +370,14 @@ def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
             f"{str(meta.get('decoder_hash'))[:12]}, this one is {want_decoder_hash[:12]}): pass the decoder "
             "it was trained with, or retrain it")
     trainable = {k: a for k, a in arrays.items() if not k.startswith("adam.")}
-    _check_coprocessor_meta(trainable, meta, path)
+    _check_coprocessor(trainable, meta, path)
     trainable = {k: to_xp(a, xp, dtype) for k, a in trainable.items()}
     return trainable, adam_from_arrays(arrays, meta["step"], xp, dtype), meta
 
 
-def _check_coprocessor_meta(trainable, meta, path):
+def _check_coprocessor(trainable, meta, path):
     """The metadata that eval, generate and resuming read must agree with the arrays."""
-    soft, n = trainable.get(SOFT_TOKENS), meta.get("n_latents")
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    soft, n, is_int = trainable.get(SOFT_TOKENS), meta.get("n_latents"), lambda v: type(v) is int
     problems = [what for what, ok in (
         ("no step", "step" in meta),
         ("no soft_tokens [N_L, D] array", soft is not None and soft.ndim == 2),
@@ -407,55 +395,33 @@ def _check_coprocessor_meta(trainable, meta, path):
                              "backup or retrain it with `refimpl train`")
 
 
+def _coprocessor_arrays_problem(trainable, meta):
+    """What is wrong with the arrays (None: nothing): pause tokens are soft_tokens alone; a coprocessor
+    has every block array of its config and the final norm."""
+    others = set(trainable) - {SOFT_TOKENS}
+    if meta["mode"] == "pause":
+        return f"pause tokens with {sorted(others)[:3]}" if others else None
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, RefimplError):
+        return None if others else "no coprocessor blocks"
+    shapes = {**param_shapes(cfg), SOFT_TOKENS: (trainable[SOFT_TOKENS].shape[0], cfg.d_model)}
+    del shapes["model.embed_tokens.weight"]
+    return _arrays_problem(trainable, shapes, exact=True)
+
+
 # Options removed after commit 2d4e58e, with the one value today's method has (docs/results.md §5)
-REMOVED_OPTIONS = {"ahead_positions": "original", "soft_init": "normal", "soft_lr_scale": 1.0, "readout": "norm"}
+REMOVED_OPTIONS = {"ahead_positions": "original", "soft_init": "normal", "soft_lr_scale": 1.0,
+                   "readout": "norm"}
 
 
 def check_train_config(saved, source):
-    """A one-line error for a run trained with an option that is gone, or before the latents'
-    position ids were recorded (then they sat 'after' the point)."""
+    """saved without the removed options; a one-line error for a run trained with an option that is
+    gone, or before the latents' position ids were recorded (then they sat 'after' the point)."""
     require("latent_positions" in saved, f"{source} was trained before the latents' position ids were "
             "recorded (they sat 'after' the point then): retrain it, or use refimpl at commit 2d4e58e")
     for key, value in saved.items():
         today = REMOVED_OPTIONS.get(key, value)
         require(value == today, f"{source} was trained with {key}={value!r}, an option removed from refimpl "
                 f"(today: {today!r}): retrain it, or use refimpl at commit 2d4e58e")
-
-
-def _coprocessor_arrays_problem(trainable, meta):
-    """What is wrong with a coprocessor's array names and shapes for its mode (None if nothing):
-    pause tokens are soft_tokens alone; a coprocessor has every block array of its config and the
-    final norm."""
-    n, names = trainable[SOFT_TOKENS].shape[0], set(trainable)
-    if meta["mode"] == "pause":
-        return None if names == {SOFT_TOKENS} else f"pause tokens with {sorted(names - {SOFT_TOKENS})[:3]}"
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, RefimplError):
-        return None if names - {SOFT_TOKENS} else "no coprocessor blocks"
-    shapes = {k: v for k, v in param_shapes(cfg).items() if k != "model.embed_tokens.weight"}
-    shapes[SOFT_TOKENS] = (n, cfg.d_model)
-    missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
-    wrong = [k for k in shapes if k in trainable and tuple(trainable[k].shape) != tuple(shapes[k])]
-    if missing or extra:
-        return f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
-    return next((f"{k} has shape {list(trainable[k].shape)}, its config implies {list(shapes[k])}"
-                 for k in wrong), None)
-
-
-def coprocessor_file(path):
-    """A run directory or a checkpoint path -> the checkpoint path (DIR/coprocessor.npz)."""
-    path = Path(path)
-    return path / "coprocessor.npz" if path.is_dir() else path
-
-
-def load_model(name_or_path, dtype=np.float32, xp=np):
-    """(params on xp in dtype, ModelConfig, meta, tokenizer) of a decoder: a model name such as smollm2-135m
-    (fetched with `refimpl fetch`), or a checkpoint path (a converted LLM, or a decoder trained by refimpl)."""
-    path = decoder_file(name_or_path)
-    params, cfg, meta = load_decoder(path, dtype, xp)
-    tokenizer = tokenizer_for(path, meta)
-    check_tokenizer(meta, tokenizer.sha256, path)
-    require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer than "
-            f"its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong together")
-    return params, cfg, meta, tokenizer
+    return {k: v for k, v in saved.items() if k not in REMOVED_OPTIONS}

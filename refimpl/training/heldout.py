@@ -1,10 +1,6 @@
-"""Held-out measurement of the ahead tokens, used while training and by the evaluation.
-
-`ahead_nll` is the measurement behind the paper's Table 1: the loss of the n-th token after an
-augmentation point, n = 1..N_A, averaged over held-out sequences and sampled points. The same
-fixed points are used for the decoder alone (`trainable=None`) and with augmentation, so the two
-numbers differ only by the latents.
-"""
+"""Held-out measurement of the ahead tokens (paper Table 1), used while training and by the evaluation:
+the loss of the n-th token after an augmentation point, n = 1..N_A, on fixed points, the same for the
+decoder alone (`trainable=None`) and with augmentation, so that the two differ only by the latents."""
 import numpy as np
 
 from ..backend import to_numpy, xp_of
@@ -15,9 +11,8 @@ from ..data.corpus import iter_eval_batches
 
 def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234, skip_windows=0):
     """Fixed held-out windows and trace positions: a list of (tokens [B, T], positions [B, K]).
-
-    skip_windows: start after the first skip_windows windows of T tokens (training evaluates on at
-    most the first 64, so an evaluation past them scores windows no choice was made on)."""
+    skip_windows: start after that many windows of T tokens (training evaluates on at most the first
+    64, so an evaluation past them scores windows no choice was made on)."""
     rng = np.random.default_rng(seed)
     out = []
     for tokens in iter_eval_batches(val_tokens[skip_windows * seq_len:], batch_size, seq_len):
@@ -28,8 +23,7 @@ def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, s
 
 
 def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions="behind"):
-    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1); the two
-    conventions are those the coprocessor was trained with (layout.build_layout)."""
+    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
     nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions)  # [n_points, N_A]
     return nll.mean(0) if len(nll) else np.zeros(n_ahead)
 

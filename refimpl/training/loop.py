@@ -3,21 +3,16 @@
     while state.step < stop:
         batch = task.sample(rng)                          # host arrays, from the run's own generator
         loss, grads = value_and_grad(task.loss)           # on the arrays' device, no host sync
-        norm = global_norm(grads)                         # one device reduction
-        loss, norm, latent norm -> host in ONE transfer   # a non-finite one stops the run here
+        loss, grad norm, latent norm -> host in ONE transfer   # a non-finite one stops the run here
         trainable, adam = adam_update(..., grad_scale=clip_scale(norm, clip))   # clipping folded in
         evaluate every eval_every steps; every save_every steps write metrics.json, then the checkpoint
 
-A run stops at `stop` (<= the schedule's `steps`), on Ctrl-C (which saves first) or at a non-finite
-loss (the last checkpoint stays untouched), and resumes bit for bit: the checkpoint holds the
-trainable arrays, Adam's state, the step and the sampler's rng state; metrics.json, written first,
-is cut back to the checkpoint's step.
-
-A task (pretrain.Pretraining, train.CoprocessorTraining) says what differs. Attributes: label and
-unit (the progress line), slots (counted per step), out, ckpt (the .npz), metrics_path, schedule.
-Methods: header(state) -> line; sample(rng) -> batch of host arrays; loss(trainable, batch) ->
-(loss, latents or None); evaluate(state, metrics, rate) -> {"step", ...}; describe(record) -> line;
-metrics_json(metrics, step) -> dict and read_metrics(dict) -> (evals, history); save(state).
+A run stops at `stop`, on Ctrl-C (which saves first) or at a non-finite loss (the last checkpoint
+stays untouched), and resumes bit for bit from the checkpoint (arrays, Adam's state, step, rng state);
+metrics.json is cut back to its step. A task (pretrain.Pretraining, train.CoprocessorTraining) has
+label, unit, slots (per step), out, ckpt, metrics_path, schedule, and header(state), sample(rng),
+loss(trainable, batch) -> (loss, latents or None), evaluate(state, metrics, rate) -> record,
+describe(record), metrics_json(metrics, step), read_metrics(dict) -> (evals, history), save(state).
 """
 import json
 import math
@@ -33,7 +28,7 @@ from ..data.corpus import data_hash, load_tokens
 from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
 from .autodiff import value_and_grad
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, checkpoint_paths
 from .heldout import row_norm
 from .optim import adam_update, clip_scale, global_norm, lr_schedule
 
@@ -65,16 +60,9 @@ class Schedule:
     decay: frozenset = None     # names that get weight decay (None: all)
 
 
-# ---------------------------------------------------------------------------------------------
-# One update
 def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kept="no update was made"):
-    """One Adam(W) update of `trainable` -> (trainable, adam, stats).
-
-    loss_fn(boxed trainable) -> (scalar loss, latents or None). Everything stays on the arrays'
-    device until ONE transfer brings stats to the host: {"loss", "grad_norm"[, "latent_norm"]} as
-    Python floats. A non-finite loss or gradient norm raises RefimplError before the update; `kept`
-    says what is left (and what to do).
-    """
+    """One Adam(W) update -> (trainable, adam, stats {"loss", "grad_norm"[, "latent_norm"]}) of
+    loss_fn(boxed trainable) -> (loss, latents or None); a non-finite stat raises (`kept`: what is left)."""
     def traced(boxed):
         loss, latents = loss_fn(boxed)
         return loss, {} if latents is None else {"latent_norm": row_norm(getval(latents))}
@@ -93,13 +81,9 @@ def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kep
     return trainable, adam, stats
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
 def run(task, state, resumed=False, stream=None):
     """Train from state (resumed: from the checkpoint in task.out) to task.schedule.stop.
-
-    Returns (final state, metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk).
-    """
+    Returns (final state, metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk)."""
     metrics = resumed_metrics(task, state.step) if resumed else {"evals": [], "history": []}
     sched, saved = task.schedule, state.step if resumed else None
     bar = Progress(sched.steps, start=state.step, label=task.label, stream=stream)
@@ -110,16 +94,16 @@ def run(task, state, resumed=False, stream=None):
             _evaluate(task, state, metrics, bar, None)
         while state.step < sched.stop:
             t0 = time.perf_counter()
-            state, record = _step(task, state, saved)
-            metrics["history"].append(record)
+            state, stats = _step(task, state, saved)
+            metrics["history"].append({"step": state.step, **stats})
             n_slots, seconds = n_slots + task.slots, seconds + time.perf_counter() - t0
             rate = n_slots / seconds
-            bar.update(state.step, **{k: v for k, v in record.items() if k not in ("step", "lr")},
+            bar.update(state.step, **{k: v for k, v in stats.items() if k != "lr"},
                        **{f"{task.unit}/s": f"{rate:,.0f}"})
-            if _due(state.step, sched.eval_every, sched.eval_at):
+            if sched.eval_every and state.step % sched.eval_every == 0 or state.step == sched.eval_at:
                 _evaluate(task, state, metrics, bar, rate)
                 n_slots, seconds = 0, 0.0
-            if _due(state.step, sched.save_every, sched.stop):
+            if sched.save_every and state.step % sched.save_every == 0 or state.step == sched.stop:
                 _save(task, state, metrics)
                 saved = state.step
     except KeyboardInterrupt:
@@ -137,7 +121,7 @@ def run(task, state, resumed=False, stream=None):
 
 
 def _step(task, state, saved):
-    """One update on a fresh batch -> (new state, history record)."""
+    """One update on a fresh batch -> (new state, {"lr", "loss", "grad_norm"[, "latent_norm"]})."""
     sched, rng = task.schedule, sampler(state.rng_state, "the run")
     batch = task.sample(rng)
     lr = lr_schedule(state.step, sched.lr, sched.warmup, sched.steps)
@@ -146,12 +130,7 @@ def _step(task, state, saved):
     advice = f"{kept}: lower lr={sched.lr} or clip={sched.clip}, then resume or start again"
     trainable, adam, stats = update(lambda t: task.loss(t, batch), state.trainable, state.adam, lr,
                                     sched.clip, sched.weight_decay, sched.decay, advice)
-    new = State(state.step + 1, trainable, adam, rng.bit_generator.state)
-    return new, {"step": new.step, "lr": lr, **stats}
-
-
-def _due(step, every, also):
-    return bool(every) and step % every == 0 or step == also
+    return State(state.step + 1, trainable, adam, rng.bit_generator.state), {"lr": lr, **stats}
 
 
 def _evaluate(task, state, metrics, bar, rate):
@@ -178,14 +157,14 @@ class Corpus:
 
 
 def load_corpus(tokenizer=None):
-    """The pretraining mixture (train and val splits) as ids of `tokenizer` (default: the shipped
-    one), and the hashes a checkpoint records."""
+    """The pretraining mixture's splits as ids of `tokenizer` (default: the shipped one), and its hashes."""
     tok = tokenizer or load_tokenizer()
     return Corpus(tok.n_vocab, tok.sha256, data_hash(), load_tokens("train", tok), load_tokens("val", tok))
 
 
-def check_out(out, exists, resume, what, overwrite=False):
-    """A resumed run needs its checkpoint in out; a new one refuses to replace it unless overwrite."""
+def check_out(out, ckpt, resume, what, overwrite=False):
+    """A resumed run needs its checkpoint `ckpt` in out; a new one refuses to replace it unless overwrite."""
+    exists = any(p.exists() for p in checkpoint_paths(ckpt))
     require(exists or not resume, f"no {what} in {out} to resume: start a new run instead, or check the "
                                   "output directory")
     require(resume or overwrite or not exists, f"{out} already holds a {what}: resume it, or choose "
@@ -193,8 +172,7 @@ def check_out(out, exists, resume, what, overwrite=False):
 
 
 def check_resumed(meta, corpus, given, saved, where):
-    """A resumed run reads the data it was started with and keeps the hyperparameters in `given`
-    (compared with `saved`, those it was started with)."""
+    """A resumed run reads its data and keeps the hyperparameters in `given` as `saved` (its first ones)."""
     for key, now in (("tokenizer_sha256", corpus.tokenizer_sha256), ("data_hash", corpus.data_hash)):
         require(meta.get(key) == now, f"{where} was trained with other data ({key} "
                                       f"{str(meta.get(key))[:12]}... vs {now[:12]}...): restore that data, "
@@ -209,14 +187,14 @@ def check_resumed(meta, corpus, given, saved, where):
 
 
 def resumed_state(step, trainable, adam, rng_state, where):
-    """The State of a checkpoint, or a one-line error: Adam's state must be complete for the trainable
-    arrays (it is put in their order) and the sampler's rng state usable."""
+    """The State of a checkpoint: Adam's state complete for the trainable arrays (put in their order), the
+    rng state usable, or a one-line error."""
     names = list(trainable)
     missing = [pre + n for n in names for pre, got in (("adam.m.", adam["m"]), ("adam.v.", adam["v"]))
                if n not in got]
     require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without it and cannot "
                          "be resumed; start a new run")
-    require(isinstance(adam["step"], int) and not isinstance(adam["step"], bool) and adam["step"] >= 0,
+    require(type(adam["step"]) is int and adam["step"] >= 0,
             f"{where} has optimizer step {adam['step']!r}: expected an int >= 0; the metadata is corrupt")
     adam = {**{key: {n: adam[key][n] for n in names} for key in ("m", "v")}, "step": adam["step"]}
     sampler(rng_state, where)
@@ -238,8 +216,7 @@ def sampler(rng_state, where):
 
 
 def resumed_metrics(task, step):
-    """The metrics of the run so far, cut back to `step`; empty if metrics.json is unreadable (the
-    history is lost then, the training itself stays exact)."""
+    """The metrics so far, cut back to `step`; none if metrics.json is unreadable (training stays exact)."""
     try:
         evals, history = task.read_metrics(json.loads(task.metrics_path.read_text()))
         return {"evals": [e for e in evals if e["step"] <= step],
@@ -260,29 +237,27 @@ class Progress:
         self.every, self.t0, self.last, self.dirty = max(1, (total - start) // 10), time.time(), 0.0, False
 
     def update(self, step, **fields):
-        now, final = time.time(), step >= self.total
-        if not final and (now - self.last < 0.1 if self.tty else (step - self.start) % self.every):
+        now = time.time()
+        if step < self.total and (now - self.last < 0.1 if self.tty else (step - self.start) % self.every):
             return
         self.last, elapsed, done = now, now - self.t0, step - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         parts = [f"{self.label} step {step}/{self.total}", f"{_clock(elapsed)}<{_clock(eta)}"]
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
         line = " | ".join(parts)
-        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
-        self.dirty = self.tty
-        self.stream.flush()
+        self._put(f"\r{line}\x1b[K" if self.tty else line + "\n", dirty=self.tty)
 
     def write(self, message):
         """A permanent line that does not garble the bar."""
-        self.stream.write(("\r\x1b[K" if self.dirty else "") + message + "\n")
-        self.dirty = False
-        self.stream.flush()
+        self._put(("\r\x1b[K" if self.dirty else "") + message + "\n")
 
     def close(self):
-        if self.dirty:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.dirty = False
+        self._put("\n" if self.dirty else "")
+
+    def _put(self, text, dirty=False):
+        self.stream.write(text)
+        self.stream.flush()
+        self.dirty = dirty
 
 
 def _clock(s):

@@ -1,11 +1,9 @@
 """`refimpl pretrain`: train the decoder from scratch on the pretraining mixture (loop.run does the loop).
 
-Objective: next-token cross-entropy on B windows of T + 1 tokens (the decoder reads tokens 0..T-1
-and is scored on 1..T). Trained: every decoder weight, weight decay on the matrices only.
-Evaluated: the loss on the first eval_batches fixed windows of the val split, at step 0, every
-eval_every steps and at the schedule's end. Checkpoint (DIR/ckpt.npz + .json, every save_every
-steps and at the stop): the weights, Adam's state, the sampler's rng state and the
-hyperparameters. DIR/metrics.json: {"evals", "train_loss" (one per step), "hparams"}.
+Next-token cross-entropy on B windows of T + 1 tokens; every weight trains, weight decay on the
+matrices only. Evaluated on the first eval_batches val windows at step 0, every eval_every steps and
+at the end. DIR/ckpt.npz + .json (every save_every steps and at the stop): the weights, Adam's state,
+the rng state and the hyperparameters; DIR/metrics.json: {"evals", "train_loss" (per step), "hparams"}.
 """
 import math
 from pathlib import Path
@@ -20,15 +18,7 @@ from ..core.ops import cross_entropy, mean
 from ..data.corpus import iter_eval_batches, sample_batch
 from ..errors import require
 from . import loop
-from .checkpoint import (
-    adam_from_arrays,
-    adam_to_arrays,
-    check_decoder_shapes,
-    checkpoint_exists,
-    decoder_config,
-    load_checkpoint,
-    save_decoder,
-)
+from .checkpoint import adam_from_arrays, adam_to_arrays, read_decoder, save_decoder
 from .optim import adam_init
 
 DEFAULTS = {"preset": "nano", "steps": 2000, "batch_size": 16, "seq_len": None, "lr": 3e-3,
@@ -39,8 +29,6 @@ FIXED_ON_RESUME = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_de
                    "seed", "dtype")
 
 
-# ---------------------------------------------------------------------------------------------
-# The objective
 def lm_nll(params, cfg, batch):
     """Next-token cross-entropy of the decoder on host token windows int [B, T + 1] -> [B, T]."""
     batch = xp_of(params["embed_tokens"]).asarray(host_tokens(batch, cfg))   # checked on the host
@@ -51,30 +39,6 @@ def lm_nll(params, cfg, batch):
 def lm_loss(params, cfg, batch):
     """Mean next-token cross-entropy on token windows [B, T + 1] -> scalar (the training loss)."""
     return mean(lm_nll(params, cfg, batch))
-
-
-def evaluate(params, cfg, batches):
-    """Token-weighted mean loss over fixed batches (no gradients), a Python float."""
-    total, count = 0.0, 0
-    for batch in batches:
-        total += float(to_numpy(lm_nll(params, cfg, batch)).astype(np.float64).sum())
-        count += batch[:, 1:].size
-    return total / count
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-def new_hparams(given):
-    """The hyperparameters of a new run: the given ones, then the defaults."""
-    hp = {**DEFAULTS, **given}
-    cfg = get_preset(hp["preset"])
-    hp["seq_len"] = hp["seq_len"] or cfg.max_seq_len
-    if hp["warmup"] is None:
-        hp["warmup"] = min(100, hp["steps"] // 10)
-    require(hp["seq_len"] <= cfg.max_seq_len,
-            f"seq_len={hp['seq_len']} exceeds the {hp['preset']} preset's max_seq_len {cfg.max_seq_len}: "
-            f"use seq_len={cfg.max_seq_len} or less")
-    return hp
 
 
 class Pretraining:
@@ -105,8 +69,10 @@ class Pretraining:
         return lm_loss(unflatten_params(params, self.cfg.n_layers), self.cfg, batch), None
 
     def evaluate(self, state, metrics, rate):
-        """Held-out loss at state.step, with the mean training loss since the previous evaluation."""
-        val_loss = evaluate(unflatten_params(state.trainable, self.cfg.n_layers), self.cfg, self.val)
+        """The token-weighted val loss at state.step, with the mean training loss since the last evaluation."""
+        params = unflatten_params(state.trainable, self.cfg.n_layers)
+        total = sum(float(to_numpy(lm_nll(params, self.cfg, b)).astype(np.float64).sum()) for b in self.val)
+        val_loss = total / sum(b[:, 1:].size for b in self.val)
         prev = metrics["evals"][-1]["step"] if metrics["evals"] else 0
         window = [h["loss"] for h in metrics["history"] if prev < h["step"] <= state.step]
         return {"step": state.step, "train_loss": sum(window) / len(window) if window else None,
@@ -134,25 +100,32 @@ class Pretraining:
         save_decoder(self.ckpt, state.trainable, self.cfg, meta, adam_to_arrays(state.adam))
 
 
-def new_run(hp, corpus, xp):
-    """(cfg, State at step 0): fresh weights from the seed; vocab from the tokenizer."""
-    cfg = get_preset(hp["preset"], vocab_size=corpus.n_vocab)
-    params = flatten_params(init_params(cfg, seed=hp["seed"], dtype=get_dtype(hp["dtype"]), xp=xp))
-    rng = np.random.default_rng([1, hp["seed"]])
-    return cfg, loop.State(0, params, adam_init(params), rng.bit_generator.state)
+def new_hparams(given):
+    """The hyperparameters of a new run: the given ones, then the defaults."""
+    hp = {**DEFAULTS, **given}
+    cfg = get_preset(hp["preset"])
+    hp["seq_len"] = hp["seq_len"] or cfg.max_seq_len
+    if hp["warmup"] is None:
+        hp["warmup"] = min(100, hp["steps"] // 10)
+    require(hp["seq_len"] <= cfg.max_seq_len,
+            f"seq_len={hp['seq_len']} exceeds the {hp['preset']} preset's max_seq_len {cfg.max_seq_len}: "
+            f"use seq_len={cfg.max_seq_len} or less")
+    return hp
 
 
 def resume_run(ckpt, given, corpus, xp):
     """(hp, cfg, State) from the checkpoint in the output directory."""
-    arrays, meta = load_checkpoint(ckpt)
-    require(meta.get("kind") == "decoder" and "step" in meta and _hparams_ok(meta.get("extra")),
+    arrays, cfg, meta = read_decoder(ckpt)
+    extra = meta.get("extra")
+    saved = extra.get("hparams") if isinstance(extra, dict) else None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    require("step" in meta and isinstance(saved, dict)
+            and saved.get("preset") in PRESETS and saved.get("dtype") in DTYPES
+            and all(number(saved.get(k)) for k in DEFAULTS if k not in ("preset", "dtype")),
             f"checkpoint {ckpt} was not written by `refimpl pretrain` (or its metadata is corrupt): "
             "resume a directory that pretraining wrote")
-    saved = meta["extra"]["hparams"]
     loop.check_resumed(meta, corpus, {k: given[k] for k in FIXED_ON_RESUME if k in given}, saved, ckpt)
     hp = {**saved, **{k: v for k, v in given.items() if k not in FIXED_ON_RESUME}}   # steps may grow
-    cfg = decoder_config(meta, ckpt)
-    check_decoder_shapes(arrays, cfg, ckpt)
     params = {n: to_xp(arrays[n], xp) for n in param_shapes(cfg)}
     params = flatten_params(unflatten_params(params, cfg.n_layers))   # in the order of a new run's
     optimizer = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else {}
@@ -160,24 +133,18 @@ def resume_run(ckpt, given, corpus, xp):
     return hp, cfg, loop.resumed_state(meta["step"], params, adam, meta.get("rng"), f"checkpoint {ckpt}")
 
 
-def _hparams_ok(extra):
-    """True if checkpoint metadata "extra" holds hparams of the shape pretrain writes."""
-    hp = extra.get("hparams") if isinstance(extra, dict) else None
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-    return (isinstance(hp, dict) and hp.get("preset") in PRESETS and hp.get("dtype") in DTYPES
-            and all(number(hp.get(k)) for k in DEFAULTS if k not in ("preset", "dtype")))
-
-
 def pretrain(out, resume=False, stop_after=None, backend="numpy", stream=None, **given):
     """Train (or resume) a decoder in directory `out`; returns the metrics dict."""
     xp, out = get_xp(backend), Path(out)
-    loop.check_out(out, checkpoint_exists(out / "ckpt"), resume, "checkpoint")
+    loop.check_out(out, out / "ckpt", resume, "checkpoint")
     hp = None if resume else new_hparams(given)   # bad options fail before data loads
     corpus = loop.load_corpus()
     if resume:
         hp, cfg, state = resume_run(out / "ckpt.npz", given, corpus, xp)
-    else:
-        cfg, state = new_run(hp, corpus, xp)
+    else:                                          # fresh weights from the seed; vocab from the tokenizer
+        cfg = get_preset(hp["preset"], vocab_size=corpus.n_vocab)
+        params = flatten_params(init_params(cfg, seed=hp["seed"], dtype=get_dtype(hp["dtype"]), xp=xp))
+        state = loop.State(0, params, adam_init(params), np.random.default_rng([1, hp["seed"]]).bit_generator.state)
     stop = min(hp["steps"], stop_after or hp["steps"])
     require(state.step < stop, f"{out} is already at step {state.step} of steps={hp['steps']}: pass more "
                                "steps to train further")

@@ -1,15 +1,10 @@
 """`refimpl train`: train the coprocessor (or pause tokens) against a FROZEN decoder (paper §3.2;
-docs/method.md §4); loop.run does the loop.
+docs/method.md §4) with the cached form of the loss; loop.run does the loop.
 
-Each step samples B windows of T tokens and K augmentation points per window; the loss is the
-cached form (objective.loss_cached), differentiated with respect to the coprocessor's arrays and
-soft tokens only (the decoder's arrays are constants autograd never sees as variables). Evaluated:
-the held-out ahead-token loss every eval_every steps and at the stop (the decoder alone once, as the
-baseline). Checkpoint (DIR/coprocessor.npz + .json, with every evaluation): the trainable arrays,
-Adam's state, the step, the sampler's rng state and the frozen decoder's hash. DIR/metrics.json:
-{"partial": true, "step", "train_config", "baseline_ahead_loss", "evals", "history"} while training
-(the evals and the baseline are the break-even curve of `refimpl eval`), the full record
-(baseline_*, augmented_*, ...) at the end.
+Evaluated: the held-out ahead-token loss every eval_every steps and at the stop (the decoder alone once,
+the baseline). DIR/coprocessor.npz + .json at every evaluation; DIR/metrics.json: {"partial": true,
+"step", "train_config", "baseline_ahead_loss", "evals", "history"} while training (the break-even
+curve of `refimpl eval`), the full record at the end.
 """
 import io
 import math
@@ -24,21 +19,12 @@ from ..core.coprocessor import INITS, MODES, init_coprocessor
 from ..core.layout import LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import sample_batch
-from ..data.pretrained import tokenizer_for
 from ..errors import require
 from . import loop
-from .checkpoint import (
-    REMOVED_OPTIONS,
-    atomic_write_json,
-    check_tokenizer,
-    check_train_config,
-    checkpoint_exists,
-    load_coprocessor,
-    load_decoder,
-    save_coprocessor,
-)
+from .checkpoint import atomic_write_json, check_train_config, load_coprocessor, load_model, save_coprocessor
 from .heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from .optim import adam_init
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -74,8 +60,7 @@ class TrainConfig:
 
 def saved_train_config(saved, source="the run"):
     """A run's saved train_config as today's TrainConfig fields (checkpoint.check_train_config first)."""
-    check_train_config(saved, source)
-    return {**asdict(TrainConfig()), **{k: v for k, v in saved.items() if k not in REMOVED_OPTIONS}}
+    return {**asdict(TrainConfig()), **check_train_config(saved, source)}
 
 
 def coprocessor_loss(dec_params, trainable, cfg, tc, batch):
@@ -98,19 +83,28 @@ class CoprocessorTraining:
     def __init__(self, out, tc, T, stop, dec_params, cfg, meta, corpus):
         self.out, self.tc, self.T, self.dec_params, self.cfg, self.meta = out, tc, T, dec_params, cfg, meta
         self.label = f"train {tc.mode} N_L={tc.n_latents}"
-        self.ckpt, self.metrics_path = out / "coprocessor.npz", out / "metrics.json"
-        self.train_tokens = corpus.train
+        self.ckpt, self.metrics_path, self.corpus = out / "coprocessor.npz", out / "metrics.json", corpus
         self.slots = tc.batch_size * tc.n_traces * (tc.n_latents + tc.n_ahead)
         self.heldout = heldout_set(corpus.val, tc.eval_batches, tc.batch_size, T, tc.n_traces, tc.n_ahead)
         self.schedule = loop.Schedule(tc.steps, stop, tc.lr, tc.warmup, tc.clip, tc.weight_decay,
                                       tc.eval_every, save_every=tc.eval_every, eval_at=stop)
         self.baseline = None      # the decoder alone on the held-out set, [N_A] (set before the loop)
 
+    def first_state(self, resume, dtype, xp):
+        """The State to start from: the checkpoint's (checked against this run), or a new one."""
+        tc, ckpt = self.tc, self.ckpt
+        if not resume:
+            trainable = init_coprocessor(self.dec_params, self.cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
+            rng = np.random.default_rng(tc.seed)
+            return loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
+        trainable, adam, old = load_coprocessor(ckpt, self.meta["decoder_hash"], dtype, xp)
+        saved = saved_train_config(old["train_config"], str(ckpt))
+        loop.check_resumed(old, self.corpus, asdict(tc), saved, ckpt)
+        return loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
+
     def ahead_nll(self, trainable):
         """Held-out nll per ahead position [N_A]: with these latents, or the decoder alone (None)."""
         n_latents = 0 if trainable is None else self.tc.n_latents
-        if trainable is None:
-            return ahead_nll(self.dec_params, None, self.cfg, self.heldout, 0, self.tc.n_ahead)
         return ahead_nll(self.dec_params, trainable, self.cfg, self.heldout, n_latents, self.tc.n_ahead,
                          self.tc.latent_positions)
 
@@ -121,7 +115,7 @@ class CoprocessorTraining:
                 f"{tc.steps}; writing {self.out}/")
 
     def sample(self, rng):
-        tokens = sample_batch(self.train_tokens, self.tc.batch_size, self.T, rng)                  # [B, T]
+        tokens = sample_batch(self.corpus.train, self.tc.batch_size, self.T, rng)                  # [B, T]
         return tokens, sample_trace_positions(rng, self.tc.batch_size, self.T, self.tc.n_traces,
                                               self.tc.n_ahead)                                    # [B, K]
 
@@ -149,42 +143,28 @@ class CoprocessorTraining:
 def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=False, quiet=False,
           stop_after=None):
     """Train, evaluate on held-out data, and write out_dir/{coprocessor.npz, .json, metrics.json}.
-
-    stop_after: stop (and save) after this step, keeping the LR schedule of tc.steps; continue
-    with resume=True. The resumed run is bit-identical to an uninterrupted one.
-    """
+    stop_after: stop (and save) after this step, keeping tc.steps' LR schedule; resume=True goes on
+    from there, bit-identical to an uninterrupted run."""
     tc.validate()
     require(stop_after is None or stop_after >= 1, f"stop_after={stop_after} must be >= 1")
     xp, dt = get_xp(backend), get_dtype(dtype)
-    dec_params, cfg, dec_meta = load_decoder(decoder_path, dt, xp)
+    dec_params, cfg, dec_meta, tokenizer = load_model(decoder_path, dt, xp)    # a real LLM brings its own
     T = tc.seq_len or cfg.max_seq_len
     require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
     sample_trace_positions(np.random.default_rng(0), 1, T, tc.n_traces, tc.n_ahead)  # validates K, N_A vs T
     out_dir = Path(out_dir)
-    ckpt = out_dir / "coprocessor.npz"
-    loop.check_out(out_dir, checkpoint_exists(ckpt), resume, "coprocessor checkpoint", overwrite=True)
-    corpus = loop.load_corpus(tokenizer_for(decoder_path, dec_meta))          # a real LLM brings its own
-    check_tokenizer(dec_meta, corpus.tokenizer_sha256, decoder_path)
+    loop.check_out(out_dir, out_dir / "coprocessor.npz", resume, "coprocessor checkpoint", overwrite=True)
+    corpus = loop.load_corpus(tokenizer)
     meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_meta["decoder_hash"],
             "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents,
             "n_ahead": tc.n_ahead, "seq_len": T, "tokenizer_sha256": corpus.tokenizer_sha256,
             "data_hash": corpus.data_hash}
-    stop = min(tc.steps, stop_after or tc.steps)
-    task = CoprocessorTraining(out_dir, tc, T, stop, dec_params, cfg, meta, corpus)
-    if resume:
-        trainable, adam, old = load_coprocessor(ckpt, dec_meta["decoder_hash"], dt, xp)
-        loop.check_resumed(old, corpus, asdict(tc), saved_train_config(old["train_config"], str(ckpt)), ckpt)
-        state = loop.resumed_state(adam["step"], trainable, adam, old.get("rng_state"), f"coprocessor {ckpt}")
-        del adam
-    else:
-        trainable = init_coprocessor(dec_params, cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
-        rng = np.random.default_rng(tc.seed)
-        state = loop.State(0, trainable, adam_init(trainable), rng.bit_generator.state)
+    task = CoprocessorTraining(out_dir, tc, T, min(tc.steps, stop_after or tc.steps), dec_params, cfg, meta,
+                               corpus)
+    first = [task.first_state(resume, dt, xp)]  # the loop then holds the only reference: step 1 frees it
     base_nll = task.baseline = task.ahead_nll(None)
     t0 = time.perf_counter()
-    initial = [state]          # the loop then holds the only reference: step 1 frees the first weights
-    del state, trainable
-    state, metrics, saved = loop.run(task, initial.pop(), resume, io.StringIO() if quiet else None)
+    state, metrics, saved = loop.run(task, first.pop(), resume, io.StringIO() if quiet else None)
     last = metrics["evals"][-1] if metrics["evals"] else {"step": None}
     aug_nll = np.array(last["ahead_loss"]) if last["step"] == state.step else task.ahead_nll(state.trainable)
     final = {
