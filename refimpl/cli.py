@@ -97,9 +97,9 @@ def _model_args(p, decoder=True, dtype=True):
 
 def _run_args(p):
     """The flags of a training run that saves and resumes."""
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--resume", action="store_true", help="resume the run saved in --out exactly")
     p.add_argument("--stop-after", type=positive_int, metavar="STEP", help="stop (and save) after this step, "
-                   "keeping the schedule of --steps; continue later with --resume (default: run to --steps)")
+                   "keeping the schedule of --steps; go on later with --resume (default: run to --steps)")
 
 
 def _force_arg(p):
