@@ -41,8 +41,8 @@ def test_adam_matches_reference_on_quadratic(wd):
         grads = {k: grad[k](p) for k, p in params.items()}
         params, state = adam_update(params, grads, state, 0.05, 0.9, 0.95, 1e-8, wd)
     assert state["step"] == 60
-    for k in x0:
-        x_ref, m_ref, v_ref = reference_adam(x0[k], grad[k], 60, 0.05, 0.9, 0.95, 1e-8, wd)
+    for k, x in x0.items():
+        x_ref, m_ref, v_ref = reference_adam(x, grad[k], 60, 0.05, 0.9, 0.95, 1e-8, wd)
         np.testing.assert_allclose(params[k], x_ref, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(state["m"][k], m_ref, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(state["v"][k], v_ref, rtol=1e-12, atol=1e-14)

@@ -341,7 +341,8 @@ def load_model(name_or_path, dtype=np.float32, xp=np):
             f"current tokenizer file has {tokenizer.sha256[:12]}...): restore the tokenizer it was trained "
             "with, or retrain it")
     require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer "
-            f"than its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong together")
+            f"than its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong "
+            "together")
     return params, cfg, meta, tokenizer
 
 

@@ -24,7 +24,7 @@ def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, s
 
 def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions="behind"):
     """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
-    nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions)  # [n_points, N_A]
+    nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions)  # [P, N_A]
     return nll.mean(0) if len(nll) else np.zeros(n_ahead)
 
 

@@ -1,9 +1,7 @@
-"""`refimpl pretrain`: train the decoder from scratch on the pretraining mixture (loop.run does the loop).
-
-Next-token cross-entropy on B windows of T + 1 tokens; every weight trains, weight decay on the
-matrices only. Evaluated on the first eval_batches val windows at step 0, every eval_every steps and
-at the end. DIR/ckpt.npz + .json (every save_every steps and at the stop): the weights, Adam's state,
-the rng state and the hyperparameters; DIR/metrics.json: {"evals", "train_loss" (per step), "hparams"}.
+"""`refimpl pretrain`: train the decoder from scratch on the pretraining mixture (loop.run does the loop):
+next-token cross-entropy on B windows of T + 1 tokens, weight decay on the matrices only, evaluated on the
+first eval_batches val windows. DIR/ckpt.npz + .json (every save_every steps and at the stop): weights,
+Adam's state, rng state, hyperparameters; DIR/metrics.json: {"evals", "train_loss" (per step), "hparams"}.
 """
 import math
 from pathlib import Path
@@ -69,7 +67,7 @@ class Pretraining:
         return lm_loss(unflatten_params(params, self.cfg.n_layers), self.cfg, batch), None
 
     def evaluate(self, state, metrics, rate):
-        """The token-weighted val loss at state.step, with the mean training loss since the last evaluation."""
+        """The token-weighted val loss, and the mean training loss since the last evaluation."""
         params = unflatten_params(state.trainable, self.cfg.n_layers)
         total = sum(float(to_numpy(lm_nll(params, self.cfg, b)).astype(np.float64).sum()) for b in self.val)
         val_loss = total / sum(b[:, 1:].size for b in self.val)
@@ -144,7 +142,8 @@ def pretrain(out, resume=False, stop_after=None, backend="numpy", stream=None, *
     else:                                          # fresh weights from the seed; vocab from the tokenizer
         cfg = get_preset(hp["preset"], vocab_size=corpus.n_vocab)
         params = flatten_params(init_params(cfg, seed=hp["seed"], dtype=get_dtype(hp["dtype"]), xp=xp))
-        state = loop.State(0, params, adam_init(params), np.random.default_rng([1, hp["seed"]]).bit_generator.state)
+        rng = np.random.default_rng([1, hp["seed"]])
+        state = loop.State(0, params, adam_init(params), rng.bit_generator.state)
     stop = min(hp["steps"], stop_after or hp["steps"])
     require(state.step < stop, f"{out} is already at step {state.step} of steps={hp['steps']}: pass more "
                                "steps to train further")
