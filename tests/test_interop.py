@@ -187,3 +187,48 @@ def test_torch_port_passes_the_golden_set_at_its_tier(name, dtype, tmp_path):
     print("\n" + last)
     assert tier == dtype, report.getvalue()
     assert last.startswith(f"PASS {dtype}") and ", 0 missing" in last         # the port writes every golden name
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing generations with Hugging Face: refimpl feeds every prompt as <|endoftext|> + prompt
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Question: What is 8+3?\nAnswer:")
+
+
+def test_text_prompts_are_fed_after_the_end_of_text_token():
+    """`complete` (refimpl generate, eval) decodes [eot] + encode(prompt): pinned on the shipped decoder."""
+    from refimpl.data.corpus import SHIPPED_DECODER
+    from refimpl.evaluation.generate import complete, generate
+    from refimpl.training.checkpoint import load_model
+    params, cfg, _, tok = load_model(SHIPPED_DECODER)
+    _, dec = complete(params, cfg, tok, list(PROMPTS[:2]), max_new_tokens=6)
+    ids = [[tok.eot_id] + tok.encode(p) for p in PROMPTS[:2]]
+    assert dec.tokens == generate(params, cfg, ids, max_new_tokens=6, stop_ids=(tok.eot_id,)).tokens
+    assert dec.tokens != generate(params, cfg, [tok.encode(p) for p in PROMPTS[:2]], max_new_tokens=6,
+                                  stop_ids=(tok.eot_id,)).tokens      # the prefix matters, so this can fail
+
+
+def test_smollm2_greedy_equals_hugging_face_generate_on_the_same_ids():
+    """Hugging Face's tokenizer adds no BOS for SmolLM2: given refimpl's ids ([<|endoftext|>] + prompt),
+    HF's greedy `generate` gives the same tokens as refimpl's, token for token."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: pip install -e .[interop]")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from refimpl.data.pretrained import MODELS, decoder_file
+    from refimpl.evaluation.generate import complete
+    from refimpl.training.checkpoint import load_model
+    if not decoder_file("smollm2-135m").is_file():
+        pytest.skip("run `refimpl fetch smollm2-135m` to test the real model")
+    params, cfg, _, tok = load_model("smollm2-135m")
+    assert tok.eot_id == 0 and tok.decode([0]) == "<|endoftext|>"
+    gguf = decoder_file("smollm2-135m").parent / MODELS["smollm2-135m"].gguf_file
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                           dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for prompt in PROMPTS:
+        ids = [tok.eot_id] + tok.encode(prompt)
+        assert hf_tok.encode(prompt) == ids[1:]                              # no BOS added by HF
+        _, dec = complete(params, cfg, tok, [prompt], max_new_tokens=8)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eot_id,
+                              pad_token_id=tok.eot_id)                 # refimpl's stop rule: eot only
+        print(repr(prompt), repr(tok.decode(dec.tokens[0])))
+        assert dec.tokens[0] == out[0, len(ids):].tolist()
