@@ -28,8 +28,7 @@ def get_xp(name="numpy"):
     try:
         n_gpu = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 (CUDA driver missing or broken)
-        raise RefimplError(f"backend 'cupy': no usable GPU ({type(e).__name__}); "
-                           "use --backend numpy") from None
+        raise RefimplError(f"backend 'cupy': no GPU ({type(e).__name__}); use --backend numpy") from None
     require(n_gpu > 0, "backend 'cupy': CuPy found no GPU; use --backend numpy")
     _register_with_autograd(cupy)
     _cupy = cupy
@@ -37,7 +36,6 @@ def get_xp(name="numpy"):
 
 
 def get_dtype(name):
-    """np.float32 / np.float64 from a name; RefimplError for anything else."""
     require(name in DTYPES, f"unknown dtype {name!r}: use float32 or float64")
     return DTYPES[name]
 
@@ -62,7 +60,7 @@ def to_numpy(x):
 
 
 def to_xp(x, xp, dtype=None):
-    """Move a host array to backend module xp, optionally casting floating arrays to dtype."""
+    """A host array on backend module xp, floating arrays cast to dtype if given."""
     a = xp.asarray(x)
     return a.astype(dtype, copy=False) if dtype is not None and a.dtype.kind == "f" else a
 
@@ -89,5 +87,3 @@ def _register_with_autograd(cupy):
 
     ArrayBox.register(cupy.ndarray)
     VSpace.register(cupy.ndarray, CupyVSpace)
-
-

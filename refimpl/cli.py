@@ -1,8 +1,6 @@
-"""The command line, `refimpl COMMAND ...` (also `python -m refimpl`): the only module that knows flags.
-
-Each command is a pair: `_X_args(parser)` declares its flags, `_X(args)` calls the library. A user error is
-ONE line on stderr, `refimpl: error: ...` (the library's `seq_len=999` shown as `--seq-len 999`), exit 2.
-"""
+"""The command line, `refimpl COMMAND ...`: the only module that knows flags. Each command is a pair:
+`_X_args(parser)` declares its flags, `_X(args)` calls the library. A user error is ONE line on stderr,
+`refimpl: error: ...` (the library's `seq_len=999` shown as `--seq-len 999`), exit 2."""
 import argparse
 import importlib.util
 import json
@@ -22,9 +20,9 @@ TRAIN_SIZES = ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead")  # t
 HELP = {  # the help of flags several commands share; each command adds its default
     "preset": "model size", "dtype": "parameter dtype", "batch_size": "sequences per batch",
     "steps": "optimizer steps in the whole run, which set the LR schedule", "lr": "peak learning rate",
-    "seq_len": "tokens per sequence (0: the decoder's max_seq_len)",
+    "seq_len": "tokens per sequence (0: the decoder's max_seq_len)", "clip": "max global gradient norm",
     "warmup": "linear warmup steps; cosine decay to 0.1 x lr follows",
-    "weight_decay": "decoupled (AdamW) weight decay on weight matrices", "clip": "max global gradient norm",
+    "weight_decay": "decoupled (AdamW) weight decay on weight matrices",
     "eval_every": "held-out loss every N steps, and at the end (0: only at the end)",
     "eval_batches": "held-out batches per evaluation", "seed": "seed of the init and of the batch sampler",
     "n_latents": "latent embeddings N_L written per augmentation point",
@@ -44,7 +42,6 @@ HELP = {  # the help of flags several commands share; each command adds its defa
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but an argument error is one line: refimpl: error: <what>; see --help."""
-
     def error(self, message):
         raise RefimplError(f"{message} (see `{self.prog} --help`)")
 
@@ -69,16 +66,11 @@ positive_float = _bounded(float, lambda v: 0 < v < float("inf"), "a positive num
 nonneg_float = _bounded(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
 def _table_args(p, kinds, defaults, helps=None, given_only=False):
-    """One flag per name of kinds ({name: argparse type, or a tuple of choices}), its help HELP[name] (or
-    helps[name]) with defaults[name]; given_only: its value is None unless given."""
+    """A flag per item of kinds (a type or a tuple of choices); its help (helps or HELP) names its default."""
     for name, kind in kinds.items():
         choices = kind if isinstance(kind, tuple) else None
-        p.add_argument(_flag(name), type=None if choices else kind, choices=choices,
+        p.add_argument("--" + name.replace("_", "-"), type=None if choices else kind, choices=choices,
                        default=None if given_only else defaults[name],
                        help=f"{(helps or {}).get(name, HELP.get(name))} (default {defaults[name]})")
 
@@ -88,8 +80,7 @@ def _model_args(p, decoder=True, dtype=True):
     if decoder:
         p.add_argument("--decoder", help="frozen decoder checkpoint (.npz), or the name of a fetched model "
                        "(default: the shipped decoder)")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (GPU) "
-                   "(default numpy)")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy or cupy (GPU) (default numpy)")
     if dtype:
         p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                        help="dtype of the arrays (default float32)")
@@ -114,8 +105,7 @@ def _decoder_path(args):
 
 
 def _decoder_config(args):
-    """The ModelConfig in the decoder checkpoint's JSON sidecar, read without loading its arrays (None if
-    unreadable: loading the checkpoint then reports the problem)."""
+    """The decoder checkpoint's ModelConfig from its JSON alone (None if unreadable: loading reports it)."""
     from .config import ModelConfig
     from .training.checkpoint import checkpoint_paths
     try:
@@ -125,28 +115,22 @@ def _decoder_config(args):
         return None
 
 
-def _preflight(estimate_of, sizes, adjustable, args):
-    """Refuse, before anything is allocated or written, a run whose estimated peak memory cannot fit."""
+def _check_memory(args, estimate, cfg, adjustable=(), itemsize=None, **sizes):
+    """Refuse, before anything is allocated or written, a run whose estimated peak memory estimate(cfg,
+    **sizes) cannot fit; a seq_len of 0 (or None) is cfg's max_seq_len, no cfg (a bad decoder) skips it."""
     from .memory import check_fits
-    check_fits(estimate_of, sizes, adjustable, getattr(args, "backend", "numpy"), args.force)
-
-
-def _check_memory(args, estimate, cfg, adjustable=(), **sizes):
-    """_preflight of estimate(cfg, **sizes) in the run's dtype; a seq_len of 0 (or None) is cfg's
-    max_seq_len, and no cfg (an unreadable decoder) skips the check."""
     if cfg is not None:
-        itemsize = 8 if getattr(args, "dtype", None) == "float64" else 4
+        itemsize = itemsize or (8 if getattr(args, "dtype", None) == "float64" else 4)
         if "seq_len" in sizes:
             sizes["seq_len"] = sizes["seq_len"] or cfg.max_seq_len
-        _preflight(lambda **k: estimate(cfg, itemsize=itemsize, **k), sizes, list(adjustable), args)
+        check_fits(lambda **k: estimate(cfg, itemsize=itemsize, **k), sizes, list(adjustable),
+                   getattr(args, "backend", "numpy"), args.force)
 
 
-# demo
 def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller version that takes under a minute")
     _model_args(p, dtype=False)
-    _force_arg(p)
 
 
 def _demo(args):
@@ -158,7 +142,6 @@ def _demo(args):
     run_demo(args.out, args.quick, _decoder_path(args), args.backend)
 
 
-# pretrain
 def _pretrain_args(p):
     from .training.pretrain import DEFAULTS
     # every value is None unless given: a resumed run keeps its own, and a changed one is refused
@@ -175,7 +158,6 @@ def _pretrain_args(p):
     _model_args(p, decoder=False, dtype=False)
     p.add_argument("--out", help="output directory (default runs/pretrain-<preset>)")
     _run_args(p)
-    _force_arg(p)
 
 
 def _pretrain(args):
@@ -191,7 +173,6 @@ def _pretrain(args):
         pretrain(out, resume=args.resume, stop_after=args.stop_after, backend=args.backend, **given)
 
 
-# train
 def _train_args(p):
     from .core.coprocessor import INITS, MODES
     from .core.layout import LATENT_POSITIONS
@@ -205,7 +186,6 @@ def _train_args(p):
     _model_args(p)
     _run_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    _force_arg(p)
 
 
 def _train(args):
@@ -225,25 +205,23 @@ def _train(args):
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'coprocessor.npz'}")
 
 
-# golden
 def _golden_args(parser):
     from .golden.state import SETUP
     sub = parser.add_subparsers(dest="golden_command", metavar="ACTION", parser_class=_Parser)
-    p = sub.add_parser("export", help="write DIR/manifest.json and DIR/tensors.npz",
-                       description="Compute the golden vectors and write DIR/manifest.json and DIR/tensors.npz "
-                                   "(deterministic).")
+    what = "compute the golden vectors and write DIR/manifest.json and DIR/tensors.npz (deterministic)"
+    p = sub.add_parser("export", help=what, description=what)
     p.add_argument("dir", help="output directory (e.g. tiny_data/golden/default)")
     p.add_argument("--seed", type=nonneg_int, default=SETUP["seed"],
                    help=f"seed of the golden state (default {SETUP['seed']}, the committed sets)")
     p.add_argument("--latent-positions", choices=("behind", "after"), default="behind",
-                   help="the latents' position ids in the set (default behind, the method; after: the ablation, "
+                   help="the latents' position ids (default behind, the method; after: the ablation, "
                         "the committed set tiny_data/golden/latents-after)")
     p.add_argument("--gqa", action="store_true", help="the grouped-query state (4 query heads, 2 key/value "
                    "heads; the committed set tiny_data/golden/gqa) instead of the multi-head one")
     _force_arg(p)
     p = sub.add_parser("verify", help="check refimpl (or another implementation) against DIR",
                        description="Recompute every output from DIR's inputs and compare, or with --actual "
-                                   "compare another implementation's tensors. DIR may hold one set or one "
+                                   "compare another implementation's tensors. DIR holds one set or one "
                                    "subfolder per set (default, gqa, latents-after). Exit 1 on any mismatch.")
     p.add_argument("dir", help="golden directory (e.g. tiny_data/golden)")
     p.add_argument("--actual", metavar="FILE.npz", help="another implementation's outputs, with the golden "
@@ -260,16 +238,13 @@ def _golden(args):
         return 0 if verify_all(args.dir, args.actual) else 1
     from .golden.state import SETUP, golden_config
     from .memory import train_step
-    cfg, s = golden_config(SETUP), SETUP                     # float64, and the per-trace form at export: small
-    _preflight(lambda **k: train_step(cfg, itemsize=8, **k), dict(batch_size=s["batch_size"], seq_len=s["seq_len"],
-               n_traces=s["n_traces"], n_latents=s["n_latents"], n_ahead=s["n_ahead"]), [], args)
+    _check_memory(args, train_step, golden_config(SETUP), itemsize=8, **{k: SETUP[k] for k in TRAIN_SIZES})
     manifest = export(args.dir, seed=args.seed, latent_positions=args.latent_positions, gqa=args.gqa)
     size = sum((Path(args.dir) / f).stat().st_size for f in (MANIFEST, TENSORS))
     print(f"wrote {len(manifest['tensors'])} tensors to {args.dir}/{TENSORS} and {args.dir}/{MANIFEST} "
           f"({size / 1024:.0f} KiB)")
 
 
-# eval
 def _eval_args(p):
     from .data.corpus import EVAL_SPLITS
     from .evaluation.runner import EvalConfig
@@ -287,7 +262,6 @@ def _eval_args(p):
                    help=f"Table 8 delays (default {' '.join(map(str, EvalConfig.delays))})")
     _model_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    _force_arg(p)
 
 
 def _eval(args):
@@ -312,7 +286,6 @@ def _eval(args):
         print(f"wrote {', '.join(map(str, written + report.get('plots', [])))}")
 
 
-# generate
 def _generate_args(p):
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch (prompts of any lengths, left-padded)")
@@ -325,7 +298,6 @@ def _generate_args(p):
                           "appended after N new tokens"})
     p.add_argument("--stop-at-newline", action="store_true", help="end each completion at a newline")
     _model_args(p)
-    _force_arg(p)
 
 
 def _generate(args):
@@ -340,7 +312,6 @@ def _generate(args):
     print("\n\n".join(p + t for p, t in zip(args.prompt, texts)))
 
 
-# bench: the harness lives in benchmarks/bench.py, outside the package
 def _bench_args(p):
     p.add_argument("--preset", choices=list(PRESETS), default="demo", help="model size (default demo)")
     _model_args(p, decoder=False)
@@ -359,11 +330,10 @@ def _bench_args(p):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _force_arg(p)
 
 
 def load_bench():
-    """The benchmark harness module (benchmarks/bench.py of the source tree)."""
+    """The benchmark harness, benchmarks/bench.py of the source tree (outside the package)."""
     require(BENCH.is_file(), f"{BENCH} is missing: `refimpl bench` runs from a source checkout of refimpl "
                              "(git clone, then pip install -e .)")
     spec = importlib.util.spec_from_file_location("refimpl_benchmarks_bench", BENCH)
@@ -390,7 +360,6 @@ def _bench(args):
     print(json.dumps(result) if args.json else bench.render_table(result))
 
 
-# fetch
 def _fetch_args(p):
     from .data.pretrained import CACHE_ENV, MODELS
     p.add_argument("name", choices=list(MODELS), help=f"the model; it is cached in ${CACHE_ENV} "
@@ -410,10 +379,8 @@ COMMANDS = {  # name: (help, declare flags, run)
     "golden": ("export or verify golden vectors for other implementations", _golden_args, _golden),
     "eval": ("the paper's tables on held-out data for a decoder and coprocessor runs", _eval_args, _eval),
     "generate": ("complete prompts, optionally with a coprocessor (and --delay)", _generate_args, _generate),
-    "fetch": ("download a pretrained LLM (smollm2-135m), converted once to a frozen decoder", _fetch_args,
-              _fetch),
-    "bench": ("time the train step, the per-trace form, memory and latency, beside PyTorch", _bench_args,
-              _bench),
+    "fetch": ("download a pretrained LLM, converted once to a frozen decoder", _fetch_args, _fetch),
+    "bench": ("time the train step, the per-trace form, memory and latency vs PyTorch", _bench_args, _bench),
 }
 
 
@@ -425,18 +392,10 @@ def build_parser():
     for name, (help_text, declare, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         declare(p)
+        if name not in ("golden", "fetch"):  # golden export has its own; fetch allocates nothing
+            _force_arg(p)
         p.set_defaults(_run=run, _parser=p)
     return parser
-
-
-def flag_names(message, parser):
-    """'seq_len=999 exceeds ...' -> '--seq-len 999 exceeds ...' for every flag of this command."""
-    for action in getattr(parser, "_actions", []):
-        if action.option_strings and action.nargs == 0:                  # force=True -> --force
-            message = message.replace(f"{action.dest}=True", _flag(action.dest))
-        elif action.option_strings:
-            message = re.sub(rf"(?<![\w-]){action.dest}=", _flag(action.dest) + " ", message)
-    return message
 
 
 def main(argv=None):
@@ -449,8 +408,10 @@ def main(argv=None):
         status = args._run(args)
         return 0 if status is None else int(status)
     except RefimplError as e:
-        message = flag_names(" ".join(str(e).split()), getattr(args, "_parser", None))
-        message = message.replace("force=True", "--force")
+        message = " ".join(str(e).split()).replace("force=True", "--force")  # golden export's too
+        for action in getattr(getattr(args, "_parser", None), "_actions", []):  # seq_len=9 -> --seq-len 9
+            if action.option_strings:
+                message = re.sub(rf"(?<![\w-]){action.dest}=", action.option_strings[-1] + " ", message)
     except OSError as e:  # a path that cannot be read or written: no permission, a file for a dir, disk full
         message = (f"cannot use{f' {e.filename}' if e.filename else ''}: {e.strerror or e}; check the path, "
                    "its permissions and the free disk space")

@@ -19,13 +19,8 @@ class ModelConfig:
     init_std: float = 0.02
     n_kv_heads: int = None      # grouped-query attention: key/value heads; None = n_heads (multi-head)
 
-    @property
-    def head_dim(self):
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self):
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+    head_dim = property(lambda self: self.d_model // self.n_heads)
+    kv_heads = property(lambda self: self.n_heads if self.n_kv_heads is None else self.n_kv_heads)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -36,9 +31,8 @@ class ModelConfig:
                 f"n_heads={self.n_heads}: pick n_heads that divides d_model")
         kv = self.n_kv_heads
         ok_kv = isinstance(kv, int) and not isinstance(kv, bool) and kv > 0 and self.n_heads % kv == 0
-        require(kv is None or ok_kv,
-                f"config n_kv_heads={kv!r} does not divide n_heads={self.n_heads}: pick a positive divisor "
-                "of n_heads (query head i reads key/value head i // (n_heads/n_kv_heads))")
+        require(kv is None or ok_kv, f"config n_kv_heads={kv!r} does not divide n_heads={self.n_heads}: "
+                "pick a divisor of n_heads (query head i reads key/value head i // (n_heads/n_kv_heads))")
         require(self.head_dim % 2 == 0, f"config head_dim={self.head_dim} is odd: RoPE pairs dimensions, "
                                         "so d_model/n_heads must be even")
         reals = (self.rope_theta, self.norm_eps, self.init_std)

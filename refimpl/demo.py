@@ -1,11 +1,7 @@
-"""`refimpl demo`: the paper's tables rebuilt at tiny scale, in one command.
-
-From the shipped frozen decoder it trains every coprocessor the tables need into OUT/runs/NAME
-(reusing a finished run with the same options), evaluates them with the long-trained coprocessor
-shipped in tiny_data/, and writes OUT/report.md (led by one sentence: where augmentation helps at
-this scale and where not yet), report.json and the plots. The CPU plan fits 10 minutes on 2 cores;
-`--backend cupy` runs the GPU plan (batch 64 x K 32, the main run 1.6M traces); `--quick` is a smoke test.
-"""
+"""`refimpl demo`: the paper's tables rebuilt at tiny scale, in one command (docs/results.md §4, §5).
+Trains every run the tables need into OUT/runs/NAME (reusing a finished run with the same options),
+evaluates them with the shipped long-trained coprocessor, and writes OUT/report.md, report.json and the
+plots. The CPU plan fits 10 minutes on 2 cores; `--backend cupy`: the GPU plan; `--quick`: a smoke test."""
 import json
 import time
 from dataclasses import asdict, replace
@@ -18,11 +14,8 @@ from .evaluation.report import write_report
 from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
 from .training.train import TrainConfig, saved_train_config, train
 
-SHIPPED_COPROCESSOR = TINY_DATA / "shipped-coprocessor"   # trained against SHIPPED_DECODER (docs/results.md)
-
-# The recipe (docs/results.md, "Screens"): the method's defaults, lr 3e-3. Every run shares BASE; each
-# line changes what its table varies. The largest N_L is the main run: it alone evaluates while it
-# trains (the break-even curve).
+# The recipe (docs/results.md, "Screens"): the method's defaults, lr 3e-3; each run changes from BASE what
+# its table varies. The main run (the largest N_L) alone evaluates while it trains (the break-even curve).
 BASE = TrainConfig(n_latents=8, n_ahead=8, n_traces=16, batch_size=4, steps=600, lr=3e-3, warmup=60,
                    eval_every=0, eval_batches=4)
 MAIN = {"eval_every": 50}
@@ -30,8 +23,7 @@ FULL = [
     ("copy-nl2", {"n_latents": 2}),                         # Tables 1, 2: N_L
     ("copy-nl4", {"n_latents": 4}),
     ("copy-nl8", MAIN),                                     # the main run (also Table 8, the curve)
-    ("pause-nl8", {"mode": "pause"}),                       # Table 3: the latents are the trained soft
-                                                            # tokens themselves, NOT a function of the input
+    ("pause-nl8", {"mode": "pause"}),                       # Table 3: latents = soft tokens, input-free
     ("random-nl8", {"init": "random"}),                     # Tables 5/7
     ("copy-nl8-na4", {"n_ahead": 4}),                       # Table 6
     ("copy-nl8-after", {"latent_positions": "after"}),      # Table P: the latents after the point
@@ -42,19 +34,16 @@ QUICK = [(name, {**changes, "eval_every": 10} if changes is MAIN else changes)
 # One GPU (`--backend cupy`): 2048 traces a step; the main run 800 steps = 1.64M traces, the others 200;
 # lr 1e-2, the better of 3e-3 and 1e-2 at this batch in the GPU runs of docs/results.md (not re-screened).
 GPU_BASE = replace(BASE, batch_size=64, n_traces=32, steps=200, warmup=20, lr=1e-2, eval_batches=1)
-GPU_MAIN = {"steps": 800, "warmup": 50, "eval_every": 25}
+GPU = [(name, {"steps": 800, "warmup": 50, "eval_every": 25} if changes is MAIN else changes)
+       for name, changes in FULL]
 EVAL_FULL = EvalConfig(eval_batches=6, batch_size=8, n_traces=16, limit=300, skip_windows=64)
 EVAL_QUICK = replace(EVAL_FULL, eval_batches=2, n_traces=8, limit=100, latency_repeats=3)
 
 
 def plan(quick, backend="numpy"):
     """[(run name, TrainConfig)]: the quick plan, the GPU plan (backend "cupy") or the CPU plan."""
-    if quick:
-        return [(name, replace(QUICK_BASE, **changes)) for name, changes in QUICK]
-    if backend == "cupy":
-        return [(name, replace(GPU_BASE, **(GPU_MAIN if changes is MAIN else changes)))
-                for name, changes in FULL]
-    return [(name, replace(BASE, **changes)) for name, changes in FULL]
+    base, runs = (QUICK_BASE, QUICK) if quick else (GPU_BASE, GPU) if backend == "cupy" else (BASE, FULL)
+    return [(name, replace(base, **changes)) for name, changes in runs]
 
 
 def _reusable(run_dir, tc):
@@ -68,7 +57,7 @@ def _reusable(run_dir, tc):
         return False
 
 
-def extra_runs(decoder, shipped=SHIPPED_COPROCESSOR):
+def extra_runs(decoder, shipped=TINY_DATA / "shipped-coprocessor"):
     """The shipped long-trained coprocessor, when the demo runs against the decoder it was trained with."""
     ckpt = Path(shipped) / "coprocessor.npz"
     return [ckpt] if Path(decoder).resolve() == SHIPPED_DECODER.resolve() and ckpt.is_file() else []
@@ -98,9 +87,6 @@ def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=pr
                       "seconds": time.perf_counter() - t0}
     report["plots"] = [str(p) for p in make_plots(report, loaded, out)]
     write_report(report, out)
-    log(f"done in {time.perf_counter() - t0:.0f} s")
-    log(f"report: {out / 'report.md'}")
-    log(f"        {out / 'report.json'}")
-    for p in report["plots"]:
-        log(f"plot:   {p}")
+    log(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}, {out / 'report.json'}")
+    log(f"plots: {', '.join(report['plots'])}")
     return report

@@ -7,6 +7,5 @@ class RefimplError(Exception):
 
 
 def require(condition, message):
-    """Raise RefimplError(message) unless condition holds."""
     if not condition:
         raise RefimplError(message)

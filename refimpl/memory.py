@@ -1,11 +1,9 @@
 """The memory model: the peak memory of a run, estimated from its sizes before anything is allocated.
 
-A training step keeps autograd's tape (per slot and layer: the block input, the two normed inputs, q
-and k after RoPE, v, the attention output, its merged heads, the MLP's gate, up and gated activations:
-9·D + 3·F numbers) for the K·N_L soft slots and the K·G group slots, the read-outs' logits, the cache,
-the weights and Adam state, and the larger transient of the backward pass (tape, logits, the largest
-block of attention scores) and the Adam update. Evaluation and generation keep no tape. `preflight`
-refuses, in one line, a run that cannot fit; docs/robustness.md has estimates beside measured peaks.
+A training step keeps autograd's tape (per slot and layer: block input, two normed inputs, q and k
+after RoPE, v, attention output, merged heads, the MLP's gate, up and gated activations: 9·D + 3·F
+numbers), the read-outs' logits, the cache, the weights and Adam state, and the larger of the backward
+pass and the Adam update. `preflight` refuses, in one line, a run that cannot fit (docs/robustness.md).
 """
 import math
 import os
@@ -30,13 +28,9 @@ class Estimate(dict):          # {part: bytes} of a run's peak: the process, and
 
 
 def decoder_size(cfg):
-    """Parameters of the decoder: embedding, L blocks, final norm."""
-    return cfg.vocab_size * cfg.d_model + cfg.n_layers * _block_size(cfg) + cfg.d_model
-
-
-def _block_size(cfg):
+    """Parameters of the decoder: embedding, L blocks (attention, MLP, two norms), final norm."""
     D, F, Dkv = cfg.d_model, cfg.d_ff, cfg.kv_heads * cfg.head_dim
-    return 2 * D * D + 2 * D * Dkv + 3 * D * F + 2 * D
+    return cfg.vocab_size * D + cfg.n_layers * (2 * D * D + 2 * D * Dkv + 3 * D * F + 2 * D) + D
 
 
 def _layer(cfg, slots):
@@ -44,18 +38,16 @@ def _layer(cfg, slots):
     return slots * (9 * cfg.d_model + 3 * cfg.d_ff)
 
 
-def _tape(cfg, slots):
-    # numbers autograd keeps per slot through L blocks and the final norm, with the allocator's share
-    return TAPE_FACTOR * (cfg.n_layers * _layer(cfg, slots) + slots * cfg.d_model)
-
-
 def _cache(cfg, batch, length):
     return 2 * cfg.n_layers * batch * length * cfg.kv_heads * cfg.head_dim
 
 
-def _update(n):
-    # Adam's transient: the gradients, the new weights and moments, one chunk's flat copies and temporaries
-    return TAPE_FACTOR * (4 * n + 6 * min(n, ADAM_CHUNK))
+def _backward_or_update(cfg, slots, logits, scores, n_trainable):
+    # the larger transient: the backward pass (autograd's tape through L blocks and the final norm, the
+    # logits, the largest block of attention scores) or Adam's update (the gradients, the new weights and
+    # moments, one chunk's flat copies and temporaries), each with the allocator's share
+    tape = TAPE_FACTOR * (cfg.n_layers * _layer(cfg, slots) + slots * cfg.d_model)
+    return max(tape + logits + scores, TAPE_FACTOR * (4 * n_trainable + 6 * min(n_trainable, ADAM_CHUNK)))
 
 
 def train_step(cfg, batch_size, seq_len, n_traces, n_latents, n_ahead, mode="coprocessor", itemsize=4):
@@ -63,23 +55,23 @@ def train_step(cfg, batch_size, seq_len, n_traces, n_latents, n_ahead, mode="cop
     B, T, K, G = batch_size, seq_len, n_traces, n_latents + n_ahead - 1
     pause = mode == "pause"
     slots = B * K * (G + (0 if pause else n_latents))
-    trainable = n_latents * cfg.d_model + (0 if pause else cfg.n_layers * _block_size(cfg) + cfg.d_model)
+    trainable = n_latents * cfg.d_model + (0 if pause else decoder_size(cfg) - cfg.vocab_size * cfg.d_model)
     run = math.ceil(K / 4)                                   # the largest run of traces (layout.context_runs)
-    backward = _tape(cfg, slots) + B * K * n_ahead * cfg.vocab_size + 2 * B * cfg.n_heads * run * G * (T + G)
     return Estimate({
         "decoder weights": decoder_size(cfg),
         "coprocessor weights and Adam state": 3 * trainable,
         "decoder cache": _cache(cfg, B, T),
-        "backward pass or Adam update, the larger": max(backward, _update(trainable)),
+        "backward pass or Adam update, the larger": _backward_or_update(
+            cfg, slots, B * K * n_ahead * cfg.vocab_size, 2 * B * cfg.n_heads * run * G * (T + G), trainable),
     }, itemsize)
 
 
 def pretrain_step(cfg, batch_size, seq_len, itemsize=4):
     """One decoder pretraining step: every weight trains."""
     B, T, P = batch_size, seq_len, decoder_size(cfg)
-    backward = _tape(cfg, B * T) + B * T * cfg.vocab_size + 2 * B * cfg.n_heads * T * T
-    return Estimate({"weights and Adam state": 3 * P,
-                     "backward pass or Adam update, the larger": max(backward, _update(P))}, itemsize)
+    peak = _backward_or_update(cfg, B * T, B * T * cfg.vocab_size, 2 * B * cfg.n_heads * T * T, P)
+    return Estimate({"weights and Adam state": 3 * P, "backward pass or Adam update, the larger": peak},
+                    itemsize)
 
 
 def evaluation(cfg, batch_size, seq_len, n_traces, n_latents, horizon, itemsize=4):
@@ -98,11 +90,10 @@ def generation(cfg, batch_size, prompt_len, max_new_tokens, n_latents, itemsize=
                      "logits": B * max(P, n_latents) * cfg.vocab_size}, itemsize)
 
 
-# ---------------------------------------------------------------------------------------------
 # The pre-flight check
 def available_bytes(backend="numpy"):
-    """Memory this run may use: REFIMPL_MEMORY_AVAILABLE (bytes, or e.g. '21.9GB'), else the GPU's
-    free memory (cupy) or MemAvailable of /proc/meminfo; None where it cannot be read."""
+    """REFIMPL_MEMORY_AVAILABLE (bytes, or e.g. '21.9GB'), else the GPU's free memory (cupy) or
+    MemAvailable of /proc/meminfo; None where it cannot be read."""
     pinned = os.environ.get(ENV_AVAILABLE)
     if pinned:
         text = pinned.strip().upper()
@@ -110,8 +101,7 @@ def available_bytes(backend="numpy"):
         try:
             return int(float(number) * UNITS[text[len(number):].strip()])
         except (ValueError, KeyError):
-            raise RefimplError(f"{ENV_AVAILABLE}={pinned!r} is not a size: use bytes or e.g. "
-                               "21.9GB") from None
+            raise RefimplError(f"{ENV_AVAILABLE}={pinned!r} is not a size: use bytes or e.g. 2GB") from None
     if backend == "cupy":
         from .backend import get_xp
         return get_xp("cupy").cuda.runtime.memGetInfo()[0]
@@ -132,8 +122,7 @@ def preflight(estimate_of, sizes, available, adjustable, backend_word="memory"):
     has = f"{available / GB:.1f} GB is available"
     if not adjustable:
         raise RefimplError(f"{needs}; {has}; force=True skips this check")
-    saving = {n: need - estimate_of(**{**sizes, n: max(1, sizes[n] // 2)}).total for n in adjustable}
-    top = max(adjustable, key=lambda n: saving[n])
+    top = max(adjustable, key=lambda n: need - estimate_of(**{**sizes, n: max(1, sizes[n] // 2)}).total)
     lo, hi = 0, sizes[top]                                   # lo fits (0: none), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -146,7 +135,6 @@ def preflight(estimate_of, sizes, available, adjustable, backend_word="memory"):
 
 
 def check_fits(estimate_of, sizes, adjustable, backend="numpy", force=False):
-    """The pre-flight of a command: nothing when force, else `preflight` against `available_bytes`."""
     require(isinstance(force, bool), "force must be True or False")
     if not force:
         preflight(estimate_of, sizes, available_bytes(backend), adjustable,

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl.data import reasoning
 from refimpl.data.corpus import (
     DATA_FILES,
     EVAL_FILES,
@@ -27,6 +26,9 @@ from refimpl.data.corpus import (
 )
 from refimpl.data.tokenizer import load_tokenizer
 from refimpl.errors import RefimplError
+
+sys.path.insert(0, str(REPO / "tools"))
+import reasoning  # noqa: E402  (tools/reasoning.py: the generator behind tiny_data/reasoning)
 
 TOK = load_tokenizer()
 ARITH = re.compile(r"Q: (\d+)([+*])(\d+)=\? A:")

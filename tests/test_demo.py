@@ -41,7 +41,7 @@ def test_demo_writes_report_and_reuses_runs(decoder, tmp_path, tiny_plan):
     assert lead.startswith("**At this scale, augmentation ") and "copy-nl2 after 8 training traces" in lead
     assert "![break-even curve](breakeven.png)" in md and (tmp_path / "breakeven.png").is_file()
     assert report["demo"]["seconds"] > 0
-    assert any(line.startswith("report:") for line in lines)
+    assert any("report: " in line and "report.md" in line for line in lines)
     assert list(tmp_path.glob("*.png"))
     # a second call reuses every finished run and only re-evaluates
     lines.clear()

@@ -12,9 +12,8 @@ from refimpl.core.decoder import extend, init_params, prefill
 from refimpl.data.corpus import load_reasoning_eval, load_tokens
 from refimpl.data.tokenizer import load_tokenizer
 from refimpl.errors import RefimplError
-from refimpl.evaluation.metrics import _accuracy, check_horizon, reasoning_accuracy
 from refimpl.evaluation.report import NOT_RUN, TABLES, copy_runs, render_markdown, table2, table_positions
-from refimpl.evaluation.runner import Run, load_runs
+from refimpl.evaluation.runner import EvalConfig, Run, _accuracy, load_runs, measure, reasoning_accuracy
 from refimpl.training.checkpoint import load_coprocessor, load_decoder, save_decoder
 from refimpl.training.heldout import ahead_nll, heldout_set, relative_ppl_change
 from refimpl.training.train import TrainConfig, train
@@ -153,8 +152,8 @@ def test_coprocessor_of_another_decoder_is_refused(setup, tmp_path, capsys):
 
 
 def test_horizon_that_does_not_fit_is_refused(setup, capsys):
-    with pytest.raises(RefimplError, match="does not fit"):
-        check_horizon(22, 24, 4, 64)
+    with pytest.raises(RefimplError, match="does not fit"):       # checked before anything is measured
+        measure(None, get_preset("nano"), None, [], EvalConfig(seq_len=24, horizon=22, n_traces=4), None, [])
     assert main(["eval", "--decoder", str(setup["dec"]), "--horizon", "30"] + EVAL) == 2
     assert "--horizon 30 does not fit --seq-len 24" in capsys.readouterr().err
 

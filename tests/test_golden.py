@@ -341,7 +341,7 @@ def test_malformed_files_raise_one_line_errors(tmp_path):
     (d / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     _one_line("format_version 99", verify, d)
     for field, value, match in (
-            ("ahead_positions", "continue", (r"config.ahead_positions 'continue': only 'original' .* "
+            ("ahead_positions", "continue", (r"config.ahead_positions 'continue', not one of original; "
                                              r"regenerate it with `refimpl golden export DIR` .* commit 2d4e58e")),
             ("ahead_positions", None, "config.ahead_positions None"),
             ("latent_positions", "x", "config.latent_positions 'x', not one of behind, after; regenerate")):

@@ -19,14 +19,15 @@ from hypothesis import strategies as st
 from refimpl.cli import main
 from refimpl.config import ModelConfig
 from refimpl.core.decoder import flatten_params, forward, init_params, unflatten_params
-from refimpl.data.llm_tokenizer import (
+from refimpl.data.pretrained import CACHE_ENV, MODELS, decoder_file, file_sha256
+from refimpl.data.tokenizer import (
+    REFETCH,
+    Tokenizer,
     byte_spelling,
-    load_llm_tokenizer,
+    read_tokenizer,
     save_llm_tokenizer,
     tokenizer_from_vocab,
 )
-from refimpl.data.pretrained import CACHE_ENV, MODELS, decoder_file, file_sha256
-from refimpl.data.tokenizer import Tokenizer
 from refimpl.errors import RefimplError
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package: pip install -e .[llm]")
@@ -224,12 +225,12 @@ def test_a_dropped_character_cuts_the_text_like_hugging_face(tiny_tok):
 
 def test_the_tokenizer_files_round_trip_and_are_checked(tiny_tok, tmp_path):
     path = save_llm_tokenizer(tiny_tok, tmp_path / "tok")
-    back = load_llm_tokenizer(path)
+    back = read_tokenizer(path, REFETCH)
     assert isinstance(back, Tokenizer) and back == tiny_tok
     assert back.encode("the 12") == tiny_tok.encode("the 12")
     path.write_bytes(path.read_bytes() + b"\n")
     with pytest.raises(RefimplError, match="sha256"):
-        load_llm_tokenizer(path)
+        read_tokenizer(path, REFETCH)
 
 
 def test_vocabularies_out_of_merge_order_are_refused():

@@ -20,7 +20,7 @@ def small_report(tmp_path):
          "runs": {"a": {"accuracy": acc(12.0)}, "b": {"accuracy": acc(15.0)}},
          "latent_norms": {"a": [6.9, 6.8, 7.0], "b": [6.7, 6.95]},
          "embedding_row_norms": list(np.linspace(0.1, 0.3, 50))}
-    table1 = {"id": "table1", "positions": [1, 2, 3],
+    table1 = {"id": "table1", "positions": [1, 2, 3], "header": ["position n", "N_L=2 (a)", "N_L=4 (b)"],
               "relative_ppl_change_pct": {"a": [-1.0, -0.5, -0.2], "b": [-2.0, -1.0, -0.4]}}
     curve = {"traces": [64, 640, 6400], "position_1": [150.0, 12.0, -0.5], "positions_2_on": [3.0, 0.1, -0.2],
              "n_ahead": 3}

@@ -1,2 +1,1 @@
-"""The method: ops with their backward passes, the decoder and its kv-cache, the coprocessor,
-the multi-trace layout and masks, and the objective in its three forms."""
+"""The method (paper §3): ops, decoder and kv-cache, coprocessor, multi-trace layout, objective."""

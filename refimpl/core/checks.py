@@ -1,9 +1,6 @@
-"""Validation at the API boundary: every check of a user's arrays, in one place, before the math.
-
-The method's functions (decoder.hidden, the coprocessor, the loss forms' inner passes) trust their
-inputs, as picoGPT's forward does; the entry points call these first. Token ids are checked on the
-host, before they move to a device, so that a check never makes a GPU synchronise inside the loss.
-"""
+"""Validation at the API boundary: every check of a user's arrays, in one place, before the math
+(which trusts its inputs, as picoGPT's forward does). Token ids are checked on the host, before
+they move to a device, so that a check never makes a GPU synchronise inside the loss."""
 import numpy as np
 
 from ..backend import to_numpy

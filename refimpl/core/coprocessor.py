@@ -1,13 +1,8 @@
 """The coprocessor (paper §3.1, Fig. 1; docs/method.md §2): it reads the frozen decoder's kv-cache
-plus N_L trainable soft tokens and emits N_L latent embeddings in ONE parallel forward pass.
-
-It has the decoder's architecture; its layer l attends over the DECODER's layer-l cache (the
-prefix is never recomputed with its weights), then over its soft tokens' own keys, causally. The
-latents are its final hidden states (after its final RMSNorm) at the soft tokens; its embedding
-and LM head are unused, so it trains its blocks, its final norm and the soft tokens. The pause-token
-baseline (paper Table 3) has no coprocessor: the soft tokens themselves are the latents, the same
-for every input. `latents` is the one place that tells the two modes apart.
-"""
+plus N_L trainable soft tokens and emits N_L latent embeddings in ONE parallel forward pass. It has
+the decoder's architecture; its layer l attends over the DECODER's layer-l cache, then over its
+soft tokens causally; the latents are its final hidden states (after its final RMSNorm). The
+pause-token baseline (paper Table 3) has no coprocessor: the soft tokens are the latents."""
 import numpy as np
 
 from ..backend import n_context_runs, xp_of
@@ -23,9 +18,8 @@ INITS = ("copy", "random")
 
 def init_coprocessor(decoder_params, cfg, n_latents, init="copy", mode="coprocessor", seed=0):
     """Trainable arrays as a flat dict: Hugging Face names for blocks and final norm, plus soft_tokens
-    (only they in mode="pause"). init="copy" starts from the decoder's weights (paper default),
-    "random" from a fresh init (the paper's ablation). Soft tokens ~ N(0, std(E)) [choice], so they
-    look like token embeddings."""
+    (only they in mode="pause"). init="copy" (paper default) or "random" (the paper's ablation).
+    Soft tokens ~ N(0, std(E)) [choice], so they look like token embeddings."""
     require(mode in MODES, f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     require(init in INITS, f"unknown init {init!r}: use one of {', '.join(INITS)}")
     require(isinstance(n_latents, int) and n_latents >= 1,
@@ -50,7 +44,6 @@ def latents(trainable, cfg, lead_shape, run):
     return run(unflatten_params(trainable, cfg.n_layers), soft_in)         # the flat dict, nested
 
 
-# ---------------------------------------------------------------------------------------------
 # Inference: one coprocessor call at the end of a cache (paper §3)
 def augment(trainable, cfg, cache, latent_positions="behind"):
     """The latents z [B, N_L, D] and their position ids int [B, N_L] for a decoder cache whose last
@@ -65,7 +58,6 @@ def augment(trainable, cfg, cache, latent_positions="behind"):
     return z, positions
 
 
-# ---------------------------------------------------------------------------------------------
 # Training: latents for K traces at once (paper §3.2)
 def latents_cached(trainable, cfg, cache, layout):
     """The cached form: every trace's latents in one blockwise pass over the decoder cache: [B, K, N_L, D]."""

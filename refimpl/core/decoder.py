@@ -1,11 +1,9 @@
-"""The decoder: a Llama-style transformer with an explicit kv-cache (paper §3; docs/method.md §1).
-
-Hugging Face Llama (pre-norm RMSNorm, RoPE "rotate-half", SwiGLU, no biases, tied LM head) in
-picoGPT's style: pure functions of a params tree that is also the checkpoint. A layer's cache
-holds keys AFTER RoPE plus the position id of every slot (-1: padding, attended by nobody); it
-grows by concatenation, never item assignment, so autograd traces through it. `hidden` is the
-pure forward; `forward`, `prefill` and `extend` check their arguments first (checks.py).
-"""
+"""The decoder: a Llama-style transformer with an explicit kv-cache (paper §3; docs/method.md §1),
+in picoGPT's style: pure functions of a params tree (Hugging Face names) that is also the checkpoint.
+The cache holds keys AFTER RoPE and every slot's position id (-1: padding); it grows by
+concatenation, never item assignment, so autograd traces through it. `hidden` is the pure forward;
+`forward`, `prefill` and `extend` check their arguments first (checks.py)."""
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +33,6 @@ LAYER_KEYS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
               "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
 
 
-# ---------------------------------------------------------------------------------------------
 # Parameters: a nested dict whose leaves carry the Hugging Face Llama leaf names.
 def _layer_shapes(cfg):
     # {leaf: shape} of one block; Linear weights are [out, in]
@@ -60,8 +57,7 @@ def init_params(cfg, seed=0, dtype=np.float32, xp=np):
 
 
 def hf_name(path):
-    """Our params path -> Hugging Face Llama name, e.g. ("layers", 0, "q_proj") ->
-    model.layers.0.self_attn.q_proj.weight; ("norm",) -> model.norm.weight."""
+    """("layers", 0, "q_proj") -> model.layers.0.self_attn.q_proj.weight; ("norm",) -> model.norm.weight."""
     if len(path) == 1:
         return f"model.{path[0]}.weight"
     _, i, key = path
@@ -100,7 +96,6 @@ def param_shapes(cfg):
     return shapes
 
 
-# ---------------------------------------------------------------------------------------------
 # The kv-cache
 @dataclass(frozen=True)
 class KVCache:
@@ -126,9 +121,8 @@ class KVCache:
 
 
 def causal_may_attend(cache_positions, positions):
-    """Default mask: new slot i sees every valid cached slot and new slots j <= i; a slot at
-    position -1 (padding) is visible to nobody but itself.
-    cache_positions int [B, Tc] (or None), positions int [B, T] -> bool [B, T, Tc + T]."""
+    """Default mask: new slot i sees every valid cached slot and new slots j <= i; padding (position
+    -1) only itself. cache_positions int [B, Tc] (or None), positions int [B, T] -> bool [B, T, Tc+T]."""
     xp = xp_of(positions)
     T = positions.shape[1]
     key_pos = positions if cache_positions is None else xp.concatenate([cache_positions, positions], 1)
@@ -139,7 +133,6 @@ def causal_may_attend(cache_positions, positions):
     return slots[None] & ((key_pos >= 0)[:, None, :] | itself[None])
 
 
-# ---------------------------------------------------------------------------------------------
 # The transformer
 def block(layer, x, cos, sin, attend, cfg):
     """One pre-norm Llama block: [B, T, D] -> [B, T, D], and the new slots' keys (after RoPE) and
@@ -156,13 +149,13 @@ def block(layer, x, cos, sin, attend, cfg):
     return add(x, linear(gated, layer["down_proj"])), k, v
 
 
-def run_layers(params, cfg, x, positions, attend_for_layer):
-    """Embeddings [B, T, D] through every block (layer i attends with attend_for_layer(i)): hidden
+def run_layers(params, cfg, x, positions, attend):
+    """Embeddings [B, T, D] through every block (layer i attends with attend(i, q, k, v)): hidden
     states AFTER the final RMSNorm [B, T, D], and every layer's new keys and values."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)    # [B, 1, T, Dh]
     ks, vs = [], []
     for i, layer in enumerate(params["layers"]):
-        x, k, v = block(layer, x, cos, sin, attend_for_layer(i), cfg)
+        x, k, v = block(layer, x, cos, sin, functools.partial(attend, i), cfg)
         ks.append(k)
         vs.append(v)
     return rmsnorm(x, params["norm"], cfg.norm_eps), ks, vs
@@ -187,14 +180,12 @@ def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
         may_attend = causal_may_attend(None if cache is None else cache.positions, positions)
     bias = additive_mask(may_attend[:, None], x.dtype)                           # [B|1, 1, T, Tc+T]
 
-    def attend_for_layer(i):
-        def attend(q, k, v):                                                     # k, v [B, Hkv, T, Dh]
-            if cache is not None:
-                k, v = concat(cache.k[i], k, 2), concat(cache.v[i], v, 2)        # [B, Hkv, Tc+T, Dh]
-            return attention(q, *_heads(cfg, k, v), bias)
-        return attend
+    def attend(i, q, k, v):                                                      # k, v [B, Hkv, T, Dh]
+        if cache is not None:
+            k, v = concat(cache.k[i], k, 2), concat(cache.v[i], v, 2)            # [B, Hkv, Tc+T, Dh]
+        return attention(q, *_heads(cfg, k, v), bias)
 
-    h, ks, vs = run_layers(params, cfg, x, positions, attend_for_layer)
+    h, ks, vs = run_layers(params, cfg, x, positions, attend)
     new_cache = KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
     return h, new_cache
 
@@ -206,31 +197,27 @@ def _heads(cfg, k, v):
 
 
 def groups_hidden(params, cfg, inputs, positions, cache, context_visible, runs):
-    """K groups of G slots against one shared cache, blockwise (paper Fig. 2, the cached form):
-    inputs [B, K, G, D], positions int [B, K, G], cache of T slots -> hidden [B, K*G, D] (after the
-    final norm). A slot of group k sees the cached slots context_visible [B, K, T] (host) allows and
-    its own group's slots up to itself; runs: `layout.context_runs`. The groups' keys are not cached."""
+    """K groups of G slots against one shared cache of T slots, blockwise (paper Fig. 2, the cached
+    form): inputs [B, K, G, D], positions int [B, K, G] -> hidden [B, K*G, D]. Group k sees the cached
+    slots context_visible [B, K, T] (host) allows, and its own slots causally; runs: `context_runs`."""
     xp = xp_of(inputs)
     B, K, G, D = inputs.shape
     H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
     ctx_bias = additive_mask(xp.asarray(context_visible)[:, None, :, None, :], inputs.dtype)  # [B,1,K,1,T]
     own_bias = additive_mask(xp.tril(xp.ones((G, G), dtype=bool)), inputs.dtype)          # [G, G]
 
-    def attend_for_layer(i):
-        def attend(q, k, v):                                                     # [B, H, K*G, Dh] each
-            q = reshape(q, (B, H, K, G, Dh))
-            k, v = _heads(cfg, *(reshape(a, (B, Hkv, K, G, Dh)) for a in (k, v)))
-            k_ctx, v_ctx = _heads(cfg, cache.k[i], cache.v[i])                  # [B, H, T, Dh]
-            out = trace_attention(q, k_ctx, v_ctx, k, v, ctx_bias, own_bias, runs=runs)
-            return reshape(out, (B, H, K * G, Dh))
-        return attend
+    def attend(i, q, k, v):                                  # q [B, H, K*G, Dh], k, v [B, Hkv, K*G, Dh]
+        q = reshape(q, (B, H, K, G, Dh))
+        k, v = _heads(cfg, *(reshape(a, (B, Hkv, K, G, Dh)) for a in (k, v)))
+        k_ctx, v_ctx = _heads(cfg, cache.k[i], cache.v[i])                      # [B, H, T, Dh]
+        out = trace_attention(q, k_ctx, v_ctx, k, v, ctx_bias, own_bias, runs=runs)
+        return reshape(out, (B, H, K * G, Dh))
 
     flat = xp.asarray(positions).reshape(B, K * G)
-    h, _, _ = run_layers(params, cfg, reshape(inputs, (B, K * G, D)), flat, attend_for_layer)
+    h, _, _ = run_layers(params, cfg, reshape(inputs, (B, K * G, D)), flat, attend)
     return h
 
 
-# ---------------------------------------------------------------------------------------------
 # The entry points: forward, and the inference API built on it (prefill, extend, decode)
 def forward(params, cfg, inputs, positions=None, cache=None, may_attend=None):
     """logits [B, T, V], final hidden states [B, T, D], and the cache extended by T slots (checked)."""

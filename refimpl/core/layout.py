@@ -1,20 +1,7 @@
-"""The multi-trace training layout and its masks (paper §3.2 and Fig. 2; docs/method.md §4).
-
-Host index data only: no model code. For each sequence x_0..x_{T-1}, K augmentation points
-p_1..p_K are sampled. Trace k is a group of G = N_L + N_A - 1 slots inserted after x_{p_k}:
-
-    slots:    z_1 .. z_{N_L}                 x_{p+1} .. x_{p+N_A-1}
-    position: max(0, p-N_L+1) .. p          p+1 .. p+N_A-1     (latents "behind" the point: the method)
-              p+1 .. p+N_L                                      (latents "after": the ablation)
-    targets x_{p+1} .. x_{p+N_A}, read at the last latent, then at each ahead token.
-
-In the packed sequence (the T original tokens followed by the K groups, S = T + K*G slots), an
-original token sees earlier original tokens; a group slot sees x_0..x_{p_k} and the slots of its
-own group at or before itself. Nothing else: no other group, no original token after p_k.
-
-`TraceLayout` holds every index and mask of that layout as host NumPy arrays, built once;
-`context_runs` cuts the traces into runs that each need only a prefix of the cache (a fast path).
-"""
+"""The multi-trace training layout and its masks (paper §3.2 and Fig. 2; docs/method.md §4 states
+the slots, their position ids, the targets and the packed mask). Host index data only: `TraceLayout`
+holds every index and mask as host NumPy arrays, built once; `context_runs` cuts the traces into
+runs that each need only a prefix of the cache (a fast path)."""
 import itertools
 from dataclasses import dataclass
 
@@ -76,7 +63,7 @@ class TraceLayout:
         return np.array([ORIGINAL] * self.seq_len + group * self.n_traces, dtype=np.int64)
 
     def packed_may_attend(self, group_len=None):
-        """bool [B, S, S], S = T + K*group_len: the one-pass mask (paper Fig. 2, see module doc).
+        """bool [B, S, S], S = T + K*group_len: the one-pass mask (paper Fig. 2, method.md §4).
         group_len: G by default; the coprocessor's packed pass has groups of its N_L soft tokens."""
         group_len = self.group_len if group_len is None else group_len
         (B, K), T = self.trace_positions.shape, self.seq_len
@@ -154,12 +141,10 @@ def worked_example(text="abcdef", points=(1, 3), n_latents=2, n_ahead=2, latent_
     return format_mask(layout.packed_may_attend()[0], names, header)
 
 
-# ---------------------------------------------------------------------------------------------
 # The cached form of the same attention pattern
 def context_runs(context_visible, n_runs=4):
-    """Runs of consecutive traces and the context each needs, for `ops.trace_attention`:
-    context_visible bool [B, K, T] (host) -> ((k_start, k_stop, n_ctx), ...), n_runs runs of
-    (nearly) equal length covering 0..K; no trace of a run, in any sequence, sees a slot >= n_ctx.
+    """Runs of consecutive traces for `ops.trace_attention`: bool [B, K, T] (host) -> ((k_start, k_stop,
+    n_ctx), ...), n_runs (nearly) equal runs covering 0..K; no trace of a run sees a slot >= n_ctx.
     Sorted points make the early runs short (0.63 of the context work at K=32, T=128, 4 runs)."""
     vis = np.asarray(context_visible)
     _, K, T = vis.shape

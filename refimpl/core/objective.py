@@ -1,16 +1,8 @@
-"""The method on one screen, then the training objective in the three forms that must agree.
-
-`trace_loss` is the whole method for one augmentation point, through the inference API (paper §3,
-Fig. 1): prefill the frozen decoder, ONE coprocessor call on its cache, the decoder over
-[latents, ahead tokens], read-out, cross-entropy. The training loss (paper §3.2) is its mean over
-all B*K*N_A ahead targets; each form returns (loss, out), out holding `nll` [B, K, N_A], `logits`
-[B, K, N_A, V] and `latents` [B, K, N_L, D] (None with N_L = 0):
-- per-trace `loss_per_trace`: `trace_loss` for every trace, one by one. The ground truth.
-- cached `loss_cached`: one decoder prefill (a constant: the decoder is frozen), then the
-  coprocessor and the decoder groups blockwise against it. This is what training uses.
-- packed `loss_packed`: one decoder pass over [original tokens; all K groups], the mask of Fig. 2.
-`trainable` None or N_L = 0 is the plain decoder: every form is then teacher-forced decoding.
-"""
+"""The method on one screen (`trace_loss`, paper §3, Fig. 1), then the training loss (paper §3.2),
+its mean over all B*K*N_A ahead targets, in three forms that must agree (docs/method.md §4):
+per-trace (the ground truth), cached (what training uses) and packed. Each returns (loss, out), out
+holding `nll` [B, K, N_A], `logits` [B, K, N_A, V] and `latents` [B, K, N_L, D] (None with N_L = 0).
+`trainable` None or N_L = 0 is the plain decoder: every form is then teacher-forced decoding."""
 import functools
 
 from ..backend import n_context_runs, xp_of
@@ -43,15 +35,14 @@ def trace_loss(decoder, trainable, cfg, tokens, p, n_ahead, latent_positions="be
 
 def loss_per_trace(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                    latent_positions="behind"):
-    """The per-trace form: `trace_loss` trace by trace, for tokens int [B, T] and the augmentation
-    points trace_positions int [B, K] (host)."""
+    """The per-trace form: `trace_loss` trace by trace; tokens int [B, T], trace_positions int [B, K]."""
     layout, tokens = _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead,
                             latent_positions)
     B, K = layout.trace_positions.shape
     with_z = trainable if layout.n_latents else None
     traces = [trace_loss(dec_params, with_z, cfg, tokens[b:b + 1], int(layout.trace_positions[b, k]), n_ahead,
                          latent_positions) for b in range(B) for k in range(K)]
-    nll, logits, z = ([t[i] for t in traces] for i in range(3))
+    nll, logits, z = zip(*traces)
     z = None if with_z is None else _stack(z, (B, K, n_latents, -1))
     return _finish(_stack(logits, (B, K, n_ahead, -1)), _stack(nll, (B, K, n_ahead)), z)
 
@@ -91,7 +82,6 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
     return _finish(*_scored(h_all, layout, dec_params), z)
 
 
-# ---------------------------------------------------------------------------------------------
 def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions):
     """Check the inputs on the host, build the layout, move the tokens to the decoder's device."""
     host = host_tokens(tokens, cfg)

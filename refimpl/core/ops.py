@@ -1,16 +1,10 @@
-"""The ops of the transformer, each an autograd primitive with its backward pass beside it.
-
-Every op a gradient flows through is defined here, forward and VJP side by side (llm.c's
+"""Every op a gradient flows through, an autograd primitive with its VJP beside it (llm.c's
 `layernorm.py` pattern), on the array module of its inputs (`xp_of`): autograd's own VJPs for
-sum/mean/dot/getitem allocate host NumPy arrays and fail on CuPy. tests/test_ops.py checks each
-against finite differences and autograd's derivative of the plain NumPy composition.
+sum/mean/dot/getitem allocate host NumPy arrays and fail on CuPy. tests/test_ops.py checks each.
 
-Conventions: activations are [..., D]; heads are batched as [B, H, T, Dh]; Linear weights are
-[out, in] (Hugging Face), so linear(x, w) = x @ w.T. A VJP never writes into its cotangent g.
-Speed (docs/performance.md): NumPy makes one single-threaded pass over memory per elementwise op,
-so the ops work in place on temporaries they own, keep float32 as float32 (scalars are Python
-floats: a NumPy float64 one would promote) and reuse what the forward knows (lse, below).
-"""
+Activations are [..., D], heads [B, H, T, Dh], Linear weights [out, in]. A VJP never writes into
+its cotangent g. For speed (docs/performance.md) the ops work in place on temporaries they own,
+keep float32 as float32 (Python float scalars) and reuse what the forward knows (lse, below)."""
 import math
 import threading
 
@@ -19,7 +13,6 @@ from autograd.extend import defvjp, defvjp_argnums, primitive
 from ..backend import xp_of
 
 
-# ---------------------------------------------------------------------------------------------
 # linear: y = x @ w.T
 @primitive
 def linear(x, w):
@@ -31,7 +24,6 @@ defvjp(linear, lambda y, x, w: lambda g: (g.reshape(-1, w.shape[0]) @ w).reshape
        lambda y, x, w: lambda g: g.reshape(-1, w.shape[0]).T @ x.reshape(-1, x.shape[-1]))  # dw = g^T x
 
 
-# ---------------------------------------------------------------------------------------------
 # RMSNorm: y = w * x / sqrt(mean(x^2) + eps)
 def _rowdot(a, b):
     # [..., N], [..., N] -> [..., 1]: the dot product of every row, with no [..., N] temporary
@@ -80,7 +72,6 @@ def _rmsnorm_vjp(argnums, y, args, kwargs):
 defvjp_argnums(rmsnorm, _rmsnorm_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # Rotary position embedding, "rotate-half" pairing (dim i with dim i + Dh/2), explicit positions.
 def rotate_half(x):
     # [..., Dh] -> [..., Dh]: [x1, x2] -> [-x2, x1]
@@ -121,23 +112,19 @@ def _rope_vjp(y, x, cos, sin):
 defvjp(rope, _rope_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
-# Masked attention: softmax(q k^T / sqrt(Dh) + bias) v. bias is 0 where a query may attend a key
-# and -inf elsewhere (`additive_mask`). The backward recomputes the probabilities, as
-# FlashAttention does, instead of keeping them alive between the passes; like FlashAttention it
-# keeps the row log-sum-exp (lse, [..., 1]) of the forward, so that the recomputation is
-# P = exp(S - lse): no max, no sum, no division over the [Tq, Tk] scores.
+# Masked attention: softmax(q k^T / sqrt(Dh) + bias) v, bias 0 where a query may attend a key and
+# -inf elsewhere. Like FlashAttention the backward recomputes the probabilities instead of keeping
+# them alive, from the forward's row log-sum-exp (lse, [..., 1]): P = exp(S - lse), no max, no sum,
+# no division over the [Tq, Tk] scores.
 def additive_mask(may_attend, dtype):
     """Boolean may-attend [..., Tq, Tk] -> additive bias of the same shape: 0 or -inf."""
     xp = xp_of(may_attend)
     return xp.where(may_attend, 0.0, -xp.inf).astype(dtype)
 
 
-# The forward's lse, handed to its VJP. autograd calls a primitive's VJP maker right after the
-# forward, with the forward's output; the forward leaves (output, lse) here and the maker takes
-# it back by the identity of that output. A maker that finds something else recomputes the
-# statistic (`_lse_or_none` -> None). Thread-local: `refimpl generate --delay` runs the
-# coprocessor in a thread.
+# The forward's lse, handed to its VJP: autograd calls a primitive's VJP maker right after the
+# forward; the forward leaves (output, lse) here, the maker takes it back by the identity of that
+# output, or else recomputes it (None). Thread-local: `generate --delay` runs the coprocessor in a thread.
 _handoff = threading.local()
 
 
@@ -231,16 +218,12 @@ def _attention_vjp(argnums, out, args, kwargs):
 defvjp_argnums(attention, _attention_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # Trace attention: the blockwise form of the multi-trace mask (paper Fig. 2; the cached form).
-# K traces of G slots each attend to (a) a shared context cache of Tc slots, through a per-trace
-# visibility bias, and (b) the slots of their own trace, causally, with one softmax over both:
-# `attention` over the concatenated keys with the full block mask, without ever building the
-# [K*G, Tc + K*G] mask (tests/test_ops.py checks the equality).
-# runs = ((k_start, k_stop, n_ctx), ...), host ints covering 0..K in order (None: one run). Trace k
-# sees context slots t <= p_k only, so each run of traces is computed against the first n_ctx
-# context slots alone (a fast path): the caller's ctx_bias hides slots >= n_ctx from that run's
-# traces (`layout.context_runs` builds the runs from the layout).
+# K traces of G slots each attend to a shared context cache of Tc slots (through a per-trace
+# visibility bias) and to their own trace's slots causally, with one softmax over both: `attention`
+# over the concatenated keys and the full block mask, without building that [K*G, Tc + K*G] mask.
+# runs = ((k_start, k_stop, n_ctx), ...) (host ints covering 0..K; None: one run): trace k sees
+# context slots t <= p_k only, so a run of traces needs only the first n_ctx (`layout.context_runs`).
 def _shared_matmul(a, b):
     # [B,H,K,G,X], [B,H,X,Y] -> [B,H,K,G,Y]: every trace's rows times the one context matrix
     B, H, K, G, X = a.shape
@@ -344,7 +327,6 @@ def _join_runs(i, runs, parts, k_ctx):
 defvjp_argnums(trace_attention, _trace_attention_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # SwiGLU gate: silu(a) * b, with silu(a) = a * sigmoid(a)
 def _sigmoid(a):
     # 1 / (1 + exp(-a)), in one temporary
@@ -387,7 +369,6 @@ def _swiglu_vjp(argnums, y, args, kwargs):
 defvjp_argnums(swiglu, _swiglu_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # Row gathers (the embedding; the read-out of scored slots) and their scatter-add backward
 def scatter_add_rows(xp, n_rows, idx, values):
     """zeros [n_rows, D] with values [N, D] added at rows idx [N] (repeats accumulate)."""
@@ -431,7 +412,6 @@ def _take_rows_vjp(y, x, idx):
 defvjp(take_rows, _take_rows_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # Cross-entropy per scored target: nll = logsumexp(logits) - logits[target]
 def _picked(logits, targets):
     # [..., V], int [...] -> [...]: logits[..., target]
@@ -463,7 +443,6 @@ def _cross_entropy_vjp(nll, logits, targets):
 defvjp(cross_entropy, _cross_entropy_vjp)
 
 
-# ---------------------------------------------------------------------------------------------
 # Shape and bookkeeping ops: exact, with trivial VJPs, so nothing on the path is autograd's own.
 @primitive
 def mean(x):

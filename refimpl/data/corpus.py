@@ -1,8 +1,5 @@
 """The tiny data of `tiny_data/` (docs/data.md), every file checked against its sha256 in MANIFEST.json: the
-pretraining mixture as token ids (every document of both sources, a reference topic or a reasoning line, in
-a fixed shuffled order, each followed by end-of-text), random windows of it, the reasoning evals, the hash.
-"""
-
+pretraining mixture as token ids, random windows of it, the reasoning evals, the data hash."""
 import functools
 import hashlib
 import json
@@ -54,7 +51,8 @@ def _manifest():
 
 @functools.lru_cache(maxsize=8)
 def load_tokens(split, tokenizer):
-    """The pretraining mixture of "train" or "val" as int32 [N], each document followed by eot (cached)."""
+    """The pretraining mixture of "train" or "val" as int32 [N] (cached): every document (a reference topic
+    or a reasoning line) in a fixed shuffled order, each followed by eot."""
     require(split in ("train", "val"), f"unknown split {split!r}; use 'train' or 'val'")
     text = _read_bytes(f"text/{split}.txt").decode("utf-8").split(DOC_SEPARATOR)
     lines = _read_bytes(f"reasoning/{split}.txt").decode("utf-8").splitlines(keepends=True)
@@ -71,8 +69,7 @@ def load_tokens(split, tokenizer):
 def _check_windows(tokens, batch_size, seq_len):
     for name, n in (("batch_size", batch_size), ("seq_len", seq_len)):
         require(isinstance(n, (int, np.integer)) and n >= 1, f"{name} must be a positive int, got {n!r}")
-    require(np.ndim(tokens) == 1, f"tokens must be 1-D, got shape {np.shape(tokens)}; "
-                                  "pass the array from load_tokens")
+    require(np.ndim(tokens) == 1, f"tokens must be 1-D, got shape {np.shape(tokens)} (use load_tokens)")
     require(len(tokens) >= seq_len, f"the corpus has {len(tokens)} tokens, fewer than "
                                     f"seq_len={seq_len}; use a shorter seq_len or more data")
 
@@ -80,15 +77,13 @@ def _check_windows(tokens, batch_size, seq_len):
 def sample_batch(tokens, batch_size, seq_len, rng):
     """int64 [B, T]: B windows of T consecutive tokens at uniform random starts."""
     _check_windows(tokens, batch_size, seq_len)
-    require(isinstance(rng, np.random.Generator),
-            "rng must be a numpy.random.Generator; make one with np.random.default_rng(seed)")
+    require(isinstance(rng, np.random.Generator), "rng must be a Generator: np.random.default_rng(seed)")
     starts = rng.integers(0, len(tokens) - seq_len + 1, size=batch_size)  # [B]
     return np.asarray(tokens)[starts[:, None] + np.arange(seq_len)].astype(np.int64)  # [B, T]
 
 
 def iter_eval_batches(tokens, batch_size, seq_len):
-    """Yield int64 [B, T] batches of the non-overlapping windows tokens[i*T:(i+1)*T], in order; the tail
-    shorter than T is dropped, the last batch may have fewer than B rows."""
+    """Yield int64 [<=B, T] batches of the windows tokens[i*T:(i+1)*T] in order (a short tail dropped)."""
     _check_windows(tokens, batch_size, seq_len)
     n = len(tokens) // seq_len
     windows = np.asarray(tokens)[: n * seq_len].reshape(n, seq_len).astype(np.int64)  # [n, T]
@@ -96,10 +91,8 @@ def iter_eval_batches(tokens, batch_size, seq_len):
 
 
 def load_reasoning_eval(split="test"):
-    """The held-out reasoning problems of "val", "test", "long" (3..5-digit answers) or "fewshot"
-    (few-shot prompts, data/reasoning.py): dicts with task, difficulty, prompt, answer."""
-    require(split in EVAL_SPLITS, f"unknown eval split {split!r}; use 'val' or 'test' (or 'long': "
-                                  "multi-digit answers only; 'fewshot': few-shot prompts for a real LLM)")
+    """The held-out problems of an eval split (docs/data.md): dicts with task, difficulty, prompt, answer."""
+    require(split in EVAL_SPLITS, f"unknown eval split {split!r}; use 'val' or 'test' (or 'long', 'fewshot')")
     lines = _read_bytes(f"reasoning/eval_{split}.jsonl").decode("utf-8").splitlines()
     return [json.loads(line) for line in lines if line]
 

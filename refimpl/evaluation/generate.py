@@ -1,18 +1,7 @@
-"""Augmented decoding and `refimpl generate`: prompts in, text out (docs/method.md §3).
-
-The one implementation of decoding with a coprocessor (`refimpl generate`, Tables 2 and 8):
-    prefill   [eot] + prompt                      -> cache C_p, logits          (left-padded batch)
-    decode    `delay` tokens without latents      (the decoder does not wait for the coprocessor)
-    augment   z = coprocessor(C_p, S)             ONE call on the PROMPT's cache, maybe in a thread
-    extend    the decoder runs z [B, N_L, D] after those tokens, at the last N_L ids up to the last
-              token's ("behind", the method) or at the next N_L ids ("after", the ablation)
-    decode    the next token is read at the last latent, then greedy or sampled decoding goes on
-
-delay = 0 is the paper's "coprocessor called once at the end of the prompt"; with delay = N the
-latents arrive N tokens late (Table 8) and the decoder waits for them at token N, so the output
-depends on N only, never on thread timing. The tokens after the latents keep their own position
-ids, going on from the last token's as if the latents took none.
-"""
+"""Augmented decoding, the one implementation, and `refimpl generate` (docs/method.md §3): prefill
+[eot] + prompt (left-padded), decode `delay` tokens, append the latents of ONE coprocessor call on the
+PROMPT's cache (maybe run in a thread), go on from the last latent. delay = N (Table 8) waits for the
+latents at token N: the output depends on N only, never on thread timing."""
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,27 +17,21 @@ from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 
 
-def left_pad(prompt_ids, pad_id=0):
-    """Ragged id lists -> tokens int64 [B, T] and positions int64 [B, T]: each prompt's real tokens at
-    positions 0..len-1, its pad slots at -1, which no other slot attends to."""
+def left_pad(prompt_ids):
+    """Ragged id lists -> tokens and positions, int64 [B, T]; pads: id 0 at position -1 (never attended)."""
     require(len(prompt_ids) > 0 and all(len(p) > 0 for p in prompt_ids),
             "every prompt needs at least one token: pass non-empty prompts")
     T = max(len(p) for p in prompt_ids)
-    tokens = np.full((len(prompt_ids), T), pad_id, dtype=np.int64)
-    positions = np.full((len(prompt_ids), T), -1, dtype=np.int64)
-    for b, p in enumerate(prompt_ids):
-        tokens[b, T - len(p):] = p
-        positions[b, T - len(p):] = np.arange(len(p))
+    tokens = np.array([[0] * (T - len(p)) + list(p) for p in prompt_ids], dtype=np.int64)
+    positions = np.array([[-1] * (T - len(p)) + list(range(len(p))) for p in prompt_ids], dtype=np.int64)
     return tokens, positions
 
 
 @lru_cache(maxsize=4)
 def stop_token_ids(tokenizer, at_newline=True):
-    """Ids that end a completion: eot, plus every token whose text holds a newline."""
-    ids = [tokenizer.eot_id]
-    if at_newline:
-        ids += [i for i in range(tokenizer.n_vocab) if i != ids[0] and "\n" in tokenizer.decode([i])]
-    return tuple(ids)
+    """Ids that end a completion: eot, and with at_newline every token whose text holds a newline."""
+    eot, scanned = tokenizer.eot_id, range(tokenizer.n_vocab) if at_newline else ()
+    return (eot, *(i for i in scanned if i != eot and "\n" in tokenizer.decode([i])))
 
 
 def warn_stderr(message):
@@ -66,10 +49,8 @@ class Decoded:
 
 def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, temperature=0.0,
              seed=0, delay=0, stop_ids=(), background=False, warn=warn_stderr, latent_positions="behind"):
-    """Decode a left-padded batch of prompts, the coprocessor called once on the prompt and its latents
-    appended after `delay` tokens (module docstring). If the coprocessor raises, `warn` gets one line
-    and decoding goes on without latents. The T + max_new_tokens - 1 token slots read (T: the longest
-    prompt) must fit in max_seq_len: never a silent extrapolation. The N_L latents are extra slots."""
+    """Decode a batch of prompts (module docstring); if the coprocessor raises, `warn` gets one line and no
+    latents are used. T + max_new_tokens - 1 token slots (T: the longest prompt) must fit in max_seq_len."""
     require(latent_positions in LATENT_POSITIONS, f"unknown latent_positions={latent_positions!r}: "
             f"use one of {', '.join(LATENT_POSITIONS)}")
     require(max_new_tokens >= 0 and delay >= 0,
@@ -77,10 +58,9 @@ def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, tem
     xp = xp_of(dec_params["embed_tokens"])
     tokens, positions = left_pad(prompt_ids)                                  # [B, T]
     B, T = tokens.shape
-    require(T > cfg.max_seq_len or T + max_new_tokens - 1 <= cfg.max_seq_len,
-            f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} runs past the decoder's "
-            f"max_seq_len={cfg.max_seq_len}: pass max_new_tokens={cfg.max_seq_len - T + 1} or less, "
-            "or shorten the prompt")
+    require(T > cfg.max_seq_len or T + max_new_tokens - 1 <= cfg.max_seq_len, f"a prompt of {T} tokens plus "
+            f"max_new_tokens={max_new_tokens} runs past the decoder's max_seq_len={cfg.max_seq_len}: pass "
+            f"max_new_tokens={cfg.max_seq_len - T + 1} or less, or shorten the prompt")
     logits, cache = prefill(dec_params, cfg, xp.asarray(tokens), xp.asarray(positions))
     last = logits[:, -1]                                                      # [B, V]
     # () -> (z [B, N_L, D], ids): augment on the prompt's cache when called, or in a thread started now
@@ -113,15 +93,12 @@ def generate(dec_params, cfg, prompt_ids, trainable=None, max_new_tokens=32, tem
     return Decoded([ids[:end + 1] for ids, end in zip(rows, ends)], cache, T, z, z_at)   # up to the stop
 
 
-def complete(dec_params, cfg, tokenizer, prompts, trainable=None, max_new_tokens=32, temperature=0.0,
-             seed=0, delay=0, stop_at_newline=False, background=False, warn=warn_stderr,
-             latent_positions="behind"):
-    """(completion texts, Decoded) for text prompts fed as [eot] + prompt; a completion ends at eot
-    (not included) and, with stop_at_newline, at the first newline."""
+def complete(dec_params, cfg, tokenizer, prompts, trainable=None, stop_at_newline=False, **options):
+    """(texts, Decoded) of [eot] + prompt; a text ends at eot (excluded), or a newline if stop_at_newline."""
+    ids = [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
     stops = stop_token_ids(tokenizer, stop_at_newline)
-    dec = generate(dec_params, cfg, [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts], trainable,
-                   max_new_tokens, temperature, seed, delay, stops, background, warn, latent_positions)
-    texts = [tokenizer.decode([t for t in ids if t != tokenizer.eot_id]) for ids in dec.tokens]
+    dec = generate(dec_params, cfg, ids, trainable, stop_ids=stops, **options)
+    texts = [tokenizer.decode([t for t in new if t != tokenizer.eot_id]) for new in dec.tokens]
     return [t.split("\n")[0] if stop_at_newline else t for t in texts], dec
 
 
@@ -131,9 +108,7 @@ def trained_latent_positions(meta):
 
 
 def generate_from_files(decoder_path, coprocessor_path, prompts, backend="numpy", dtype="float32", **options):
-    """`refimpl generate`: completions by a decoder checkpoint, with a coprocessor if given (decoded under
-    the latent positions it was trained with; one that cannot be used gets one warning, and the decoder
-    decodes alone). options: as `complete`."""
+    """`refimpl generate`: the coprocessor at its trained latent positions (unusable: warn, no latents)."""
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, meta, tokenizer = load_model(decoder_path, dt, xp)
     trainable, latent_positions = None, "behind"

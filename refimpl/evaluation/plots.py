@@ -1,5 +1,4 @@
-"""Figures of an evaluation report as PNG files (matplotlib, Agg backend): each draws on one Axes, or
-returns False when the report has no data for it, and `make_plots` writes those that drew."""
+"""The report's figures as PNGs (matplotlib, Agg): each draws on one Axes, False without data."""
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +12,6 @@ from ..core.layout import AHEAD, LATENT, build_layout
 
 
 def plot_training(ax, report, runs):
-    """The training loss of every run (its metrics.json history)."""
     histories = [(r.name, r.metrics["history"]) for r in runs if r.metrics and r.metrics.get("history")]
     if not histories:
         return False
@@ -23,12 +21,11 @@ def plot_training(ax, report, runs):
 
 
 def plot_ppl_by_position(ax, report, runs):
-    """Table 1 as lines: relative perplexity change by ahead position, per N_L."""
-    t, n_l = _table(report, "table1"), _n_latents(report)
+    t = _table(report, "table1")
     if not t.get("relative_ppl_change_pct"):
         return False
-    for name, change in t["relative_ppl_change_pct"].items():
-        ax.plot(t["positions"], change, marker="o", ms=3, label=f"N_L={n_l[name]} ({name})")
+    for label, change in zip(t["header"][1:], t["relative_ppl_change_pct"].values()):  # Table 1's columns
+        ax.plot(t["positions"], change, marker="o", ms=3, label=label)
     ax.axhline(0, color="gray", lw=0.8)
     for n in {r["n_ahead"] for r in report.get("runs", []) if r["name"] in t["relative_ppl_change_pct"]}:
         ax.axvline(n, color="gray", ls=":", lw=0.8)    # positions past N_A were never trained on
@@ -37,8 +34,8 @@ def plot_ppl_by_position(ax, report, runs):
 
 
 def plot_accuracy(ax, report, runs):
-    """Table 2's overall accuracy against N_L, the decoder alone as a line."""
-    t, m, n_l = _table(report, "table1"), report.get("measurements", {}), _n_latents(report)
+    t, m = _table(report, "table1"), report.get("measurements", {})
+    n_l = {r["name"]: r["n_latents"] for r in report.get("runs", [])}
     if not t.get("relative_ppl_change_pct"):
         return False
     names = sorted(t["relative_ppl_change_pct"], key=lambda n: n_l[n])
@@ -84,7 +81,6 @@ def plot_norms(ax, report, runs):
 
 
 def plot_breakeven(ax, report, runs):
-    """Per run: the gap at position 1 (solid) and over 2..N_A (dashed) against traces seen, log x."""
     curves = _table(report, "breakeven").get("curves")
     if not curves:
         return False
@@ -128,7 +124,3 @@ def make_plots(report, runs, out_dir):
 
 def _table(report, tid):
     return next((t for t in report.get("tables", []) if t["id"] == tid), {})
-
-
-def _n_latents(report):
-    return {r["name"]: r["n_latents"] for r in report.get("runs", [])}

@@ -1,23 +1,23 @@
-"""`refimpl eval`: load a decoder and coprocessor runs, measure everything once, build the report.
-
-Every run and the decoder alone are scored on the same held-out points (ahead nll at positions 1..H)
-and reasoning prompts (exact match), each run under the latent positions it was trained with.
-"""
+"""`refimpl eval`: load a decoder and runs, measure everything once, build the report. The decoder alone and
+every run are scored on the same held-out points and prompts, each run at its trained latent positions."""
 import json
+import timeit
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_dtype, get_xp
+from .. import __version__
+from ..backend import get_dtype, get_xp, to_numpy, xp_of
+from ..core.coprocessor import augment
+from ..core.decoder import decode, extend, prefill
 from ..data.corpus import load_reasoning_eval, load_tokens
 from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from ..training.train import saved_train_config
-from .generate import trained_latent_positions
-from .metrics import check_horizon, latency, reasoning_accuracy, row_norms
-from .report import build_report, table1_runs, traces_of
+from .generate import complete, trained_latent_positions
+from .report import TABLES, headline, table1_runs, traces_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class Run:
     meta: dict
     trainable: dict
     metrics: dict = None        # the run's metrics.json, if it has one
-
     mode = property(lambda self: self.meta["mode"])
     init = property(lambda self: self.meta["init"])
     n_latents = property(lambda self: int(self.meta["n_latents"]))
@@ -89,16 +88,17 @@ def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
 
 
 def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lambda m: None):
-    """Every number the tables use: ahead nll and accuracy of the decoder alone and of each run, the
-    break-even curves, accuracy by delay of the Table 8 run, latency, and norms."""
+    """The one measurement dict every table is a view of (report.py)."""
     T = ec.seq_len or cfg.max_seq_len
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
-    check_horizon(H, T, ec.n_traces, cfg.max_seq_len)
+    require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
+    require(H >= 1 and H + ec.n_traces <= T,     # n_traces distinct points p with p + H <= T - 1
+            f"horizon={H} does not fit seq_len={T}: a window needs n_traces={ec.n_traces} distinct points p "
+            "with p + horizon <= seq_len - 1; pass horizon + n_traces <= seq_len")
     heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed,
                           ec.skip_windows)
 
-    def acc(run=None, delay=0):
-        """(accuracy, latent norms) of the decoder alone, or with run's latents `delay` tokens late."""
+    def acc(run=None, delay=0):       # (accuracy, latent norms), the decoder alone or run's latents late
         trainable, positions = (None, "behind") if run is None else (run.trainable, run.latent_positions)
         return reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable, delay, ec.prompt_batch,
                                   ec.max_new_tokens, positions)
@@ -116,17 +116,21 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
                                "mean_latent_norm": float(norms.mean()) if norms.size else None}
         out["latent_norms"][r.name] = np.round(norms[:4096], 4).tolist()          # for the histogram
     out["embedding_norm"] = embedding_norm(dec_params)
-    out["embedding_row_norms"] = np.round(row_norms(dec_params["embed_tokens"]), 4).tolist()
+    embed = to_numpy(dec_params["embed_tokens"]).astype(np.float64)                # [V, D] on the host
+    out["embedding_row_norms"] = np.round(np.linalg.norm(embed, axis=-1), 4).tolist()
     out["curves"] = _measure_curves(dec_params, cfg, runs, val_tokens, log)
-    out["async"] = _measure_async(runs, ec, acc, log)
+    # Table 8: accuracy by delay of the largest-N_L main run (ties: the most trained)
+    late = max(table1_runs(runs), key=lambda r: (r.n_latents, traces_of(r) or 0), default=None)
+    out["async"] = None
+    if late is not None:
+        log(f"asynchronous use: {late.name}, delays {list(ec.delays)}")
+        out["async"] = {"run": late.name, "by_delay": {str(d): acc(late, d)[0] for d in ec.delays}}
     out["latency"] = _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log)
     return out
 
 
 def _measure_curves(dec_params, cfg, runs, val_tokens, log):
-    """{run: break-even curve} for runs whose metrics.json holds two evaluations or more: the held-out
-    gap at ahead position 1 and its mean over 2..N_A (%) against traces seen, to the decoder alone on
-    the run's own held-out set (recomputed if not recorded)."""
+    """{run: break-even curve} of runs with 2+ evaluations in metrics.json: the gap (%) at 1 and 2..N_A."""
     curves = {}
     for r in runs:
         metrics = r.metrics or {}
@@ -149,28 +153,63 @@ def _measure_curves(dec_params, cfg, runs, val_tokens, log):
     return curves
 
 
-def _measure_async(runs, ec, acc, log):
-    """Table 8: accuracy by delay of the largest-N_L main run (ties: the most trained), or None."""
-    main = table1_runs(runs)
-    if not main:
-        return None
-    r = max(main, key=lambda r: (r.n_latents, traces_of(r) or 0))
-    log(f"asynchronous use: {r.name}, delays {list(ec.delays)}")
-    return {"run": r.name, "by_delay": {str(d): acc(r, d)[0] for d in ec.delays}}
-
-
 def _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log):
+    """Per main run: median seconds of (one coprocessor call + the decoder over its latents) vs N_L steps."""
     chosen = table1_runs(runs) or [r for r in runs if r.mode == "coprocessor"]
     if not chosen or not problems:
         return []
     log(f"latency: {len(chosen)} runs x {ec.latency_repeats} repeats")
     prompt = [tokenizer.eot_id] + tokenizer.encode(problems[0]["prompt"])
-    return [{"run": r.name, **latency(dec_params, cfg, r.trainable, prompt, ec.latency_repeats,
-                                      r.latent_positions)} for r in chosen]
+    xp, out = xp_of(dec_params["embed_tokens"]), []
+
+    def median_seconds(fn, *args):
+        fn(*args)                                                            # warm-up
+        return float(np.median(timeit.repeat(lambda: fn(*args), number=1, repeat=ec.latency_repeats)))
+
+    def augmented(r, cache):                  # z [1, N_L, D] at ids [1, N_L], then cache + N_L slots
+        extend(dec_params, cfg, cache, *augment(r.trainable, cfg, cache, r.latent_positions))
+
+    for r in chosen:
+        logits, cache = prefill(dec_params, cfg, xp.asarray([prompt]))
+        n = int(r.trainable["soft_tokens"].shape[0])
+        aug_s = median_seconds(augmented, r, cache)
+        seq_s = median_seconds(decode, dec_params, cfg, cache, logits[:, -1], n)   # N_L extend calls
+        out.append({"run": r.name, "n_latents": n, "prompt_tokens": len(prompt), "augment_s": aug_s,
+                    "sequential_s": seq_s, "ratio": aug_s / seq_s, "repeats": ec.latency_repeats})
+    return out
+
+
+def reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable=None, delay=0,
+                       prompt_batch=64, max_new_tokens=10, latent_positions="behind"):
+    """(accuracy dict, norms of every latent appended: float64 [n_prompts * N_L]); exact match, greedy."""
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i]["prompt"]))  # less padding
+    predictions, norms = [None] * len(problems), []
+    for start in range(0, len(order), prompt_batch):
+        idx = order[start:start + prompt_batch]
+        texts, dec = complete(dec_params, cfg, tokenizer, [problems[i]["prompt"] for i in idx],
+                              trainable, max_new_tokens=max_new_tokens, delay=delay, stop_at_newline=True,
+                              latent_positions=latent_positions)
+        for i, text in zip(idx, texts):
+            predictions[i] = text.strip()
+        if dec.latents is not None:
+            norms.append(np.linalg.norm(to_numpy(dec.latents).astype(np.float64), axis=-1).ravel())  # [b*N_L]
+    correct = [p == prob["answer"].strip() for p, prob in zip(predictions, problems)]
+    return _accuracy(problems, correct, predictions), (np.concatenate(norms) if norms else np.zeros(0))
+
+
+def _accuracy(problems, correct, predictions):
+    """{overall (%), correct, n, by_task: {task: {correct, n, accuracy}}, 5 examples, predictions}."""
+    def score(oks):
+        return {"correct": int(sum(oks)), "n": len(oks), "accuracy": 100.0 * sum(oks) / max(len(oks), 1)}
+    total, tasks = score(correct), sorted({p["task"] for p in problems})
+    return {"overall": total.pop("accuracy"), **total,
+            "by_task": {t: score([ok for p, ok in zip(problems, correct) if p["task"] == t]) for t in tasks},
+            "examples": [{"prompt": p["prompt"], "answer": p["answer"], "prediction": pred}
+                         for p, pred in zip(problems[:5], predictions[:5])], "predictions": predictions}
 
 
 def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="float32", log=lambda m: None):
-    """(report, runs): load the decoder and runs, measure everything, build the tables."""
+    """(report, runs): load the decoder and runs, measure everything, build the report and its tables."""
     xp, dt = get_xp(backend), get_dtype(dtype)
     dec_params, cfg, dec_meta, tok = load_model(decoder_path, dt, xp)
     runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
@@ -178,4 +217,6 @@ def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="
     m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)
     config = {**asdict(ec), "decoder": str(decoder_path), "decoder_hash": dec_meta["decoder_hash"],
               "backend": backend, "dtype": dtype, "horizon": m["horizon"], "seq_len": m["seq_len"]}
-    return build_report(m, runs, config), runs
+    report = {"refimpl_version": __version__, "config": config, "runs": [r.summary() for r in runs],
+              "headline": headline(m, runs), "measurements": m, "tables": [t(m, runs) for t in TABLES]}
+    return report, runs

@@ -1,13 +1,5 @@
-"""The golden files: the tensor list with shapes and tolerances, the manifest, and export.
-
-    DIR/manifest.json   format_version, generator, full config (with the latents' position ids,
-                        config.latent_positions) and the conventions a port must share, Adam
-                        settings, the tiers, and for EVERY tensor: shape, dtype, rtol, atol, meaning, reason
-    DIR/tensors.npz     the tensors, in float64 (int64 / bool for ids and masks), written
-                        deterministically (fixed zip timestamps, fixed order)
-
-The manifest's prose, tolerances and tensor list are data: manifest_text.json beside this file.
-"""
+"""The golden files DIR/manifest.json and DIR/tensors.npz (format: docs/golden.md): the tensor list
+with shapes and tolerances (data: manifest_text.json beside this file), the manifest, and export."""
 import io
 import json
 import zipfile
@@ -17,9 +9,9 @@ from string import Template
 import numpy as np
 
 from .. import __version__
-from ..core.decoder import flatten_params, init_params
+from ..core.decoder import flatten_params, param_shapes
 from ..errors import require
-from .state import ADAM, GQA, NOISE, SETUP, SOFT_TOKENS, check_forms, compute, make_state
+from .state import ADAM, GQA, NOISE, SETUP, SIZES, SOFT_TOKENS, check_forms, compute, make_state
 
 FORMAT_VERSION = 1
 FLOAT64_TIER = 1e-9            # the float64 tier: max|actual - expected| <= FLOAT64_TIER * max|expected|
@@ -28,25 +20,18 @@ TEXT = json.loads(Path(__file__).with_name("manifest_text.json").read_text(encod
 LATENT_POSITIONS = tuple(TEXT["latent_positions"])              # ("behind", "after"): a set's convention
 
 
-# ---------------------------------------------------------------------------------------------
-# The tensor list
-def tensor_specs(cfg, setup=SETUP, adam=ADAM, latent_positions="behind"):
-    """Ordered {name: spec} of every tensor in the golden file: inputs, then outputs in the order
-    they are computed. spec: shape, dtype, rtol, atol, role, required, meaning, tolerance_reason."""
-    B, T, K, NL, NA = (setup[k] for k in ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead"))
-    dims = {"B": B, "T": T, "K": K, "NL": NL, "NA": NA, "V": cfg.vocab_size, "D": cfg.d_model, "L": cfg.n_layers,
-            "H": cfg.n_heads, "Hkv": cfg.kv_heads, "Dh": cfg.head_dim, "S": T + K * (NL + NA - 1),
-            "steps": adam["steps"]}
-    weights = flatten_params(init_params(cfg, seed=0, dtype=np.float64))
-    weights = {n: list(a.shape) for n, a in weights.items()}
-    fill = {"steps": adam["steps"], "latent_ids": TEXT["latent_positions"][latent_positions]["latent_ids"],
+def tensor_specs(cfg, setup=SETUP, latent_positions="behind"):
+    """Ordered {name: spec} of every tensor: inputs, then outputs in the order they are computed."""
+    B, T, K, NL, NA = (setup[k] for k in SIZES)
+    dims = {"B": B, "T": T, "K": K, "NL": NL, "NA": NA, "V": cfg.vocab_size, "D": cfg.d_model,
+            "L": cfg.n_layers, "H": cfg.n_heads, "Hkv": cfg.kv_heads, "Dh": cfg.head_dim,
+            "S": T + K * (NL + NA - 1), "steps": ADAM["steps"]}
+    fill = {"steps": ADAM["steps"], "latent_ids": TEXT["latent_positions"][latent_positions]["latent_ids"],
             "kv_note": _gqa(cfg, "cache_note")}
     specs = {}
     for row in TEXT["tensors"]:
-        if row["shape"] == "weights":                                  # one entry per weight name
-            entries = [(w, s) for w, s in weights.items() if w not in row["except"]]
-        else:
-            entries = [("", [dims[d] for d in row["shape"]])]
+        entries = ([(w, list(s)) for w, s in param_shapes(cfg).items() if w not in row["except"]]
+                   if row["shape"] == "weights" else [("", [dims[d] for d in row["shape"]])])   # (w, shape)
         tol = TEXT["tolerances"][row["class"]]
         for w, shape in entries:
             meaning = row["matrix_meaning"] if len(shape) == 2 and "matrix_meaning" in row else row["meaning"]
@@ -57,56 +42,40 @@ def tensor_specs(cfg, setup=SETUP, adam=ADAM, latent_positions="behind"):
     return specs
 
 
-def _gqa(cfg, key):
-    # TEXT["gqa"][key] filled in for a grouped-query config ("" for multi-head)
+def _gqa(cfg, key):                                # TEXT["gqa"][key] filled in ("" for multi-head)
     return "" if cfg.n_kv_heads is None else Template(TEXT["gqa"][key]).substitute(
         Hkv=cfg.kv_heads, H=cfg.n_heads, rep=cfg.n_heads // cfg.kv_heads)
 
 
 def _manifest(cfg, setup, specs, latent_positions):
-    convention = TEXT["latent_positions"][latent_positions]
-    choices = {**TEXT["choices"], "latent_position_ids": convention["choice"]}
-    gqa = cfg.n_kv_heads is not None
-    if gqa:
-        choices["grouped_query_attention"] = _gqa(cfg, "choice")
+    convention, gqa = TEXT["latent_positions"][latent_positions], cfg.n_kv_heads is not None
+    choices = {**TEXT["choices"], "latent_position_ids": convention["choice"],
+               **({"grouped_query_attention": _gqa(cfg, "choice")} if gqa else {})}
     policy = {**convention, **(TEXT["gqa"]["margin"].get(latent_positions, {}) if gqa else {})}
-    flags = " --gqa" * gqa + ("" if latent_positions == "behind" else f" --latent-positions {latent_positions}")
+    flags = " --gqa" * gqa + (latent_positions != "behind") * f" --latent-positions {latent_positions}"
     return {
         "format_version": FORMAT_VERSION,
         "generator": {"name": "refimpl.golden", "refimpl_version": __version__,
-                      "command": "refimpl golden export DIR" + flags,
-                      "numpy_version": np.__version__},
-        "config": {"model": cfg.to_dict(), "head_dim": cfg.head_dim,
-                   **{k: setup[k] for k in ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead")},
+                      "command": "refimpl golden export DIR" + flags, "numpy_version": np.__version__},
+        "config": {"model": cfg.to_dict(), "head_dim": cfg.head_dim, **{k: setup[k] for k in SIZES},
                    "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "dtype": "float64",
                    "latent_positions": latent_positions, "ahead_positions": "original", "choices": choices},
         "state": {"seed": setup["seed"], "preset": setup["preset"], "how": TEXT["state_how"], "noise": NOISE},
-        "adam": {**ADAM, **TEXT["adam"]},
-        "comparison": TEXT["comparison"],
-        "tiers": TEXT["tiers"],
+        "adam": {**ADAM, **TEXT["adam"]}, "comparison": TEXT["comparison"], "tiers": TEXT["tiers"],
         "tolerance_policy": Template(TEXT["tolerance_policy"]).substitute(policy),
         "required_for_actual": [n for n, s in specs.items() if s["required"]],
-        "required_rule": TEXT["required_rule"],
-        "tensors": specs,
-    }
+        "required_rule": TEXT["required_rule"], "tensors": specs}
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-def export(directory, seed=SETUP["seed"], latent_positions="behind", check=True, gqa=False):
+def export(directory, seed=SETUP["seed"], latent_positions="behind", gqa=False):
     """Write DIR/manifest.json and DIR/tensors.npz for the golden state; returns the manifest.
-
-    latent_positions: "behind" (the method, `refimpl train`'s default) or "after" (the ablation).
-    gqa: the grouped-query state (state.GQA: 4 query heads reading 2 key/value heads) instead of nano's
-    multi-head one. The committed sets: tiny_data/golden/{default, gqa, latents-after}."""
+    latent_positions "behind" (the method) or "after" (the ablation); gqa: state.GQA's heads."""
     require(latent_positions in LATENT_POSITIONS,
             f"latent_positions={latent_positions!r} is not one of {LATENT_POSITIONS}")
     setup = {**SETUP, **(GQA if gqa else {}), "seed": seed}
-    cfg, dec, trainable, tokens, trace_positions = make_state(seed, setup)
-    run = (cfg, dec, trainable, tokens, trace_positions, setup["n_latents"], setup["n_ahead"],
-           latent_positions)
-    if check:
-        check_forms(*run)
+    cfg, dec, trainable, tokens, trace_positions = state = make_state(seed, setup)
+    run = (*state, setup["n_latents"], setup["n_ahead"], latent_positions)
+    check_forms(*run)
     arrays = {"tokens": tokens, "trace_positions": trace_positions,
               **{"decoder." + n: a for n, a in flatten_params(dec).items()},
               **{"coprocessor." + n: a for n, a in trainable.items() if n != SOFT_TOKENS},

@@ -1,7 +1,7 @@
-"""The golden state: one small seeded decoder, coprocessor, token batch and trace positions, and
-every output computed from it with the project's own functions (`loss_cached`, `value_and_grad`,
-`adam_update`), after checking that the packed, cached and per-trace forms agree.
-"""
+"""The golden state: a small seeded decoder, coprocessor, token batch and trace positions, and every
+output computed from it with refimpl's own functions, after checking that the three forms agree."""
+import itertools
+
 import numpy as np
 
 from ..config import get_preset
@@ -18,59 +18,38 @@ from ..training.optim import adam_init, adam_update
 # RoPE pairing or mask moves the outputs by O(0.1), not O(1e-6).
 SETUP = {"preset": "nano", "vocab_size": 67, "d_ff": 96, "init_std": 0.2, "seed": 1234, "batch_size": 2,
          "seq_len": 16, "n_traces": 3, "n_latents": 3, "n_ahead": 4}
-
-
+SIZES = ("batch_size", "seq_len", "n_traces", "n_latents", "n_ahead")
 # Fixed, not sampled: both ends of the valid range [0, T-1-N_A] = [0, 11], and two adjacent
 # traces (3, 4), whose groups must not see each other.
 TRACE_POSITIONS = [[0, 6, 11], [3, 4, 10]]
-
-
-# The grouped-query set (tiny_data/golden/gqa): the same state with 4 query heads of 12 reading 2 key/value
-# heads (query head i reads kv head i // 2), so k_proj/v_proj are [24, 48] and the cache holds 2 heads.
+# The grouped-query set (tiny_data/golden/gqa): 4 query heads of 12 reading 2 key/value heads.
 GQA = {"n_heads": 4, "n_kv_heads": 2}
-
-
 NOISE = {"decoder_norms": 0.1, "coprocessor_matrices": 0.05, "coprocessor_norms": 0.05}
-
-
 ADAM = {"steps": 5, "lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
-# ---------------------------------------------------------------------------------------------
-# The state: config, weights, tokens
 def golden_config(setup=SETUP):
-    heads = {k: setup[k] for k in GQA if k in setup}                  # only the GQA set names its heads
-    return get_preset(setup["preset"], vocab_size=setup["vocab_size"], d_ff=setup["d_ff"],
-                      init_std=setup["init_std"], **heads)
+    fields = {k: v for k, v in setup.items() if k not in ("preset", "seed", *SIZES)}   # config fields
+    return get_preset(setup["preset"], **fields)
 
 
 def make_state(seed=SETUP["seed"], setup=SETUP):
     """(cfg, decoder params, coprocessor trainable dict, tokens [B, T], trace positions [B, K]).
-
-    Decoder: init_params(seed) in float64, its RMSNorm weights set to 1 + N(0, 0.1^2) so that a
-    port ignoring norm weights fails. Coprocessor: a COPY of the decoder, every array perturbed
-    (matrices by N(0, (0.05 std(W))^2), norms by N(0, 0.05^2)), so a port that mixes the two up
-    fails. Soft tokens N(0, std(E)) from init_coprocessor.
-    """
+    The noise (manifest state.how) makes a port that ignores norm weights or mixes the two models up fail."""
     cfg = golden_config(setup)
     rng = np.random.default_rng([seed, 1])
     dec = init_params(cfg, seed=seed, dtype=np.float64)
-    for layer in dec["layers"]:
-        for k in ("input_layernorm", "post_attention_layernorm"):
-            layer[k] = layer[k] + NOISE["decoder_norms"] * rng.standard_normal(layer[k].shape)
-    dec["norm"] = dec["norm"] + NOISE["decoder_norms"] * rng.standard_normal(dec["norm"].shape)
+    norms = [(layer, k) for layer in dec["layers"] for k in ("input_layernorm", "post_attention_layernorm")]
+    for owner, k in [*norms, (dec, "norm")]:
+        owner[k] = owner[k] + NOISE["decoder_norms"] * rng.standard_normal(owner[k].shape)
     trainable = init_coprocessor(dec, cfg, setup["n_latents"], init="copy", seed=seed)
-    for name, w in list(trainable.items()):
-        if name == SOFT_TOKENS:
-            continue
+    for name, w in [(n, w) for n, w in trainable.items() if n != SOFT_TOKENS]:
         scale = NOISE["coprocessor_norms"] if w.ndim == 1 else NOISE["coprocessor_matrices"] * w.std()
         trainable[name] = w + scale * rng.standard_normal(w.shape)
     tokens = rng.integers(0, cfg.vocab_size, (setup["batch_size"], setup["seq_len"])).astype(np.int64)
     return cfg, dec, trainable, tokens, np.array(TRACE_POSITIONS, dtype=np.int64)
 
 
-# ---------------------------------------------------------------------------------------------
-# Every output, computed with the project's own functions
 def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, latent_positions, adam=ADAM):
     """{name: array} of every output tensor (manifest_text.json lists them with their meanings)."""
     rest = (cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions)
@@ -78,8 +57,7 @@ def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, la
     layout = build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions)
     loss, res = loss_cached(dec, trainable, *rest)
     out = {"baseline.logits": logits,
-           "decoder_cache.k": np.stack(cache.k),                             # [L, B, Hkv, T, Dh]
-           "decoder_cache.v": np.stack(cache.v),
+           "decoder_cache.k": np.stack(cache.k), "decoder_cache.v": np.stack(cache.v),  # [L, B, Hkv, T, Dh]
            "packed.position_ids": layout.packed_positions().astype(np.int64),  # [B, S]
            "packed.mask": layout.packed_may_attend(),                        # [B, S, S]
            "latents": res["latents"],                                        # [B, K, N_L, D]
@@ -90,18 +68,16 @@ def compute(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, la
     state, losses, params = adam_init(trainable), [], dict(trainable)
     for step in range(adam["steps"]):
         value, grads, _ = value_and_grad(lambda tr: loss_cached(dec, tr, *rest)[0], params)
-        if step == 0:
-            out.update({_grad_name(n): g for n, g in grads.items()})
+        if step == 0:                                              # grad.soft_tokens, grad.coprocessor.*
+            out.update({f"grad.{'' if n == SOFT_TOKENS else 'coprocessor.'}{n}": g for n, g in grads.items()})
         losses.append(float(value))
-        params, state = adam_update(params, grads, state, adam["lr"], adam["beta1"], adam["beta2"],
-                                    adam["eps"], adam["weight_decay"])
+        params, state = adam_update(params, grads, state, **{k: v for k, v in adam.items() if k != "steps"})
     out["adam.losses"] = np.array(losses)                                    # [steps]
     return out
 
 
-def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, latent_positions, rtol=1e-9):
-    """Raise AssertionError unless the three forms of the loss (objective.FORMS) agree (loss, logits,
-    latents, every gradient). Run at export time; cheap at golden size."""
+def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead, latent_positions):
+    """AssertionError unless the three forms (objective.FORMS) agree on loss, logits, latents, gradients."""
     rest = (cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions)
     results = {}
     for name, fn in FORMS.items():
@@ -109,14 +85,9 @@ def check_forms(cfg, dec, trainable, tokens, trace_positions, n_latents, n_ahead
         loss, grads, _ = value_and_grad(lambda tr, fn=fn: fn(dec, tr, *rest)[0], trainable)
         results[name] = {"loss": loss, "logits": res["logits"], "latents": res["latents"],
                          **{"grad." + k: g for k, g in grads.items()}}
-    for name in FORMS:                                                   # cached against itself: trivially
-        for key, ref in results["cached"].items():
-            got = results[name][key]
-            if not np.allclose(got, ref, rtol=rtol, atol=rtol * (np.abs(ref).max() + 1e-30)):
-                raise AssertionError(f"golden export: forms disagree on {key} (cached vs {name}, "
-                                     f"max diff {np.abs(got - ref).max():.3e}): refimpl has a bug; "
-                                     "run tests/test_objective.py")
-
-
-def _grad_name(name):
-    return "grad.soft_tokens" if name == SOFT_TOKENS else "grad.coprocessor." + name
+    for name, (key, ref) in itertools.product(FORMS, results["cached"].items()):   # cached vs itself too
+        got = results[name][key]
+        if not np.allclose(got, ref, rtol=1e-9, atol=1e-9 * (np.abs(ref).max() + 1e-30)):
+            raise AssertionError(f"golden export: forms disagree on {key} (cached vs {name}, max diff "
+                                 f"{np.abs(got - ref).max():.3e}): refimpl has a bug; run "
+                                 "tests/test_objective.py")

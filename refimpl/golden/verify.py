@@ -1,11 +1,6 @@
-"""Verify: compare refimpl (recomputed from a golden set's own inputs) or another implementation's
-outputs with a golden set, tensor by tensor, the llm.c `test_gpt2` way: the first values side by
-side, max abs and max rel difference, OK / NOT OK, and the tier passed: PASS float64 (every float
-tensor within FLOAT64_TIER of its largest magnitude), PASS float32 (every element within its
-tensor's rtol/atol), or FAIL.
-"""
+"""Verify: compare refimpl (recomputed from a set's own inputs) or another implementation with a golden
+set, tensor by tensor, the llm.c `test_gpt2` way, and report the tier passed (docs/golden.md)."""
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -21,95 +16,83 @@ from .state import ADAM, compute
 FIX = "regenerate it with `refimpl golden export DIR`"
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
 def load(directory):
     """(manifest, {name: array}) of a golden directory; malformed files raise RefimplError."""
     directory = Path(directory)
     mpath, tpath = directory / MANIFEST, directory / TENSORS
     for p in (mpath, tpath):
-        require(p.is_file(), f"golden file {p} not found: pass a directory written by "
-                             "`refimpl golden export DIR`")
+        require(p.is_file(), f"golden file {p} not found: pass a folder from `refimpl golden export DIR`")
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise RefimplError(f"golden manifest {mpath} is not valid JSON ({e}): {FIX}") from None
-    require(isinstance(manifest, dict) and isinstance(manifest.get("tensors"), dict)
-            and "config" in manifest, f"golden manifest {mpath} lacks 'tensors' or 'config': {FIX}")
-    version = manifest.get("format_version")
-    require(version == FORMAT_VERSION, f"golden manifest {mpath} has format_version {version!r}, "
-            f"this refimpl reads {FORMAT_VERSION}: use the matching refimpl or regenerate the file")
     _check_manifest(manifest, mpath)
     arrays, specs = load_npz(tpath, "golden tensors"), manifest["tensors"]
-    missing, extra = [n for n in specs if n not in arrays], [n for n in arrays if n not in specs]
-    require(not missing and not extra, f"golden {directory}: manifest and {TENSORS} disagree "
-            f"(missing in npz {missing[:3]}, not in manifest {extra[:3]}): regenerate both together")
-    for n, spec in specs.items():
-        require(list(arrays[n].shape) == list(spec.get("shape", [])),
-                f"golden {directory}: {n} has shape {list(arrays[n].shape)}, the manifest says "
-                f"{spec.get('shape')}: the files are from different exports; regenerate them")
+    bad = [n for n in {**specs, **arrays} if n not in specs or n not in arrays
+           or list(arrays[n].shape) != specs[n]["shape"]]
+    require(not bad, f"golden {directory}: manifest and {TENSORS} disagree on {bad[:3]} (missing in one, "
+                     "or another shape): the files are from different exports; regenerate both together")
     return manifest, arrays
 
 
-def _check_manifest(manifest, mpath):
-    """The fields that verify reads: per-tensor shape and tolerances, config, adam, generator."""
+def _check_manifest(m, mpath):
+    """The fields that verify reads: format, per-tensor shape and tolerances, config, adam, generator."""
+    require(isinstance(m, dict) and isinstance(m.get("tensors"), dict) and "config" in m,
+            f"golden manifest {mpath} lacks 'tensors' or 'config': {FIX}")
+    require(m.get("format_version") == FORMAT_VERSION, f"golden manifest {mpath} has format_version "
+            f"{m.get('format_version')!r}, this refimpl reads {FORMAT_VERSION}: {FIX} (or use its refimpl)")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
-    bad = [n for n, spec in manifest["tensors"].items() if not (isinstance(spec, dict) and number(
+    bad = [n for n, spec in m["tensors"].items() if not (isinstance(spec, dict) and number(
         spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list))]
     require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list or "
                      f"numeric rtol/atol; {FIX}")
-    c, adam = manifest["config"], manifest.get("adam")
+    c, adam = m["config"], m.get("adam")
     require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
             and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
             and isinstance(adam.get("steps"), int) and all(number(adam.get(k)) for k in ADAM)
-            and isinstance(manifest.get("generator", {}), dict),
+            and isinstance(m.get("generator", {}), dict),
             f"golden manifest {mpath} has a malformed config, adam or generator section; {FIX}")
-    require(c.get("ahead_positions") == "original", f"golden manifest {mpath} has config.ahead_positions "
-            f"{c.get('ahead_positions')!r}: only 'original' (ahead tokens at their own ids) exists now; {FIX} "
-            "(a 'continue' set: check it with refimpl at commit 2d4e58e)")
-    require(c.get("latent_positions") in LATENT_POSITIONS, f"golden manifest {mpath} has config.latent_positions "
-            f"{c.get('latent_positions')!r}, not one of {', '.join(LATENT_POSITIONS)}; {FIX}")
+    hints = {"ahead_positions": " (a 'continue' set: check it with refimpl at commit 2d4e58e)"}
+    for key, known in (("ahead_positions", ["original"]), ("latent_positions", LATENT_POSITIONS)):
+        require(c.get(key) in known, f"golden manifest {mpath} has config.{key} {c.get(key)!r}, not one of "
+                f"{', '.join(known)}; {FIX}{hints.get(key, '')}")
     try:
         ModelConfig.from_dict(c["model"])
     except RefimplError as e:
         raise RefimplError(f"golden manifest {mpath}: {e}; {FIX}") from None
 
 
-def load_npz(path, what="tensors"):
+def load_npz(path, what):
     """{name: array} from an .npz, never unpickling; a one-line RefimplError otherwise."""
     path = Path(path)
     require(path.is_file(), f"{what} file {path} not found: check the path")
-    require(zipfile.is_zipfile(path), f"{what} file {path} is not a readable .npz (not a zip "
-                                      "archive): write it with np.savez")
+    unreadable = f"{what} file {path} is not a readable .npz"
+    require(zipfile.is_zipfile(path), f"{unreadable} (not a zip archive): write it with np.savez")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {n: z[n] for n in z.files}
-    except Exception as e:  # noqa: BLE001  (damage shows as OSError, BadZipFile, EOFError, zlib.error, ...)
+    except Exception as e:  # noqa: BLE001  (damage: OSError, BadZipFile, EOFError, zlib.error, ...)
         if isinstance(e, ValueError) and "pickle" in str(e).lower():
             raise RefimplError(f"{what} file {path} holds object arrays, which are never "
                                "unpickled: save plain numeric arrays (np.savez)") from None
-        raise RefimplError(f"{what} file {path} is not a readable .npz ({e}): write it with "
-                           "np.savez") from None
+        raise RefimplError(f"{unreadable} ({e}): write it with np.savez") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Compare and report
 def recompute(manifest, arrays):
     """Every output tensor, recomputed from the inputs stored in a golden set."""
     c = manifest["config"]
     cfg = ModelConfig.from_dict(c["model"])
-    dec = unflatten_params({n[len("decoder."):]: a for n, a in arrays.items() if n.startswith("decoder.")},
-                           cfg.n_layers)
+    part = {p: {n[len(p):]: a for n, a in arrays.items() if n.startswith(p)}      # names without p
+            for p in ("decoder.", "coprocessor.")}
+    dec = unflatten_params(part["decoder."], cfg.n_layers)
     require("embed_tokens" in dec, f"golden file lacks decoder.model.embed_tokens.weight: {FIX}")
-    trainable = {n[len("coprocessor."):]: a for n, a in arrays.items() if n.startswith("coprocessor.")}
-    trainable[SOFT_TOKENS] = arrays["soft_tokens"]
+    trainable = {**part["coprocessor."], SOFT_TOKENS: arrays["soft_tokens"]}
     return compute(cfg, dec, trainable, arrays["tokens"], arrays["trace_positions"], c["n_latents"],
                    c["n_ahead"], c["latent_positions"], {k: manifest["adam"][k] for k in ADAM})
 
 
 def compare(name, spec, expected, actual):
-    """One comparison -> dict(ok, missing, max_abs, max_rel, of_max, line) for the report. ok: within the
-    tensor's rtol/atol (the float32 tier); of_max: max|actual - expected| / max|expected| (the float64 tier)."""
+    """One comparison -> {ok, missing, max_abs, max_rel, of_max (= max|a - e| / max|e|), line}."""
     e, inf = np.asarray(expected), float("inf")
     if actual is None:
         status = "MISSING" if spec.get("required") else "missing (optional)"
@@ -129,9 +112,10 @@ def compare(name, spec, expected, actual):
     of_max = (0.0 if ok else inf) if exact else max_abs / max(float(np.abs(e64).max(initial=0)), 1e-300)
     first = "  ".join(f"{_fmt(x)}|{_fmt(y)}" for x, y in zip(e.ravel()[:3], a.ravel()[:3]))
     line = (f"{'OK' if ok else 'NOT OK':<8} {name} {list(e.shape)}  max_abs {max_abs:.2e}  max_rel "
-            f"{'-' if exact else f'{max_rel:.2e}'}  of_max {of_max:.1e}  (rtol {spec['rtol']:g}, atol {spec['atol']:g})"
-            f"  expected|actual: {first}")
-    return {"ok": ok, "missing": False, "line": line, "max_abs": max_abs, "max_rel": max_rel, "of_max": of_max}
+            f"{'-' if exact else f'{max_rel:.2e}'}  of_max {of_max:.1e}  (rtol {spec['rtol']:g}, "
+            f"atol {spec['atol']:g})  expected|actual: {first}")
+    return {"ok": ok, "missing": False, "line": line, "max_abs": max_abs, "max_rel": max_rel,
+            "of_max": of_max}
 
 
 def _fmt(x):
@@ -140,40 +124,32 @@ def _fmt(x):
 
 
 def verify(directory, actual=None, out=None):
-    """Compare tensor by tensor and print a report. Returns the tier passed: "float64", "float32" (every
-    compared tensor OK, some beyond FLOAT64_TIER), or None (FAIL).
-
-    actual None: recompute every output from the golden set's own inputs with refimpl.
-    actual FILE.npz: compare another implementation's tensors (same names). A name absent from
-    FILE is MISSING; it fails only if the manifest lists it in required_for_actual.
-    """
-    out = out or sys.stdout
+    """Print DIR's report against refimpl recomputing it (actual None) or FILE.npz (a missing name fails
+    only if in required_for_actual). Returns the tier passed: "float64", "float32" or None (FAIL)."""
     manifest, golden = load(directory)
     specs, c = manifest["tensors"], manifest["config"]
-    if actual is None:
-        got, source = recompute(manifest, golden), "refimpl recomputed from the file's inputs"
-        names = [n for n, s in specs.items() if s.get("role") == "output"]
-    else:
-        got, source, names = load_npz(actual, "actual tensors"), str(actual), list(specs)
+    got = recompute(manifest, golden) if actual is None else load_npz(actual, "actual tensors")
+    names = [n for n, s in specs.items() if actual is not None or s.get("role") == "output"]
+    source = actual or "refimpl recomputed from the file's inputs"
     print(f"golden {directory} (format {manifest['format_version']}, refimpl "
-          f"{manifest.get('generator', {}).get('refimpl_version', '?')}, latent_positions {c['latent_positions']}, "
-          f"ahead_positions {c['ahead_positions']}) vs {source}", file=out)
-    rows = [compare(n, specs[n], golden[n], got.get(n)) for n in names]
-    for r in rows:
+          f"{manifest.get('generator', {}).get('refimpl_version', '?')}, latent_positions "
+          f"{c['latent_positions']}, ahead_positions {c['ahead_positions']}) vs {source}", file=out)
+    rows = {n: compare(n, specs[n], golden[n], got.get(n)) for n in names}
+    for r in rows.values():
         print(r["line"], file=out)
-    extra = sorted(set(got) - set(specs)) if actual is not None else []
+    extra = sorted(set(got) - set(specs))                              # recomputed: none
     if extra:
         print(f"note: {len(extra)} names not in the golden file were ignored: {', '.join(extra[:5])}"
               + (" ..." if len(extra) > 5 else ""), file=out)
-    bad = [n for n, r in zip(names, rows) if not r["ok"]]
-    off64 = sorted(((r["of_max"], n) for n, r in zip(names, rows) if r["of_max"] > FLOAT64_TIER), reverse=True)
+    bad = [n for n, r in rows.items() if not r["ok"]]
+    off64 = sorted(((r["of_max"], n) for n, r in rows.items() if r["of_max"] > FLOAT64_TIER), reverse=True)
     tier = "FAIL" if bad else "PASS float64" if not off64 else (
         f"PASS float32 (fails float64: {len(off64)} tensors, worst {off64[0][1]} of_max {off64[0][0]:.1e})")
-    checked = [r for r in rows if not r["missing"]]
+    checked = [r for r in rows.values() if not r["missing"]]
+    missing = [r for r in rows.values() if r["missing"]]
     worst = max((r["max_rel"] for r in checked if r["max_rel"] is not None), default=0.0)
-    print(f"{tier}: {sum(r['ok'] for r in checked)}/{len(checked)} compared "
-          f"tensors OK, {sum(r['missing'] for r in rows)} missing "
-          f"({sum(r['missing'] and not r['ok'] for r in rows)} required), worst max_rel {worst:.2e}"
+    print(f"{tier}: {sum(r['ok'] for r in checked)}/{len(checked)} compared tensors OK, {len(missing)} "
+          f"missing ({sum(not r['ok'] for r in missing)} required), worst max_rel {worst:.2e}"
           + (f"; NOT OK or MISSING: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}" if bad else ""),
           file=out)
     return None if bad else "float32" if off64 else "float64"
@@ -190,4 +166,4 @@ def verify_all(directory, actual=None, out=None):
     require(actual is None or len(sets) == 1, f"{directory} holds {len(sets)} golden sets "
             f"({', '.join(d.name for d in sets)}): compare the outputs with the one set your port computes, "
             f"e.g. {next((d for d in sets if d.name == 'default'), sets[0])}")
-    return all([verify(d, actual, out) for d in sets])  # noqa: C419 (a list: every set reports, even after a FAIL)
+    return all([verify(d, actual, out) for d in sets])  # noqa: C419 (a list: every set reports, even a FAIL)

@@ -1,11 +1,10 @@
-"""`refimpl fetch NAME`: download a named pretrained model (data/pretrained.py) and convert it, once, into an
-ordinary decoder checkpoint pair (float32, Hugging Face names) whose metadata names its source and tokenizer.
-"""
+"""`refimpl fetch NAME`: download a named pretrained model (data/pretrained.py) and convert it, once, into a
+decoder checkpoint pair (float32, Hugging Face names) whose metadata names its source and tokenizer."""
 from pathlib import Path
 
 from ..data.gguf import gguf_module, read_gguf
-from ..data.llm_tokenizer import save_llm_tokenizer, tokenizer_from_vocab
 from ..data.pretrained import DECODER, MODELS, TOKENIZER, download_gguf, model_dir
+from ..data.tokenizer import save_llm_tokenizer, tokenizer_from_vocab
 from ..errors import require
 from ..training.checkpoint import checkpoint_paths, run_lock, save_decoder
 

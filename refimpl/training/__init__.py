@@ -1,2 +1,1 @@
-"""Training: gradients of the trainable arrays only, Adam, checkpoints, held-out measurement,
-and the one training loop shared by pretraining and coprocessor training."""
+"""Training: gradients of the trainable arrays only, Adam, checkpoints, held-out loss, the one loop."""

@@ -1,12 +1,7 @@
-"""Checkpoints: one `.npz` of named arrays plus a sidecar `.json` of metadata, written atomically.
-
-    NAME.npz   arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>
-    NAME.json  {"format_version", "kind" ("decoder" | "coprocessor"), "config", "step", the sampler's rng
-               state, "tokenizer_sha256", "data_hash", "arrays" ({name: spec}), "npz_sha256", "meta_sha256"}
-
-A save renames the complete, fsync'ed npz, then the JSON; a kill between the renames leaves the new JSON
-as a temporary file, which loading takes when its npz_sha256 matches (docs/robustness.md). Loading never
-unpickles; every problem is one line naming the file and the fix. Arrays load onto any backend.
+"""Checkpoints: NAME.npz (arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>) and
+NAME.json (metadata with npz_sha256 and meta_sha256), written atomically, npz first: a temp JSON left by a
+kill between the renames is taken when its npz_sha256 matches. Loading never unpickles; every problem is one
+line naming the file and the fix (docs/robustness.md). Arrays load onto any backend.
 """
 import hashlib
 import json
@@ -40,7 +35,6 @@ def checkpoint_paths(path):
     return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
 
 
-# ---------------------------------------------------------------------------------------------
 # Atomic writes
 def atomic_write_bytes(path, blob):
     """Write blob to path so that a crash leaves the old file or the new one, never a torn one."""
@@ -65,7 +59,12 @@ def _write_atomically(files):
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, (path, _) in zip(temps, files):
-            _pause_for_test(path)
+            if flag := os.environ.get(TEST_HOOK_SAVE_PAUSE):  # tests: path into FLAG, wait for its removal
+                Path(flag + ".new").write_text(str(path))
+                os.replace(flag + ".new", flag)
+                deadline = time.monotonic() + 60
+                while os.path.exists(flag) and time.monotonic() < deadline:
+                    time.sleep(0.01)
             os.replace(tmp, path)
     except BaseException:
         for tmp in temps:
@@ -79,20 +78,8 @@ def _write_atomically(files):
             os.close(fd)
 
 
-def _pause_for_test(path):
-    # with REFIMPL_TEST_HOOK_SAVE_PAUSE=FLAG set (never in normal use): write the destination into FLAG
-    # and wait until FLAG is deleted (or 60 s pass), so that tests/test_robustness.py can kill a save
-    flag = os.environ.get(TEST_HOOK_SAVE_PAUSE)
-    if flag:
-        Path(flag + ".new").write_text(str(path))
-        os.replace(flag + ".new", flag)
-        deadline = time.monotonic() + 60
-        while os.path.exists(flag) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-
 def _temp_files(path):
-    """Temporary files of earlier saves of path that were killed before their rename."""
+    # temporary files of earlier saves of path that were killed before their rename
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
@@ -124,12 +111,10 @@ def run_lock(directory):
             directory.rmdir()
 
 
-# ---------------------------------------------------------------------------------------------
 # Save and load a pair
 def save_checkpoint(path, arrays, meta):
     """Write arrays ({name: array}, any backend) and meta (JSON-able dict with "kind") as a pair."""
-    require(isinstance(meta.get("kind"), str),
-            "checkpoint metadata needs a 'kind' string (e.g. 'decoder'); pass it in meta")
+    require(isinstance(meta.get("kind"), str), "checkpoint metadata needs a 'kind' string: pass it in meta")
     host = {name: np.ascontiguousarray(to_numpy(a)) for name, a in arrays.items()}
     bad = [n for n, a in host.items() if a.dtype.hasobject]
     require(not bad, f"array {bad[:1]} has dtype object, which a checkpoint cannot hold: pass numeric arrays")
@@ -177,19 +162,19 @@ def load_checkpoint(path):
     with open(npz_path, "rb") as f:                     # hashed and parsed from one open file, in chunks
         sha = _sha256_of(f)
         if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
-            meta = next((m for m in map(_try_read_meta, _temp_files(json_path))
-                         if m is not None and m["npz_sha256"] == sha), meta)
+            for temp in _temp_files(json_path):
+                with suppress(RefimplError, OSError):
+                    if (candidate := _read_meta(temp))["npz_sha256"] == sha:
+                        meta = candidate
+                        break
         require(sha == meta["npz_sha256"], f"checkpoint {npz_path} is corrupt (sha256 mismatch with "
-                                           f"{json_path.name}): it was truncated, modified or its save was "
-                                           f"interrupted; {RETRAIN}")
+                                           f"{json_path.name}: truncated, modified or half saved); {RETRAIN}")
         f.seek(0)
         arrays = _read_arrays(f, npz_path)
-    missing = sorted(set(meta["arrays"]) - set(arrays))
-    require(not missing, f"checkpoint {npz_path} lacks arrays {missing[:3]} that {json_path.name} "
-                         f"lists: the pair is inconsistent; {RETRAIN}")
     for name, spec in meta["arrays"].items():
-        require(array_spec(arrays[name]) == spec, f"checkpoint {npz_path}: array {name} is "
-                f"{array_spec(arrays[name])}, but {json_path.name} says {spec}; {RETRAIN}")
+        got = array_spec(arrays[name]) if name in arrays else "missing"
+        require(got == spec, f"checkpoint {npz_path}: array {name} is {got}, but {json_path.name} says "
+                             f"{spec}; {RETRAIN}")
     return arrays, meta
 
 
@@ -208,11 +193,10 @@ def _read_meta(json_path):
     try:
         meta = json.loads(json_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise RefimplError(f"checkpoint metadata {json_path} is not valid JSON ({e}): it was "
-                           f"truncated or modified; {RETRAIN}") from None
-    require(isinstance(meta, dict) and "format_version" in meta,
-            f"checkpoint metadata {json_path} has no format_version: it is not a refimpl "
-            "checkpoint; pass the .npz/.json pair written by refimpl")
+        raise RefimplError(f"checkpoint metadata {json_path} is not valid JSON ({e}): it was truncated or "
+                           f"modified; {RETRAIN}") from None
+    require(isinstance(meta, dict) and "format_version" in meta, f"checkpoint metadata {json_path} has no "
+            "format_version: it is not a refimpl checkpoint; pass the .npz/.json pair written by refimpl")
     version = meta["format_version"]
     require(version == FORMAT_VERSION, f"checkpoint {json_path} has format_version {version!r}, but this "
                                        f"refimpl reads [{FORMAT_VERSION}]: upgrade refimpl or re-save it")
@@ -222,17 +206,9 @@ def _read_meta(json_path):
     require(isinstance(meta.get("npz_sha256"), str) and isinstance(meta.get("arrays"), dict),
             f"checkpoint metadata {json_path} lacks npz_sha256 or arrays: it is corrupt; {RETRAIN}")
     kind, step = meta.get("kind"), meta.get("step", 0)
-    require(isinstance(kind, str) and isinstance(step, int) and not isinstance(step, bool) and step >= 0,
-            f"checkpoint metadata {json_path} has kind {kind!r} and step {step!r} (expected a string and an "
-            f"int >= 0): it is corrupt; {RETRAIN}")
+    require(isinstance(kind, str) and type(step) is int and step >= 0, f"checkpoint metadata {json_path} has "
+            f"kind {kind!r} and step {step!r} (expected a string and an int >= 0): it is corrupt; {RETRAIN}")
     return meta
-
-
-def _try_read_meta(json_path):
-    try:
-        return _read_meta(json_path)
-    except (RefimplError, OSError):
-        return None
 
 
 def _read_arrays(f, npz_path):
@@ -240,15 +216,12 @@ def _read_arrays(f, npz_path):
     try:
         with np.load(f, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
+    except Exception as e:  # noqa: BLE001 (ValueError, zipfile.BadZipFile, EOFError, OSError ...)
+        if isinstance(e, ValueError) and ("pickle" in str(e).lower() or "object" in str(e).lower()):
             raise RefimplError(f"checkpoint {npz_path} holds an object (pickled) array, which refimpl never "
-                               "loads because unpickling can run code: re-save it with numeric arrays "
-                               "only") from None
-        raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({e}); {RETRAIN}") from None
-    except Exception as e:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, OSError ...)
-        raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({type(e).__name__}: "
-                           f"{e}); {RETRAIN}") from None
+                               "loads (unpickling can run code): re-save it with numeric arrays") from None
+        raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({type(e).__name__}: {e}); "
+                           f"{RETRAIN}") from None
 
 
 # Adam's state as named arrays (adam.m.<name>, adam.v.<name>); its step goes to the metadata
@@ -263,7 +236,6 @@ def adam_from_arrays(arrays, step, xp=np, dtype=None):
     return {"m": moments(ADAM_M), "v": moments(ADAM_V), "step": step}
 
 
-# ---------------------------------------------------------------------------------------------
 # The decoder
 def decoder_hash(params_flat):
     """sha256 over the names, shapes, dtypes and bytes (as stored) of the decoder's arrays."""
@@ -276,8 +248,7 @@ def decoder_hash(params_flat):
 
 
 def save_decoder(path, params, cfg, meta_extra=None, arrays_extra=None):
-    """Save decoder params (nested or flat) with kind "decoder", its config and decoder_hash;
-    meta_extra: more metadata (step, rng, ...), arrays_extra: more arrays (Adam's state)."""
+    """Save decoder params (nested or flat), config, decoder_hash, more metadata and arrays (Adam's)."""
     flat = flatten_params(params) if "layers" in params else dict(params)
     check_decoder_shapes(flat, cfg, checkpoint_paths(path)[0])
     meta = {"step": 0, **(meta_extra or {}), "kind": "decoder", "config": cfg.to_dict(),
@@ -286,8 +257,7 @@ def save_decoder(path, params, cfg, meta_extra=None, arrays_extra=None):
 
 
 def load_decoder(path, dtype=np.float32, xp=np):
-    """(nested params on backend xp cast to dtype, ModelConfig, meta) from a decoder checkpoint;
-    meta["decoder_hash"] is the hash of the arrays as stored (before any cast)."""
+    """(nested params on xp in dtype, ModelConfig, meta); meta["decoder_hash"] hashes the stored arrays."""
     arrays, cfg, meta = read_decoder(path)
     flat = {n: to_xp(a, xp, dtype) for n, a in arrays.items() if n.startswith("model.")}
     return unflatten_params(flat, cfg.n_layers), cfg, meta
@@ -301,28 +271,23 @@ def read_decoder(path):
                                            "decoder: pass the checkpoint written by `refimpl pretrain`")
     try:
         cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as e:
-        raise RefimplError(f"checkpoint {npz_path} has no usable config ({e}): it is corrupt; "
-                           f"{RETRAIN}") from None
-    except RefimplError as e:
-        raise RefimplError(f"checkpoint {npz_path}: {e}") from None
+    except (KeyError, TypeError, RefimplError) as e:
+        raise RefimplError(f"checkpoint {npz_path} has no usable config ({e}); {RETRAIN}") from None
     flat = {n: a for n, a in arrays.items() if n.startswith("model.")}
     check_decoder_shapes(flat, cfg, npz_path)
-    stored = meta.get("decoder_hash")
-    require(stored is None or stored == decoder_hash(flat),
+    require(meta.get("decoder_hash") in (None, decoder_hash(flat)),  # None: not recorded
             f"checkpoint {npz_path}: its weights do not match the decoder_hash in its metadata; {RETRAIN}")
     return arrays, cfg, meta
 
 
 def check_decoder_shapes(flat, cfg, where):
-    """Every decoder weight present with the shape cfg implies; a one-line error otherwise."""
     problem = _arrays_problem(flat, param_shapes(cfg))
     require(problem is None, f"checkpoint {where} does not match its config ({problem}): the file and config "
                              "do not belong together; re-save or retrain it")
 
 
 def _arrays_problem(arrays, shapes, exact=False):
-    """What is wrong with `arrays` for `shapes` {name: shape} (None: nothing); exact: no other names."""
+    """What is wrong with arrays for shapes {name: shape} (None: nothing); exact: no other names."""
     missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes)) if exact else []
     if missing or extra:
         return f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
@@ -331,22 +296,19 @@ def _arrays_problem(arrays, shapes, exact=False):
 
 
 def load_model(name_or_path, dtype=np.float32, xp=np):
-    """(params on xp in dtype, ModelConfig, meta, tokenizer) of a model name such as smollm2-135m (fetched
-    with `refimpl fetch`) or a decoder checkpoint; refused if trained with another tokenizer."""
+    """(params, ModelConfig, meta, tokenizer) of a model name (smollm2-135m, from `refimpl fetch`) or a
+    decoder checkpoint; refused if trained with another tokenizer."""
     path = decoder_file(name_or_path)
     params, cfg, meta = load_decoder(path, dtype, xp)
     tokenizer, saved = tokenizer_for(path, meta), meta.get("tokenizer_sha256")   # None: not recorded
-    require(saved is None or saved == tokenizer.sha256,
-            f"checkpoint {path} was trained with another tokenizer (sha256 {str(saved)[:12]}..., the "
-            f"current tokenizer file has {tokenizer.sha256[:12]}...): restore the tokenizer it was trained "
-            "with, or retrain it")
+    require(saved is None or saved == tokenizer.sha256, f"checkpoint {path} was trained with another "
+            f"tokenizer (sha256 {str(saved)[:12]}..., the current one {tokenizer.sha256[:12]}...): restore "
+            "that tokenizer, or retrain it")
     require(tokenizer.n_vocab <= cfg.vocab_size, f"decoder {path} has {cfg.vocab_size} embeddings, fewer "
-            f"than its tokenizer's {tokenizer.n_vocab} ids; the checkpoint and tokenizer do not belong "
-            "together")
+            f"than its tokenizer's {tokenizer.n_vocab} ids: pass the tokenizer it belongs with")
     return params, cfg, meta, tokenizer
 
 
-# ---------------------------------------------------------------------------------------------
 # The coprocessor: its trainable arrays (and Adam's state), tied to the decoder it was trained against
 def save_coprocessor(path, trainable, adam, meta):
     save_checkpoint(path, {**trainable, **adam_to_arrays(adam)},
@@ -360,16 +322,13 @@ def coprocessor_file(path):
 
 
 def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
-    """(trainable, adam state, meta) of a coprocessor checkpoint; refused unless it was trained
-    against the decoder whose stored hash is want_decoder_hash (the decoder checkpoint's meta)."""
+    """(trainable, adam state, meta) of a coprocessor trained against the decoder of want_decoder_hash."""
     arrays, meta = load_checkpoint(path)
-    require(meta.get("kind") == "coprocessor",
-            f"{path} is a {meta.get('kind')!r} checkpoint, not a coprocessor: pass a file written by "
-            "`refimpl train`")
-    require(meta.get("decoder_hash") == want_decoder_hash,
-            f"coprocessor {path} was trained against another decoder (hash "
-            f"{str(meta.get('decoder_hash'))[:12]}, this one is {want_decoder_hash[:12]}): pass the decoder "
-            "it was trained with, or retrain it")
+    require(meta.get("kind") == "coprocessor", f"{path} is a {meta.get('kind')!r} checkpoint, not a "
+                                               "coprocessor: pass a file written by `refimpl train`")
+    require(meta.get("decoder_hash") == want_decoder_hash, f"coprocessor {path} was trained against "
+            f"another decoder (hash {str(meta.get('decoder_hash'))[:12]}, this one is "
+            f"{want_decoder_hash[:12]}): pass the decoder it was trained with, or retrain it")
     trainable = {k: a for k, a in arrays.items() if not k.startswith("adam.")}
     _check_coprocessor(trainable, meta, path)
     trainable = {k: to_xp(a, xp, dtype) for k, a in trainable.items()}
@@ -377,7 +336,7 @@ def load_coprocessor(path, want_decoder_hash, dtype=np.float32, xp=np):
 
 
 def _check_coprocessor(trainable, meta, path):
-    """The metadata that eval, generate and resuming read must agree with the arrays."""
+    # the metadata that eval, generate and resuming read must agree with the arrays
     soft, n, is_int = trainable.get(SOFT_TOKENS), meta.get("n_latents"), lambda v: type(v) is int
     problems = [what for what, ok in (
         ("no step", "step" in meta),
@@ -388,17 +347,16 @@ def _check_coprocessor(trainable, meta, path):
         (f"n_ahead {meta.get('n_ahead')!r}", is_int(meta.get("n_ahead")) and meta["n_ahead"] >= 1),
         ("train_config is not a dict", isinstance(meta.get("train_config"), dict)),
     ) if not ok]
-    require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): "
-                          "restore it from a backup or retrain it with `refimpl train`")
+    require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): {RETRAIN} it "
+                          "with `refimpl train`")
     check_train_config(meta["train_config"], f"coprocessor {path}")
     problem = _coprocessor_arrays_problem(trainable, meta)
-    require(problem is None, f"coprocessor {path} holds the wrong arrays ({problem}): restore it from a "
-                             "backup or retrain it with `refimpl train`")
+    require(problem is None, f"coprocessor {path} holds the wrong arrays ({problem}): {RETRAIN} it")
 
 
 def _coprocessor_arrays_problem(trainable, meta):
-    """What is wrong with the arrays (None: nothing): pause tokens are soft_tokens alone; a coprocessor
-    has every block array of its config and the final norm."""
+    # what is wrong with the arrays (None: nothing): pause tokens are soft_tokens alone, a coprocessor
+    # has every block array of its config and the final norm
     others = set(trainable) - {SOFT_TOKENS}
     if meta["mode"] == "pause":
         return f"pause tokens with {sorted(others)[:3]}" if others else None
@@ -417,8 +375,8 @@ REMOVED_OPTIONS = {"ahead_positions": "original", "soft_init": "normal", "soft_l
 
 
 def check_train_config(saved, source):
-    """saved without the removed options; a one-line error for a run trained with an option that is
-    gone, or before the latents' position ids were recorded (then they sat 'after' the point)."""
+    """saved without the removed options; a one-line error for a run trained with one that is gone, or
+    before the latents' position ids were recorded (they sat 'after' the point then)."""
     require("latent_positions" in saved, f"{source} was trained before the latents' position ids were "
             "recorded (they sat 'after' the point then): retrain it, or use refimpl at commit 2d4e58e")
     for key, value in saved.items():

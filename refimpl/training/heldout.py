@@ -1,6 +1,7 @@
-"""Held-out measurement of the ahead tokens (paper Table 1), used while training and by the evaluation:
-the loss of the n-th token after an augmentation point, n = 1..N_A, on fixed points, the same for the
-decoder alone (`trainable=None`) and with augmentation, so that the two differ only by the latents."""
+"""Held-out loss of the n-th token after an augmentation point, n = 1..N_A (paper Table 1), on fixed
+points, for the decoder alone (`trainable=None`) and with augmentation: they differ only by the latents."""
+from itertools import islice
+
 import numpy as np
 
 from ..backend import to_numpy, xp_of
@@ -10,20 +11,16 @@ from ..data.corpus import iter_eval_batches
 
 
 def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234, skip_windows=0):
-    """Fixed held-out windows and trace positions: a list of (tokens [B, T], positions [B, K]).
-    skip_windows: start after that many windows of T tokens (training evaluates on at most the first
-    64, so an evaluation past them scores windows no choice was made on)."""
+    """Fixed held-out windows and trace positions: [(tokens [B, T], positions [B, K])]. skip_windows: start
+    after that many windows (training evaluates on at most the first 64: past them, no choice was made)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for tokens in iter_eval_batches(val_tokens[skip_windows * seq_len:], batch_size, seq_len):
-        if len(out) == n_batches:
-            break
-        out.append((tokens, sample_trace_positions(rng, tokens.shape[0], seq_len, n_traces, n_ahead)))
-    return out
+    windows = islice(iter_eval_batches(val_tokens[skip_windows * seq_len:], batch_size, seq_len), n_batches)
+    return [(tokens, sample_trace_positions(rng, tokens.shape[0], seq_len, n_traces, n_ahead))
+            for tokens in windows]
 
 
 def ahead_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions="behind"):
-    """Mean held-out nll per ahead position, float64 [N_A] (position n = index n-1)."""
+    """Mean held-out nll per ahead position, float64 [N_A]."""
     nll = point_nll(dec_params, trainable, cfg, heldout, n_latents, n_ahead, latent_positions)  # [P, N_A]
     return nll.mean(0) if len(nll) else np.zeros(n_ahead)
 
@@ -50,7 +47,6 @@ def row_norm(x):
 
 
 def mean_row_norm(x):
-    """Mean L2 norm of the rows of x [..., D] (latents or token embeddings), a float."""
     return float(to_numpy(row_norm(x)))
 
 

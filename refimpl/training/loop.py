@@ -1,18 +1,9 @@
-"""The one training loop of `refimpl pretrain` (the decoder) and `refimpl train` (the coprocessor).
-
-    while state.step < stop:
-        batch = task.sample(rng)                          # host arrays, from the run's own generator
-        loss, grads = value_and_grad(task.loss)           # on the arrays' device, no host sync
-        loss, grad norm, latent norm -> host in ONE transfer   # a non-finite one stops the run here
-        trainable, adam = adam_update(..., grad_scale=clip_scale(norm, clip))   # clipping folded in
-        evaluate every eval_every steps; every save_every steps write metrics.json, then the checkpoint
-
-A run stops at `stop`, on Ctrl-C (which saves first) or at a non-finite loss (the last checkpoint
-stays untouched), and resumes bit for bit from the checkpoint (arrays, Adam's state, step, rng state);
-metrics.json is cut back to its step. A task (pretrain.Pretraining, train.CoprocessorTraining) has
-label, unit, slots (per step), out, ckpt, metrics_path, schedule, and header(state), sample(rng),
-loss(trainable, batch) -> (loss, latents or None), evaluate(state, metrics, rate) -> record,
-describe(record), metrics_json(metrics, step), read_metrics(dict) -> (evals, history), save(state).
+"""The one training loop: of `refimpl pretrain` (task pretrain.Pretraining) and `refimpl train`
+(train.CoprocessorTraining). Per step: a batch from the run's own generator; loss and gradients on the
+arrays' device; loss, gradient norm and latent norm to the host in ONE transfer (a non-finite one stops
+the run, the last checkpoint untouched); Adam with clipping folded in. Evaluation every eval_every steps;
+every save_every steps metrics.json, then the checkpoint. Ctrl-C saves first. A resume is bit for bit
+(arrays, Adam's state, step, rng state), with metrics.json cut back to its step.
 """
 import json
 import math
@@ -33,7 +24,7 @@ from .heldout import row_norm
 from .optim import adam_update, clip_scale, global_norm, lr_schedule
 
 BETAS, EPS = (0.9, 0.95), 1e-8
-BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+BIT_GENERATORS = {n: getattr(np.random, n) for n in ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")}
 
 
 @dataclass(frozen=True)
@@ -61,8 +52,8 @@ class Schedule:
 
 
 def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kept="no update was made"):
-    """One Adam(W) update -> (trainable, adam, stats {"loss", "grad_norm"[, "latent_norm"]}) of
-    loss_fn(boxed trainable) -> (loss, latents or None); a non-finite stat raises (`kept`: what is left)."""
+    """One Adam(W) update of loss_fn(boxed trainable) -> (loss, latents or None): (trainable, adam, stats
+    {"loss", "grad_norm"[, "latent_norm"]}); a non-finite stat raises (`kept`: what is left)."""
     def traced(boxed):
         loss, latents = loss_fn(boxed)
         return loss, {} if latents is None else {"latent_norm": row_norm(getval(latents))}
@@ -73,17 +64,16 @@ def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kep
     host = to_numpy(xp.stack([xp.asarray(loss, dtype=xp.float64), norm, *aux.values()]))  # the one read
     stats = dict(zip(("loss", "grad_norm", *aux), host.tolist()))
     for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
-        if not math.isfinite(stats[key]):
-            raise RefimplError(f"training diverged at step {adam['step'] + 1}: the {what} is {stats[key]} "
-                               f"(not finite); {kept}")
+        require(math.isfinite(stats[key]), f"training diverged at step {adam['step'] + 1}: the {what} is "
+                                           f"{stats[key]} (not finite); {kept}")
     trainable, adam = adam_update(trainable, grads, adam, lr, *BETAS, EPS, weight_decay, decay,
                                   grad_scale=clip_scale(norm, clip))
     return trainable, adam, stats
 
 
 def run(task, state, resumed=False, stream=None):
-    """Train from state (resumed: from the checkpoint in task.out) to task.schedule.stop.
-    Returns (final state, metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk)."""
+    """Train from state (resumed: from the checkpoint in task.out) to task.schedule.stop -> (final state,
+    metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk)."""
     metrics = resumed_metrics(task, state.step) if resumed else {"evals": [], "history": []}
     sched, saved = task.schedule, state.step if resumed else None
     bar = Progress(sched.steps, start=state.step, label=task.label, stream=stream)
@@ -145,7 +135,6 @@ def _save(task, state, metrics):
     task.save(state)
 
 
-# ---------------------------------------------------------------------------------------------
 # Data, and the checks of a resumed run
 @dataclass(frozen=True)
 class Corpus:
@@ -165,35 +154,28 @@ def load_corpus(tokenizer=None):
 def check_out(out, ckpt, resume, what, overwrite=False):
     """A resumed run needs its checkpoint `ckpt` in out; a new one refuses to replace it unless overwrite."""
     exists = any(p.exists() for p in checkpoint_paths(ckpt))
-    require(exists or not resume, f"no {what} in {out} to resume: start a new run instead, or check the "
-                                  "output directory")
-    require(resume or overwrite or not exists, f"{out} already holds a {what}: resume it, or choose "
-                                               "another output directory")
+    require(exists or not resume, f"no {what} in {out} to resume: start a new run, or check the directory")
+    require(resume or overwrite or not exists, f"{out} already holds a {what}: resume it, or choose another "
+                                               "output directory")
 
 
 def check_resumed(meta, corpus, given, saved, where):
     """A resumed run reads its data and keeps the hyperparameters in `given` as `saved` (its first ones)."""
     for key, now in (("tokenizer_sha256", corpus.tokenizer_sha256), ("data_hash", corpus.data_hash)):
-        require(meta.get(key) == now, f"{where} was trained with other data ({key} "
-                                      f"{str(meta.get(key))[:12]}... vs {now[:12]}...): restore that data, "
-                                      "or start a new run")
-    differ = [k for k in given if given[k] != saved.get(k)]
-    if differ:
-        first, *rest = differ
-        also = "".join(f", {k}={given[k]} from {saved.get(k)}" for k in rest)
-        raise RefimplError(f"{first}={given[first]} differs from the resumed run's {saved.get(first)}{also} "
-                           f"(in {where}): resume with the values it was started with, or start a new run in "
-                           "another directory")
+        require(meta.get(key) == now, f"{where} was trained with other data ({key} {str(meta.get(key))[:12]}"
+                                      f"... vs {now[:12]}...): restore that data, or start a new run")
+    differ = "; ".join(f"{k}={v} differs from the resumed run's {saved.get(k)}"
+                       for k, v in given.items() if v != saved.get(k))
+    require(not differ, f"{differ} (in {where}): resume with the values it was started with, or start a new "
+                        "run in another directory")
 
 
 def resumed_state(step, trainable, adam, rng_state, where):
-    """The State of a checkpoint: Adam's state complete for the trainable arrays (put in their order), the
-    rng state usable, or a one-line error."""
+    """The State of a checkpoint (Adam's moments in the arrays' order), its Adam and rng state checked."""
     names = list(trainable)
     missing = [pre + n for n in names for pre, got in (("adam.m.", adam["m"]), ("adam.v.", adam["v"]))
                if n not in got]
-    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it was saved without it and cannot "
-                         "be resumed; start a new run")
+    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it cannot resume; start a new run")
     require(type(adam["step"]) is int and adam["step"] >= 0,
             f"{where} has optimizer step {adam['step']!r}: expected an int >= 0; the metadata is corrupt")
     adam = {**{key: {n: adam[key][n] for n in names} for key in ("m", "v")}, "step": adam["step"]}
@@ -204,10 +186,7 @@ def resumed_state(step, trainable, adam, rng_state, where):
 def sampler(rng_state, where):
     """A numpy Generator positioned at rng_state (a bit_generator state), or a one-line error."""
     try:
-        name = rng_state["bit_generator"]
-        if name not in BIT_GENERATORS:
-            raise ValueError(f"unknown bit generator {name!r}")
-        rng = np.random.Generator(getattr(np.random, name)())
+        rng = np.random.Generator(BIT_GENERATORS[rng_state["bit_generator"]]())   # KeyError: not one of them
         rng.bit_generator.state = rng_state
         return rng
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
@@ -225,7 +204,6 @@ def resumed_metrics(task, step):
         return {"evals": [], "history": []}
 
 
-# ---------------------------------------------------------------------------------------------
 # The progress line
 class Progress:
     """`label step 120/1000 | 0:12<1:28 | loss 2.31 | tok/s 5,120`: one line rewritten with \\r (at
@@ -247,8 +225,7 @@ class Progress:
         line = " | ".join(parts)
         self._put(f"\r{line}\x1b[K" if self.tty else line + "\n", dirty=self.tty)
 
-    def write(self, message):
-        """A permanent line that does not garble the bar."""
+    def write(self, message):     # a permanent line that does not garble the bar
         self._put(("\r\x1b[K" if self.dirty else "") + message + "\n")
 
     def close(self):

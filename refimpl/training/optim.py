@@ -1,10 +1,6 @@
-"""Adam(W) with explicit state, the learning-rate schedule, and global-norm gradient clipping.
-
-The state is a plain value, {"m": {name: array}, "v": {name: array}, "step": int}, so that a run can
-be checkpointed (autograd's adam hides it in a closure). Every function is pure, on NumPy or CuPy.
-Scalars are Python floats, which NumPy 2 (NEP 50) casts to the array's dtype: float32 stays float32.
-
-Update (Kingma & Ba 2015; decoupled weight decay as in Loshchilov & Hutter 2019, "AdamW"):
+"""Adam(W) with explicit state {"m": {name: array}, "v": {name: array}, "step": int} (a checkpoint holds
+it), the learning-rate schedule, global-norm clipping. Pure functions on NumPy or CuPy; Python-float
+scalars keep float32 float32 (NEP 50). AdamW (Kingma & Ba 2015; decoupled decay, Loshchilov & Hutter 2019):
     m <- b1 m + (1 - b1) g           v <- b2 v + (1 - b2) g^2
     p <- p - lr wd p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 """
@@ -21,21 +17,16 @@ CHUNK = 2**23   # Adam updates the parameters in flat chunks of at most this man
 
 
 def adam_init(params_flat):
-    """Zero first and second moments for every parameter, step 0."""
     return {"m": {k: xp_of(p).zeros_like(p) for k, p in params_flat.items()},
             "v": {k: xp_of(p).zeros_like(p) for k, p in params_flat.items()}, "step": 0}
 
 
 def adam_update(params_flat, grads_flat, state, lr, beta1=0.9, beta2=0.95, eps=1e-8,
                 weight_decay=0.0, decay=None, grad_scale=None):
-    """One bias-corrected Adam(W) step -> (new params, new state).
-
-    The parameters with a gradient are updated in flat chunks of at most CHUNK elements (32 MB in
-    float32): per element the arithmetic of a per-array update (bit-identical), in 15 array operations
-    per chunk instead of 13 per parameter; the new arrays are views into their chunk. A parameter whose
-    gradient is None keeps its value and moments. decay: the names that get weight decay (None: all).
-    grad_scale: a 0-d device array the gradients are multiplied by first (clip_scale), or None.
-    """
+    """One bias-corrected Adam(W) step -> (new params, new state), in flat chunks of at most CHUNK elements
+    (15 array operations per chunk, not 13 per parameter; bit-identical; new arrays are views of a chunk).
+    A None gradient keeps value and moments. decay: the names that get weight decay (None: all);
+    grad_scale: a 0-d device array the gradients are multiplied by first (clip_scale), or None."""
     t, decayed = state["step"] + 1, 1.0 - float(lr) * float(weight_decay)
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), t, grad_scale)
     new_p, new_m, new_v = dict(params_flat), dict(state["m"]), dict(state["v"])
@@ -94,8 +85,8 @@ def global_norm(grads):
 
 
 def clip_scale(norm, max_norm):
-    """The clipping factor, a 0-d float64 device array (cast to each gradient's dtype: the bits of a Python
-    float): max_norm / (norm + 1e-6) where a finite norm exceeds max_norm, else 1; None: clipping off."""
+    """max_norm / (norm + 1e-6) where a finite norm exceeds max_norm, else 1 (None: clipping off), a 0-d
+    float64 device array, cast to each gradient's dtype (the bits of a Python float)."""
     if not max_norm or max_norm <= 0:
         return None
     xp = xp_of(norm)

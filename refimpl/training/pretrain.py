@@ -22,9 +22,8 @@ from .optim import adam_init
 DEFAULTS = {"preset": "nano", "steps": 2000, "batch_size": 16, "seq_len": None, "lr": 3e-3,
             "warmup": None, "weight_decay": 0.1, "clip": 1.0, "eval_every": 100,
             "eval_batches": 8, "save_every": 500, "seed": 0, "dtype": "float32"}
-# Hyperparameters that change the arithmetic: a resumed run must keep the checkpoint's values.
-FIXED_ON_RESUME = ("preset", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip",
-                   "seed", "dtype")
+# what changes the arithmetic: a resumed run must keep the checkpoint's values
+FIXED_ON_RESUME = [k for k in DEFAULTS if k not in ("steps", "eval_every", "eval_batches", "save_every")]
 
 
 def lm_nll(params, cfg, batch):
@@ -99,15 +98,12 @@ class Pretraining:
 
 
 def new_hparams(given):
-    """The hyperparameters of a new run: the given ones, then the defaults."""
     hp = {**DEFAULTS, **given}
     cfg = get_preset(hp["preset"])
     hp["seq_len"] = hp["seq_len"] or cfg.max_seq_len
-    if hp["warmup"] is None:
-        hp["warmup"] = min(100, hp["steps"] // 10)
-    require(hp["seq_len"] <= cfg.max_seq_len,
-            f"seq_len={hp['seq_len']} exceeds the {hp['preset']} preset's max_seq_len {cfg.max_seq_len}: "
-            f"use seq_len={cfg.max_seq_len} or less")
+    hp["warmup"] = min(100, hp["steps"] // 10) if hp["warmup"] is None else hp["warmup"]
+    require(hp["seq_len"] <= cfg.max_seq_len, f"seq_len={hp['seq_len']} exceeds the {hp['preset']} preset's"
+            f" max_seq_len {cfg.max_seq_len}: use seq_len={cfg.max_seq_len} or less")
     return hp
 
 

@@ -1,10 +1,7 @@
-"""`refimpl train`: train the coprocessor (or pause tokens) against a FROZEN decoder (paper §3.2;
-docs/method.md §4) with the cached form of the loss; loop.run does the loop.
-
-Evaluated: the held-out ahead-token loss every eval_every steps and at the stop (the decoder alone once,
-the baseline). DIR/coprocessor.npz + .json at every evaluation; DIR/metrics.json: {"partial": true,
-"step", "train_config", "baseline_ahead_loss", "evals", "history"} while training (the break-even
-curve of `refimpl eval`), the full record at the end.
+"""`refimpl train`: train the coprocessor (or pause tokens) against a FROZEN decoder with the cached form
+of the loss (paper §3.2; docs/method.md §4); loop.run does the loop. The held-out ahead-token loss (the
+decoder alone once: the baseline) every eval_every steps and at the stop, each with DIR/coprocessor.npz +
+.json; DIR/metrics.json is partial while training (docs/robustness.md), the full record at the end.
 """
 import io
 import math
@@ -59,7 +56,7 @@ class TrainConfig:
 
 
 def saved_train_config(saved, source="the run"):
-    """A run's saved train_config as today's TrainConfig fields (checkpoint.check_train_config first)."""
+    """A run's saved train_config as today's TrainConfig fields (after checkpoint.check_train_config)."""
     return {**asdict(TrainConfig()), **check_train_config(saved, source)}
 
 
@@ -91,7 +88,7 @@ class CoprocessorTraining:
         self.baseline = None      # the decoder alone on the held-out set, [N_A] (set before the loop)
 
     def first_state(self, resume, dtype, xp):
-        """The State to start from: the checkpoint's (checked against this run), or a new one."""
+        """The checkpoint's State (checked against this run), or a new one."""
         tc, ckpt = self.tc, self.ckpt
         if not resume:
             trainable = init_coprocessor(self.dec_params, self.cfg, tc.n_latents, tc.init, tc.mode, tc.seed)
@@ -142,9 +139,8 @@ class CoprocessorTraining:
 
 def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=False, quiet=False,
           stop_after=None):
-    """Train, evaluate on held-out data, and write out_dir/{coprocessor.npz, .json, metrics.json}.
-    stop_after: stop (and save) after this step, keeping tc.steps' LR schedule; resume=True goes on
-    from there, bit-identical to an uninterrupted run."""
+    """Train, evaluate, write out_dir/{coprocessor.npz, .json, metrics.json}. stop_after: stop (and save)
+    there, keeping tc.steps' LR schedule; resume=True goes on, bit-identical to an uninterrupted run."""
     tc.validate()
     require(stop_after is None or stop_after >= 1, f"stop_after={stop_after} must be >= 1")
     xp, dt = get_xp(backend), get_dtype(dtype)
@@ -168,9 +164,9 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     last = metrics["evals"][-1] if metrics["evals"] else {"step": None}
     aug_nll = np.array(last["ahead_loss"]) if last["step"] == state.step else task.ahead_nll(state.trainable)
     final = {
-        "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents, "n_ahead": tc.n_ahead,
-        "steps": state.step, "train_config": asdict(tc), "decoder_path": str(decoder_path),
-        "baseline_ahead_loss": base_nll.tolist(), "augmented_ahead_loss": aug_nll.tolist(),
+        **{k: meta[k] for k in ("mode", "init", "n_latents", "n_ahead", "train_config", "decoder_path")},
+        "steps": state.step, "baseline_ahead_loss": base_nll.tolist(),
+        "augmented_ahead_loss": aug_nll.tolist(),
         "baseline_heldout_loss": float(base_nll.mean()), "augmented_heldout_loss": float(aug_nll.mean()),
         "relative_ppl_change_pct": relative_ppl_change(base_nll, aug_nll).tolist(),
         "embedding_norm": embedding_norm(dec_params), **metrics, "train_seconds": time.perf_counter() - t0,

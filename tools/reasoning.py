@@ -1,13 +1,5 @@
-"""Seeded synthetic reasoning problems, one line each, `<prompt><answer>\\n` (docs/data.md):
-
-    add   (difficulty = digits of each operand, 2..4)     Q: 348+275=? A: 623
-    vars  (difficulty = number of assignments, 2..4)      Q: a=3 b=a+4 c=b*2. c=? A: 14
-    mul   (difficulty = digits of the first operand, 2..3) Q: 47*6=? A: 282
-
-The answer, a space and an integer after the marker " A:", is scored by exact match of the greedy completion
-up to a newline, stripped. A seed fixes every line (VERSION changes whenever the output for a seed would).
-"""
-
+"""Seeded synthetic reasoning problems, one line each, `<prompt><answer>\\n`: tasks, difficulties and the
+exact-match scoring in docs/data.md. A seed fixes every line (VERSION changes whenever that output would)."""
 from refimpl.errors import require
 
 VERSION = 1
@@ -21,25 +13,21 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _number(n_digits, rng):
-    """A uniform random integer with exactly n_digits digits."""
     return int(rng.integers(10 ** (n_digits - 1), 10**n_digits))
 
 
 def add_problem(difficulty, rng):
-    """Two difficulty-digit operands, so carries chain across up to 4 columns."""
     a, b = _number(difficulty, rng), _number(difficulty, rng)
     return f"Q: {a}+{b}=?", a + b
 
 
 def mul_problem(difficulty, rng):
-    """A difficulty-digit number times a digit in 2..9."""
     a, b = _number(difficulty, rng), int(rng.integers(2, 10))
     return f"Q: {a}*{b}=?", a * b
 
 
 def vars_problem(difficulty, rng):
-    """difficulty assignments; each one after the first applies +, - or * (by 2..4) to a random earlier
-    variable, redrawn until the value stays in 0..99."""
+    """difficulty assignments, each after the first +, - or * (by 2..4) of a random earlier variable."""
     names = [LETTERS[i] for i in rng.permutation(len(LETTERS))[:difficulty]]
     values = [int(rng.integers(1, 10))]
     parts = [f"{names[0]}={values[0]}"]
@@ -88,8 +76,7 @@ def generate(n, rng, exclude=(), tasks=TASKS, difficulties=DIFFICULTIES):
         if problem["prompt"] not in seen:
             seen.add(problem["prompt"])
             problems.append(problem)
-    require(len(problems) == n, f"could only draw {len(problems)} distinct problems of {n}; "
-                                "ask for fewer or add harder tasks")
+    require(len(problems) == n, f"could only draw {len(problems)} distinct problems of {n}; ask for fewer")
     return problems
 
 
@@ -101,8 +88,7 @@ def natural_question(prompt):
 
 
 def fewshot(problems, rng, n_shots=N_SHOTS):
-    """Each problem with its few-shot prompt: n_shots solved problems of its task and difficulty
-    (never itself), then its question. The dicts keep the original prompt as "question"."""
+    """Each problem with a few-shot prompt (n_shots others of its task and difficulty solved, then it)."""
     out = []
     for p in problems:
         shots = generate(n_shots, rng, exclude={p["prompt"]}, tasks=(p["task"],),
