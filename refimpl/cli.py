@@ -104,15 +104,27 @@ def _decoder_path(args):
     return decoder_file(args.decoder) if args.decoder else SHIPPED_DECODER  # a name: the fetched model
 
 
-def _decoder_config(args):
-    """The decoder checkpoint's ModelConfig from its JSON alone (None if unreadable: loading reports it)."""
+def _decoder_config(args, key="config"):
+    """The decoder checkpoint's ModelConfig from its JSON alone (None if unreadable: loading reports it);
+    key="model": the name of the pretrained LLM it was converted from (None for a decoder refimpl trained)."""
     from .config import ModelConfig
     from .training.checkpoint import checkpoint_paths
     try:
         meta = json.loads(checkpoint_paths(_decoder_path(args))[1].read_text())
-        return ModelConfig.from_dict(meta["config"])
-    except (OSError, ValueError, KeyError, TypeError, RefimplError):
+        return ModelConfig.from_dict(meta["config"]) if key == "config" else meta.get(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RefimplError):
         return None
+
+
+def _data_args(p):
+    from .data.corpus import SOURCES
+    p.add_argument("--data", choices=SOURCES, help="the source of the training and held-out windows: the "
+                   "English text, the reasoning lines, or their mixture (default: text with a pretrained LLM "
+                   "as --decoder, mixture with a decoder refimpl trained, which learnt the mixture)")
+
+
+def _data(args):
+    return args.data or ("text" if _decoder_config(args, "model") else "mixture")
 
 
 def _check_memory(args, estimate, cfg, adjustable=(), itemsize=None, **sizes):
@@ -183,6 +195,7 @@ def _train_args(p):
                     **dict.fromkeys(("seq_len", "steps", "warmup", "seed", "eval_every"), nonneg_int),
                     "lr": positive_float, "weight_decay": nonneg_float, "clip": positive_float,
                     "init": INITS, "mode": MODES, "latent_positions": LATENT_POSITIONS}, vars(TrainConfig()))
+    _data_args(p)
     _model_args(p)
     _run_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -192,7 +205,8 @@ def _train(args):
     from .memory import train_step
     from .training.checkpoint import run_lock
     from .training.train import TrainConfig, train
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data"},
+                     data=_data(args))
     _check_memory(args, lambda cfg, **k: train_step(cfg, mode=tc.mode, **k), _decoder_config(args),
                   ["n_latents", "batch_size", "n_traces", "n_ahead", "seq_len"],
                   **{k: getattr(tc, k) for k in TRAIN_SIZES})
@@ -258,6 +272,7 @@ def _eval_args(p):
                                      "max_new_tokens", "latency_repeats"), positive_int),
                     **dict.fromkeys(("seq_len", "horizon", "limit", "seed", "skip_windows"), nonneg_int),
                     "split": EVAL_SPLITS}, vars(EvalConfig()), {"seed": "seed of the held-out points"})
+    _data_args(p)
     p.add_argument("--delays", type=nonneg_int, nargs="+", default=list(EvalConfig.delays),
                    help=f"Table 8 delays (default {' '.join(map(str, EvalConfig.delays))})")
     _model_args(p)
@@ -269,8 +284,8 @@ def _eval(args):
     from .evaluation.report import render_markdown, write_report
     from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
     from .memory import evaluation
-    ec = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name != "delays"},
-                    delays=tuple(args.delays))
+    ec = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)
+                       if f.name not in ("delays", "data")}, delays=tuple(args.delays), data=_data(args))
     _check_memory(args, evaluation, _decoder_config(args), ["batch_size", "n_traces"],
                   batch_size=ec.batch_size, seq_len=ec.seq_len, n_traces=ec.n_traces, n_latents=64,
                   horizon=ec.horizon or 32)

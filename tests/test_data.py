@@ -223,6 +223,20 @@ def test_load_tokens_mixture():
         load_tokens("test", TOK)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_each_source_keeps_its_documents_in_the_mixture_order(split):
+    """`--data text` / `reasoning`: the mixture's documents of one kind, in the mixture's order; the
+    reasoning mask marks exactly the reasoning lines' tokens (each with its closing eot)."""
+    mixture, mask = load_tokens(split, TOK), load_tokens(split, TOK, "mixture", reasoning_mask=True)
+    assert mask.dtype == bool and mask.shape == mixture.shape and 0 < mask.mean() < 1
+    np.testing.assert_array_equal(load_tokens(split, TOK, "reasoning"), mixture[mask])
+    np.testing.assert_array_equal(load_tokens(split, TOK, "text"), mixture[~mask])
+    assert not load_tokens(split, TOK, "text", reasoning_mask=True).any()
+    assert TOK.decode(mixture[mask][:40].tolist()).startswith("Q: ")
+    with pytest.raises(RefimplError, match="unknown data source 'english'"):
+        load_tokens(split, TOK, "english")
+
+
 def test_val_mixture_decodes_to_its_documents():
     text = TOK.decode(load_tokens("val", TOK))
     docs = text.split("<|endoftext|>")[:-1]

@@ -64,6 +64,30 @@ def test_report_has_the_tables_of_the_runs_given(setup):
     assert "Liu et al. 2025, Table 1 (" in t["table1"]["note"] and "Table 8 (" in t["table8"]["note"]
 
 
+def test_every_run_is_split_by_the_source_of_its_first_target(setup):
+    """report.json: per run, the change at every position for the points whose x_{p+1} is English text
+    and for those in a reasoning line, with their counts; report.md has the table."""
+    m = setup["report"]["measurements"]
+    assert m["data"] == "mixture" and setup["report"]["config"]["data"] == "mixture"
+    total = sum(m["baseline"]["points"].values())
+    for name, run in m["runs"].items():
+        by = run["by_source"]
+        assert set(by) == {"text", "reasoning"} and sum(d["points"] for d in by.values()) == total
+        assert {s: d["points"] for s, d in by.items()} == m["baseline"]["points"]
+        for d in by.values():
+            assert d["relative_ppl_change_pct"] is None or len(d["relative_ppl_change_pct"]) == m["horizon"]
+    rows = setup["tables"]["sources"]["rows"]
+    assert [r[:2] for r in rows] == [[n, s] for n in m["runs"] for s in ("text", "reasoning")]
+
+
+def test_data_text_scores_english_points_only(setup, tmp_path):
+    out = tmp_path / "text"
+    assert main(["eval", "--decoder", str(setup["dec"]), "--runs", str(setup["root"] / "runs"), "--out", str(out),
+                 "--data", "text", "--no-plots"] + EVAL) == 0
+    m = json.loads((out / "report.json").read_text())["measurements"]
+    assert m["data"] == "text" and m["baseline"]["points"]["reasoning"] == 0 < m["baseline"]["points"]["text"]
+
+
 def test_every_run_scored_on_the_same_heldout_points(setup):
     params, cfg, meta = load_decoder(setup["dec"])
     heldout = heldout_set(load_tokens("val", load_tokenizer()), 1, 2, 24, 4, 6)

@@ -96,6 +96,29 @@ def test_cli_train(decoder, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_data_source_is_recorded_and_defaults_by_decoder(decoder, tmp_path, capsys):
+    """--data: the windows' source, in metrics.json; by default text for a converted LLM, else mixture."""
+    import argparse
+    import json
+    import shutil
+
+    from refimpl.cli import _data
+    rc = main(["train", "--decoder", str(decoder), "--out", str(tmp_path / "r"), "--steps", "1", "--quiet",
+               "--n-latents", "2", "--n-ahead", "3", "--n-traces", "4", "--batch-size", "2",
+               "--seq-len", "24", "--eval-batches", "1", "--data", "reasoning"])
+    assert rc == 0 and json.loads((tmp_path / "r" / "metrics.json").read_text())["train_config"]["data"] == \
+        "reasoning"
+    assert _data(argparse.Namespace(decoder=str(decoder), data=None)) == "mixture"
+    llm = tmp_path / "llm.npz"                                       # a decoder converted from a named LLM
+    shutil.copy(decoder, llm)
+    meta = json.loads(decoder.with_suffix(".json").read_text())
+    llm.with_suffix(".json").write_text(json.dumps({**meta, "model": "smollm2-135m"}))
+    assert _data(argparse.Namespace(decoder=str(llm), data=None)) == "text"
+    assert _data(argparse.Namespace(decoder=str(llm), data="mixture")) == "mixture"
+    for command in ("train", "eval"):
+        assert main([command, "--help"]) == 0 and "--data {mixture,text,reasoning}" in capsys.readouterr().out
+
+
 def test_decoder_arrays_bit_identical_after_train_steps(decoder):
     """docs/method.md §6, invariant 2: the in-memory decoder arrays never change, whatever the steps do."""
     from refimpl.core.coprocessor import init_coprocessor

@@ -49,21 +49,31 @@ def _manifest():
     return manifest
 
 
-@functools.lru_cache(maxsize=8)
-def load_tokens(split, tokenizer):
-    """The pretraining mixture of "train" or "val" as int32 [N] (cached): every document (a reference topic
-    or a reasoning line) in a fixed shuffled order, each followed by eot."""
+SOURCES = ("mixture", "text", "reasoning")   # `--data`: both, the English text alone, the reasoning lines alone
+
+
+@functools.lru_cache(maxsize=4)
+def _documents(split, tokenizer):
+    """[(ids with a closing eot, is a reasoning line)] of "train" or "val", in the mixture's fixed order."""
     require(split in ("train", "val"), f"unknown split {split!r}; use 'train' or 'val'")
     text = _read_bytes(f"text/{split}.txt").decode("utf-8").split(DOC_SEPARATOR)
     lines = _read_bytes(f"reasoning/{split}.txt").decode("utf-8").splitlines(keepends=True)
-    docs = text + lines
-    ids = []
-    for i in np.random.default_rng(MIXTURE_SEED).permutation(len(docs)):
-        ids.extend(tokenizer.encode(docs[i]))
-        ids.append(tokenizer.eot_id)
-    tokens = np.asarray(ids, dtype=np.int32)
-    tokens.flags.writeable = False  # the cached array is shared
-    return tokens
+    docs = [(d, False) for d in text] + [(d, True) for d in lines]
+    order = np.random.default_rng(MIXTURE_SEED).permutation(len(docs))
+    return [(tokenizer.encode(docs[i][0]) + [tokenizer.eot_id], docs[i][1]) for i in order]
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokens(split, tokenizer, source="mixture", reasoning_mask=False):
+    """The documents of `source` in split, each followed by eot, as int32 [N] (cached): "mixture" is every
+    reference topic and reasoning line in a fixed shuffled order; "text" and "reasoning" keep one kind, in
+    that order. reasoning_mask: instead, bool [N], True where a token belongs to a reasoning line."""
+    require(source in SOURCES, f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
+    docs = [(ids, r) for ids, r in _documents(split, tokenizer) if source == "mixture" or r == (source != "text")]
+    out = np.concatenate([np.full(len(ids), r) if reasoning_mask else ids for ids, r in docs])
+    out = out.astype(bool if reasoning_mask else np.int32)
+    out.flags.writeable = False  # the cached array is shared
+    return out
 
 
 def _check_windows(tokens, batch_size, seq_len):

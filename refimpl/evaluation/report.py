@@ -108,7 +108,8 @@ def table1(m, runs):
     header = ["position n"] + [_col(r) for r in main] + [f"paper N_L={k}" for k in by_nl]
     rows = [[n] + [_changes(m, r)[n - 1] for r in main] + [v.get(n, "") for v in by_nl.values()]
             for n in shown]
-    note = (f"Held-out val windows of {m['seq_len']} tokens, the same points for the decoder alone and "
+    note = (f"Held-out val windows of {m['seq_len']} tokens ({m.get('data', 'mixture')} data), the same points for "
+            "the decoder alone and "
             f"every run; 100*(exp(nll_aug - nll_base) - 1) at ahead positions 1..{H} (all in report.json).")
     title = "Table 1: relative perplexity change (%) of the n-th token after the augmentation point"
     return _table("table1", title, note, header, rows, {_col(r): r.path for r in main},
@@ -275,7 +276,21 @@ def table_latency(m, runs):
                   {x["run"]: paths[x["run"]] for x in lat}, None if lat else "no coprocessor run given")
 
 
-TABLES = (table1, table2, table3, table5, table6, table_positions, table_breakeven, table8, table_latency)
+def table_sources(m, runs):
+    """Every run's held-out change split by the source of each point's first target (English or reasoning)."""
+    def cells(change, n_ahead):       # position 1, and the mean over 2..N_A ("" without such points)
+        return (change[0], _mean(change[1:n_ahead])) if change else ("", "")
+    rows = [[r.name, s, d["points"], *cells(d["relative_ppl_change_pct"], r.n_ahead)]
+            for r in runs for s, d in m["runs"][r.name].get("by_source", {}).items()]
+    return _table("sources", "By source: the held-out change where the first target is English text or a "
+                  "reasoning line (not in the paper)", f"Held-out data: {m.get('data', 'mixture')}. A point "
+                  "counts for the source of x_{p+1}; report.json holds every position (by_source).",
+                  ["run", "source", "points", "ppl change n=1 %", "mean ppl change n=2..N_A %"], rows,
+                  {r.name: r.path for r in runs}, None if rows else "no coprocessor run given")
+
+
+TABLES = (table1, table2, table3, table5, table6, table_positions, table_sources, table_breakeven, table8,
+          table_latency)
 
 
 # The report

@@ -14,7 +14,7 @@ from ..core.decoder import decode, extend, prefill
 from ..data.corpus import load_reasoning_eval, load_tokens
 from ..errors import RefimplError, require
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
-from ..training.heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
+from ..training.heldout import ahead_nll, embedding_norm, heldout_set, point_nll, relative_ppl_change
 from ..training.train import saved_train_config
 from .generate import complete, trained_latent_positions
 from .report import TABLES, headline, table1_runs, traces_of
@@ -35,6 +35,7 @@ class EvalConfig:
     max_new_tokens: int = 10
     delays: tuple = (0, 1, 2, 3)
     latency_repeats: int = 5
+    data: str = "mixture"       # the held-out windows' source (corpus.SOURCES)
 
 
 @dataclass
@@ -87,8 +88,9 @@ def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
     return runs
 
 
-def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lambda m: None):
-    """The one measurement dict every table is a view of (report.py)."""
+def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lambda m: None, reasoning=None):
+    """The one measurement dict every table is a view of (report.py). reasoning: bool [len(val_tokens)],
+    True on the tokens of reasoning lines: each point also counts for the source of its first target."""
     T = ec.seq_len or cfg.max_seq_len
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
     require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
@@ -103,16 +105,29 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
         return reasoning_accuracy(dec_params, cfg, tokenizer, problems, trainable, delay, ec.prompt_batch,
                                   ec.max_new_tokens, positions)
 
+    first = np.concatenate([(ec.skip_windows + i * ec.batch_size + np.arange(len(p)))[:, None] * T + p + 1
+                            for i, (_, p) in enumerate(heldout)]).ravel()          # [P]: x_{p+1} in val_tokens
+    reasoning = np.zeros(len(val_tokens), bool) if reasoning is None else np.asarray(reasoning)
+    sources = {"text": ~reasoning[first], "reasoning": reasoning[first]}           # [P] each
+
+    def by_source(base, nll):         # {source: points, % change per position} of [P, H] nll arrays
+        return {s: {"points": int(k.sum()), "relative_ppl_change_pct":
+                    relative_ppl_change(base[k].mean(0), nll[k].mean(0)).tolist() if k.any() else None}
+                for s, k in sources.items()}
+
     log(f"decoder alone: ahead nll at 1..{H}, accuracy on {len(problems)} prompts")
-    base_nll = ahead_nll(dec_params, None, cfg, heldout, 0, H)
-    out = {"horizon": H, "seq_len": T, "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc()[0]},
-           "runs": {}, "latent_norms": {}}
+    base = point_nll(dec_params, None, cfg, heldout, 0, H)                             # [P, H]
+    base_nll = base.mean(0)
+    out = {"horizon": H, "seq_len": T, "data": ec.data, "runs": {}, "latent_norms": {},
+           "baseline": {"ahead_nll": base_nll.tolist(), "accuracy": acc()[0],
+                        "points": {s: int(k.sum()) for s, k in sources.items()}}}
     for r in runs:
         log(f"run {r.name} ({r.mode}, {r.init}, N_L={r.n_latents}, N_A={r.n_ahead})")
-        nll = ahead_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.latent_positions)
-        accuracy, norms = acc(r)
+        points = point_nll(dec_params, r.trainable, cfg, heldout, r.n_latents, H, r.latent_positions)
+        nll, (accuracy, norms) = points.mean(0), acc(r)
         out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
                                "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
+                               "by_source": by_source(base, points),
                                "mean_latent_norm": float(norms.mean()) if norms.size else None}
         out["latent_norms"][r.name] = np.round(norms[:4096], 4).tolist()          # for the histogram
     out["embedding_norm"] = embedding_norm(dec_params)
@@ -214,7 +229,8 @@ def evaluate_runs(decoder_path, paths, ec=EvalConfig(), backend="numpy", dtype="
     dec_params, cfg, dec_meta, tok = load_model(decoder_path, dt, xp)
     runs = load_runs(paths, dec_meta["decoder_hash"], dt, xp)
     problems = load_reasoning_eval(ec.split)[:ec.limit or None]
-    m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok), problems, log)
+    m = measure(dec_params, cfg, tok, runs, ec, load_tokens("val", tok, ec.data), problems, log,
+                load_tokens("val", tok, ec.data, reasoning_mask=True))
     config = {**asdict(ec), "decoder": str(decoder_path), "decoder_hash": dec_meta["decoder_hash"],
               "backend": backend, "dtype": dtype, "horizon": m["horizon"], "seq_len": m["seq_len"]}
     report = {"refimpl_version": __version__, "config": config, "runs": [r.summary() for r in runs],

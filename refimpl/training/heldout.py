@@ -8,11 +8,16 @@ from ..backend import to_numpy, xp_of
 from ..core.layout import sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import iter_eval_batches
+from ..errors import require
 
 
 def heldout_set(val_tokens, n_batches, batch_size, seq_len, n_traces, n_ahead, seed=1234, skip_windows=0):
     """Fixed held-out windows and trace positions: [(tokens [B, T], positions [B, K])]. skip_windows: start
     after that many windows (training evaluates on at most the first 64: past them, no choice was made)."""
+    available = len(val_tokens) // seq_len - skip_windows
+    require(available >= n_batches * batch_size, f"the held-out data holds {max(available, 0)} windows of "
+            f"seq_len={seq_len} tokens after skip_windows={skip_windows}, fewer than eval_batches={n_batches} x "
+            f"batch_size={batch_size}: ask for fewer or shorter windows, or another data source")
     rng = np.random.default_rng(seed)
     windows = islice(iter_eval_batches(val_tokens[skip_windows * seq_len:], batch_size, seq_len), n_batches)
     return [(tokens, sample_trace_positions(rng, tokens.shape[0], seq_len, n_traces, n_ahead))

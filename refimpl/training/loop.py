@@ -145,10 +145,11 @@ class Corpus:
     val: np.ndarray     # int32 [M]
 
 
-def load_corpus(tokenizer=None):
-    """The pretraining mixture's splits as ids of `tokenizer` (default: the shipped one), and its hashes."""
+def load_corpus(tokenizer=None, source="mixture"):
+    """The splits of a data source (corpus.SOURCES) as ids of `tokenizer` (default: the shipped one), and
+    the hashes of the data and the tokenizer."""
     tok = tokenizer or load_tokenizer()
-    return Corpus(tok.n_vocab, tok.sha256, data_hash(), load_tokens("train", tok), load_tokens("val", tok))
+    return Corpus(tok.n_vocab, tok.sha256, data_hash(), *(load_tokens(s, tok, source) for s in ("train", "val")))
 
 
 def check_out(out, ckpt, resume, what, overwrite=False):

@@ -15,7 +15,7 @@ from ..backend import get_dtype, get_xp
 from ..core.coprocessor import INITS, MODES, init_coprocessor
 from ..core.layout import LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
-from ..data.corpus import sample_batch
+from ..data.corpus import SOURCES, sample_batch
 from ..errors import require
 from . import loop
 from .checkpoint import atomic_write_json, check_train_config, load_coprocessor, load_model, save_coprocessor
@@ -38,6 +38,7 @@ class TrainConfig:
     init: str = "copy"
     mode: str = "coprocessor"
     latent_positions: str = "behind"    # latent j at max(0, p-N_L+1+j); "after": p+1+j (the ablation)
+    data: str = "mixture"               # the windows' source (corpus.SOURCES); the CLI picks text for an LLM
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -50,7 +51,8 @@ class TrainConfig:
         require(0 < self.lr < math.inf and 0 < self.clip < math.inf and 0 <= self.weight_decay < math.inf,
                 f"lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay}: lr and clip must be "
                 "finite and > 0, weight_decay finite and >= 0")
-        for name, known in (("mode", MODES), ("init", INITS), ("latent_positions", LATENT_POSITIONS)):
+        for name, known in (("mode", MODES), ("init", INITS), ("latent_positions", LATENT_POSITIONS),
+                            ("data", SOURCES)):
             require(getattr(self, name) in known, f"{name}={getattr(self, name)!r} is unknown: use one of "
                                                   f"{', '.join(known)}")
 
@@ -150,7 +152,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     sample_trace_positions(np.random.default_rng(0), 1, T, tc.n_traces, tc.n_ahead)  # validates K, N_A vs T
     out_dir = Path(out_dir)
     loop.check_out(out_dir, out_dir / "coprocessor.npz", resume, "coprocessor checkpoint", overwrite=True)
-    corpus = loop.load_corpus(tokenizer)
+    corpus = loop.load_corpus(tokenizer, tc.data)
     meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_meta["decoder_hash"],
             "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents,
             "n_ahead": tc.n_ahead, "seq_len": T, "tokenizer_sha256": corpus.tokenizer_sha256,
