@@ -353,3 +353,39 @@ def test_malformed_files_raise_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     _one_line("holds no manifest.json, nor subfolders", verify_all, tmp_path / "empty")
     _one_line("latent_positions='x' is not one of", export, tmp_path / "x", latent_positions="x")
+
+
+def test_verify_cannot_pass_by_accident(tmp_path):
+    """A manifest whose entries lack their role, or an --actual file of complex, bool or text arrays where
+    floats are expected, never prints PASS: a verify that compared nothing, or the wrong kind, fails."""
+    import io
+    import json
+    import shutil
+
+    from refimpl.errors import RefimplError
+    from refimpl.golden.verify import load, verify
+    src = Path(__file__).resolve().parents[1] / "tiny_data" / "golden" / "default"
+    d = tmp_path / "norole"
+    shutil.copytree(src, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for spec in m["tensors"].values():
+        spec.pop("role")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RefimplError, match="or a role"):
+        verify(d, out=io.StringIO())
+    _, golden = load(src)
+    for name, bad in (("complex", lambda a: a + 1e6j), ("bool", lambda a: a > 0), ("text", lambda a: a.astype(str))):
+        arrays = {n: (bad(a) if a.dtype.kind == "f" else a) for n, a in golden.items()}
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        out = io.StringIO()
+        assert verify(src, tmp_path / f"{name}.npz", out) is None, name
+        assert "expected real numbers" in out.getvalue() and "PASS" not in out.getvalue()
+    np.savez(tmp_path / "none.npz", unrelated=np.zeros(3))          # nothing compared: only optional names
+    m = json.loads((src / "manifest.json").read_text())
+    d = tmp_path / "optional"
+    shutil.copytree(src, d)
+    for spec in m["tensors"].values():
+        spec["required"] = False
+    (d / "manifest.json").write_text(json.dumps(m))
+    out = io.StringIO()
+    assert verify(d, tmp_path / "none.npz", out) is None and "(no tensor compared)" in out.getvalue()

@@ -43,9 +43,10 @@ def _check_manifest(m, mpath):
             f"{m.get('format_version')!r}, this refimpl reads {FORMAT_VERSION}: {FIX} (or use its refimpl)")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
     bad = [n for n, spec in m["tensors"].items() if not (isinstance(spec, dict) and number(
-        spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list))]
-    require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list or "
-                     f"numeric rtol/atol; {FIX}")
+        spec.get("rtol")) and number(spec.get("atol")) and isinstance(spec.get("shape"), list)
+        and spec.get("role") in ("input", "output"))]
+    require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list, "
+                     f"numeric rtol/atol or a role (input or output); {FIX}")
     c, adam = m["config"], m.get("adam")
     require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
             and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
@@ -98,11 +99,13 @@ def compare(name, spec, expected, actual):
         status = "MISSING" if spec.get("required") else "missing (optional)"
         return {"ok": not spec.get("required"), "missing": True, "of_max": 0.0,
                 "line": f"{status:<8} {name} {list(e.shape)}"}
-    a = np.asarray(actual)
-    if a.shape != e.shape:
+    a, exact = np.asarray(actual), e.dtype.kind in "biu"
+    if a.shape != e.shape or a.dtype.kind not in ("biu" if exact else "fiu"):    # no complex, bool, text
+        what = (f"shape {list(a.shape)}, expected {list(e.shape)}" if a.shape != e.shape
+                else f"dtype {a.dtype}, expected {'integers' if exact else 'real numbers'}")
         return {"ok": False, "missing": False, "max_abs": inf, "max_rel": inf, "of_max": inf,
-                "line": f"NOT OK   {name}: shape {list(a.shape)}, expected {list(e.shape)}"}
-    exact, a64, e64 = e.dtype.kind in "biu", a.astype(np.float64), e.astype(np.float64)
+                "line": f"NOT OK   {name}: {what}"}
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
     diff, finite = np.abs(a64 - e64), bool(np.isfinite(a64).all())
     ok = (a.dtype.kind in "biu" and not diff.any()) if exact else (
         finite and bool((diff <= spec["atol"] + spec["rtol"] * np.abs(e64)).all()))
@@ -141,7 +144,8 @@ def verify(directory, actual=None, out=None):
     if extra:
         print(f"note: {len(extra)} names not in the golden file were ignored: {', '.join(extra[:5])}"
               + (" ..." if len(extra) > 5 else ""), file=out)
-    bad = [n for n, r in rows.items() if not r["ok"]]
+    bad = [n for n, r in rows.items() if not r["ok"]] + ([] if any(not r["missing"] for r in rows.values())
+                                                          else ["(no tensor compared)"])
     off64 = sorted(((r["of_max"], n) for n, r in rows.items() if r["of_max"] > FLOAT64_TIER), reverse=True)
     tier = "FAIL" if bad else "PASS float64" if not off64 else (
         f"PASS float32 (fails float64: {len(off64)} tensors, worst {off64[0][1]} of_max {off64[0][0]:.1e})")
