@@ -253,6 +253,7 @@ def _golden(args):
     from .golden.state import SETUP, golden_config
     from .memory import train_step
     _check_memory(args, train_step, golden_config(SETUP), itemsize=8, **{k: SETUP[k] for k in TRAIN_SIZES})
+    require(args.dir.strip(), "golden export needs a directory to write: pass DIR, e.g. tiny_data/golden/default")
     manifest = export(args.dir, seed=args.seed, latent_positions=args.latent_positions, gqa=args.gqa)
     size = sum((Path(args.dir) / f).stat().st_size for f in (MANIFEST, TENSORS))
     print(f"wrote {len(manifest['tensors'])} tensors to {args.dir}/{TENSORS} and {args.dir}/{MANIFEST} "

@@ -277,6 +277,7 @@ CASES = [
      "not a readable .npz (not a zip", None),
     ("golden: --actual against both sets", ["golden", "verify", str(GOLDEN), "--actual", "bad/random.npz"],
      "holds 3 golden sets (default, gqa, latents-after): compare the outputs with the one set", None),
+    ("golden: export into an empty path", ["golden", "export", ""], "needs a directory to write", None),
     ("golden: directory without a set", ["golden", "verify", "emptyruns"],
      "holds no manifest.json, nor subfolders", None),
     # data and tokenizer files (tiny_data copied to ./data and damaged)

@@ -389,3 +389,21 @@ def test_verify_cannot_pass_by_accident(tmp_path):
     (d / "manifest.json").write_text(json.dumps(m))
     out = io.StringIO()
     assert verify(d, tmp_path / "none.npz", out) is None and "(no tensor compared)" in out.getvalue()
+
+
+@pytest.mark.parametrize("where, key, value", [("adam", "steps", 10**9), ("config", "n_latents", True),
+                                               ("config", "n_ahead", 10**6)])
+def test_a_manifest_that_asks_for_too_much_is_refused_in_one_line(tmp_path, where, key, value):
+    import io
+    import json
+    import shutil
+
+    from refimpl.errors import RefimplError
+    from refimpl.golden.verify import verify
+    d = tmp_path / "big"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "tiny_data" / "golden" / "default", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m[where][key] = value
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RefimplError, match="adam.steps up to 100"):
+        verify(d, out=io.StringIO())

@@ -48,11 +48,13 @@ def _check_manifest(m, mpath):
     require(not bad, f"golden manifest {mpath}: the entries of {bad[:3]} lack a shape list, "
                      f"numeric rtol/atol or a role (input or output); {FIX}")
     c, adam = m["config"], m.get("adam")
-    require(isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("n_latents"), int)
-            and isinstance(c.get("n_ahead"), int) and isinstance(adam, dict)
-            and isinstance(adam.get("steps"), int) and all(number(adam.get(k)) for k in ADAM)
+    count = lambda v, most: type(v) is int and 0 <= v <= most                   # noqa: E731  (no bools)
+    require(isinstance(c, dict) and isinstance(c.get("model"), dict) and count(c.get("n_latents"), 64)
+            and count(c.get("n_ahead"), 64) and isinstance(adam, dict)
+            and count(adam.get("steps"), 100) and all(number(adam.get(k)) for k in ADAM)
             and isinstance(m.get("generator", {}), dict),
-            f"golden manifest {mpath} has a malformed config, adam or generator section; {FIX}")
+            f"golden manifest {mpath} has a malformed config, adam or generator section (n_latents and "
+            f"n_ahead are ints up to 64, adam.steps up to 100); {FIX}")
     hints = {"ahead_positions": " (a 'continue' set: check it with refimpl at commit 2d4e58e)"}
     for key, known in (("ahead_positions", ["original"]), ("latent_positions", LATENT_POSITIONS)):
         require(c.get(key) in known, f"golden manifest {mpath} has config.{key} {c.get(key)!r}, not one of "
