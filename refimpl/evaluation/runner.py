@@ -107,6 +107,8 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
 
     first = np.concatenate([(ec.skip_windows + i * ec.batch_size + np.arange(len(p)))[:, None] * T + p + 1
                             for i, (_, p) in enumerate(heldout)]).ravel()          # [P]: x_{p+1} in val_tokens
+    assert np.array_equal(np.asarray(val_tokens)[first], np.concatenate(                  # the same tokens
+        [np.take_along_axis(t, p + 1, 1) for t, p in heldout]).ravel()), "held-out windows out of step"
     reasoning = np.zeros(len(val_tokens), bool) if reasoning is None else np.asarray(reasoning)
     sources = {"text": ~reasoning[first], "reasoning": reasoning[first]}           # [P] each
 
