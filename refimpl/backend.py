@@ -66,7 +66,6 @@ def to_xp(x, xp, dtype=None):
 
 
 def _register_with_autograd(cupy):
-    """Register cupy.ndarray with autograd's ArrayBox and a VSpace that allocates on the GPU."""
     from autograd.extend import VSpace
     from autograd.numpy.numpy_boxes import ArrayBox
 

@@ -9,6 +9,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .backend import BACKENDS, DTYPES
 from .config import PRESETS, get_preset
@@ -108,11 +110,12 @@ def _decoder_config(args, key="config"):
     """The decoder checkpoint's ModelConfig from its JSON alone (None if unreadable: loading reports it);
     key="model": the name of the pretrained LLM it was converted from (None for a decoder refimpl trained)."""
     from .config import ModelConfig
+    from .files import read_json
     from .training.checkpoint import checkpoint_paths
     try:
-        meta = json.loads(checkpoint_paths(_decoder_path(args))[1].read_text())
+        meta = read_json(checkpoint_paths(_decoder_path(args))[1], "", "")
         return ModelConfig.from_dict(meta["config"]) if key == "config" else meta.get(key)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RefimplError):
+    except (OSError, KeyError, TypeError, AttributeError, RefimplError):
         return None
 
 
@@ -173,8 +176,8 @@ def _pretrain_args(p):
 
 
 def _pretrain(args):
+    from .files import run_lock
     from .memory import pretrain_step
-    from .training.checkpoint import run_lock
     from .training.pretrain import DEFAULTS, pretrain
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     preset = given.get("preset", DEFAULTS["preset"])
@@ -202,8 +205,8 @@ def _train_args(p):
 
 
 def _train(args):
+    from .files import run_lock
     from .memory import train_step
-    from .training.checkpoint import run_lock
     from .training.train import TrainConfig, train
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data"},
                      data=_data(args))
@@ -319,6 +322,8 @@ def _generate_args(p):
 def _generate(args):
     from .evaluation.generate import generate_from_files
     from .memory import generation
+    bad = [p for p in args.prompt if any("\ud800" <= c <= "\udfff" for c in p)]  # bytes that are not UTF-8
+    require(not bad, f"--prompt {bad[:1]} is not UTF-8 text (the shell passed other bytes): pass UTF-8")
     prompt_len = 1 + max(len(p.encode()) for p in args.prompt)  # at most one token per byte, + eot
     _check_memory(args, generation, _decoder_config(args), ["max_new_tokens"], batch_size=len(args.prompt),
                   prompt_len=prompt_len, max_new_tokens=args.max_new_tokens, n_latents=64)
@@ -368,9 +373,13 @@ def _bench(args):
              "per_trace_sequences": args.per_trace_sequences,
              "memory_traces": None if args.memory_traces is None else tuple(filter(None, args.memory_traces))}
     bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
-    _check_memory(args, train_step, get_preset(bc.preset), ["batch_size", "n_traces"],
-                  batch_size=bc.batch_size, seq_len=0, n_latents=bc.n_latents, n_ahead=bc.n_ahead,
-                  n_traces=max((bc.n_traces, *bc.memory_traces)))
+    flag = "--traces" if bc.n_traces >= max(bc.memory_traces, default=0) else "--memory-traces"
+    try:                                          # bench's own flag for the estimate's n_traces
+        _check_memory(args, train_step, get_preset(bc.preset), ["batch_size", "n_traces"],
+                      batch_size=bc.batch_size, seq_len=0, n_latents=bc.n_latents, n_ahead=bc.n_ahead,
+                      n_traces=max((bc.n_traces, *bc.memory_traces)))
+    except RefimplError as e:
+        raise RefimplError(str(e).replace("n_traces=", flag + " ")) from None
     log = (lambda m: None) if args.json else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
     result = bench.run_bench(bc, log)
     print(json.dumps(result) if args.json else bench.render_table(result))
@@ -421,7 +430,8 @@ def main(argv=None):
         args = parser.parse_args(argv)
         require(args.command is not None, f"a command is required, one of {', '.join(COMMANDS)} "
                                           "(see `refimpl --help`)")
-        status = args._run(args)
+        with np.errstate(all="ignore"):   # overflow is caught where it matters: no non-finite result passes
+            status = args._run(args)
         return 0 if status is None else int(status)
     except RefimplError as e:
         message = " ".join(str(e).split()).replace("force=True", "--force")  # golden export's too
@@ -431,6 +441,9 @@ def main(argv=None):
     except OSError as e:  # a path that cannot be read or written: no permission, a file for a dir, disk full
         message = (f"cannot use{f' {e.filename}' if e.filename else ''}: {e.strerror or e}; check the path, "
                    "its permissions and the free disk space")
+    except UnicodeEncodeError as e:  # printing to a terminal or pipe that cannot show the text
+        message = (f"cannot print {e.object[e.start:e.end]!r} in the {e.encoding} encoding: set "
+                   "PYTHONIOENCODING=utf-8")
     except MemoryError:
         message = "out of memory: use a smaller --batch-size, --seq-len, --prompt-batch or model preset"
     except KeyboardInterrupt:

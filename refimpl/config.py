@@ -25,8 +25,8 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    f"config {name}={value!r} is invalid: it must be a positive int")
+            require(isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31,
+                    f"config {name}={value!r} is invalid: it must be a positive int below 2**31")
         require(self.d_model % self.n_heads == 0, f"config d_model={self.d_model} is not divisible by "
                 f"n_heads={self.n_heads}: pick n_heads that divides d_model")
         kv = self.n_kv_heads
@@ -37,9 +37,10 @@ class ModelConfig:
                                         "so d_model/n_heads must be even")
         reals = (self.rope_theta, self.norm_eps, self.init_std)
         require(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in reals)
-                and self.rope_theta > 1 and self.norm_eps > 0 and self.init_std > 0,
+                and 1 < self.rope_theta <= 1e12 and 0 < self.norm_eps <= 1 and 0 < self.init_std <= 10,
                 f"config rope_theta={self.rope_theta!r}, norm_eps={self.norm_eps!r}, init_std="
-                f"{self.init_std!r}: rope_theta must be a number > 1, norm_eps and init_std numbers > 0")
+                f"{self.init_std!r}: rope_theta must be a number in (1, 1e12], norm_eps in (0, 1], init_std "
+                "in (0, 10]")
 
     def to_dict(self):
         return {k: v for k, v in dataclasses.asdict(self).items() if not (k == "n_kv_heads" and v is None)}

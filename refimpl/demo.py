@@ -2,7 +2,6 @@
 Trains every run the tables need into OUT/runs/NAME (reusing a finished run with the same options),
 evaluates them with the shipped long-trained coprocessor, and writes OUT/report.md, report.json and the
 plots. The CPU plan fits 10 minutes on 2 cores; `--backend cupy`: the GPU plan; `--quick`: a smoke test."""
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -12,7 +11,8 @@ from .errors import RefimplError, require
 from .evaluation.plots import make_plots
 from .evaluation.report import write_report
 from .evaluation.runner import EvalConfig, evaluate_runs, run_paths
-from .training.train import TrainConfig, saved_train_config, train
+from .files import check_schema, read_json
+from .training.train import METRICS, TrainConfig, saved_train_config, train
 
 # The recipe (docs/results.md, "Screens"): the method's defaults, lr 3e-3; each run changes from BASE what
 # its table varies. The main run (the largest N_L) alone evaluates while it trains (the break-even curve).
@@ -49,11 +49,10 @@ def plan(quick, backend="numpy"):
 def _reusable(run_dir, tc):
     """True if run_dir holds a finished run with exactly these options (not one with a removed option)."""
     try:
-        m = json.loads((run_dir / "metrics.json").read_text())
-        saved = m.get("train_config")
-        return (run_dir / "coprocessor.npz").is_file() and isinstance(saved, dict) and \
-            saved_train_config(saved) == asdict(tc) and m.get("steps") == tc.steps
-    except (OSError, ValueError, RefimplError):
+        m = check_schema(read_json(run_dir / "metrics.json", "", ""), METRICS, "", "")
+        return (run_dir / "coprocessor.npz").is_file() and "train_config" in m and \
+            saved_train_config(m["train_config"]) == asdict(tc) and m.get("steps") == tc.steps
+    except (OSError, RefimplError):
         return False
 
 
@@ -64,7 +63,6 @@ def extra_runs(decoder, shipped=TINY_DATA / "shipped-coprocessor"):
 
 
 def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=print):
-    """Train what the tables need, evaluate, write the report and plots. Returns the report."""
     decoder = Path(decoder or SHIPPED_DECODER)
     require(decoder.is_file(), f"decoder checkpoint {decoder} is missing: restore tiny_data/ from git, or "
                                "pass --decoder DIR/ckpt.npz from `refimpl pretrain`")
@@ -77,6 +75,8 @@ def run_demo(out="runs/demo", quick=False, decoder=None, backend="numpy", log=pr
         log(f"[{i}/{len(runs)}] training {name}: mode={tc.mode} init={tc.init} N_L={tc.n_latents} "
             f"N_A={tc.n_ahead} K={tc.n_traces} steps={tc.steps} ({tc.steps * tc.batch_size * tc.n_traces:,} "
             "traces)")
+        for stale in ("coprocessor.npz", "coprocessor.json", "metrics.json"):     # the demo's own earlier run
+            (run_dir / stale).unlink(missing_ok=True)
         m = train(decoder, tc, run_dir, backend=backend)
         log(f"    held-out ahead loss: decoder alone {m['baseline_heldout_loss']:.4f}, "
             f"augmented {m['augmented_heldout_loss']:.4f} ({m['train_seconds']:.0f} s)")

@@ -1,10 +1,9 @@
 """The memory model: the peak memory of a run, estimated from its sizes before anything is allocated.
 
-A training step keeps autograd's tape (per slot and layer: block input, two normed inputs, q and k
-after RoPE, v, attention output, merged heads, the MLP's gate, up and gated activations: 9·D + 3·F
-numbers), the read-outs' logits, the cache, the weights and Adam state, and the larger of the backward
-pass and the Adam update. `preflight` refuses, in one line, a run that cannot fit (docs/robustness.md).
-"""
+A training step keeps autograd's tape (per slot and layer: block input, two normed inputs, q and k after RoPE,
+v, attention output, merged heads, the MLP's gate, up and gated activations: 9·D + 3·F numbers), the
+read-outs' logits, the cache, the weights and Adam state, and the larger of the backward pass and the Adam
+update. `preflight` refuses, in one line, a run that cannot fit (docs/robustness.md)."""
 import math
 import os
 
@@ -57,13 +56,11 @@ def train_step(cfg, batch_size, seq_len, n_traces, n_latents, n_ahead, mode="cop
     slots = B * K * (G + (0 if pause else n_latents))
     trainable = n_latents * cfg.d_model + (0 if pause else decoder_size(cfg) - cfg.vocab_size * cfg.d_model)
     run = math.ceil(K / 4)                                   # the largest run of traces (layout.context_runs)
-    return Estimate({
-        "decoder weights": decoder_size(cfg),
-        "coprocessor weights and Adam state": 3 * trainable,
-        "decoder cache": _cache(cfg, B, T),
-        "backward pass or Adam update, the larger": _backward_or_update(
-            cfg, slots, B * K * n_ahead * cfg.vocab_size, 2 * B * cfg.n_heads * run * G * (T + G), trainable),
-    }, itemsize)
+    peak = _backward_or_update(cfg, slots, B * K * n_ahead * cfg.vocab_size,
+                               2 * B * cfg.n_heads * run * G * (T + G), trainable)
+    return Estimate({"decoder weights": decoder_size(cfg),
+                     "coprocessor weights and Adam state": 3 * trainable, "decoder cache": _cache(cfg, B, T),
+                     "backward pass or Adam update, the larger": peak}, itemsize)
 
 
 def pretrain_step(cfg, batch_size, seq_len, itemsize=4):
@@ -114,7 +111,8 @@ def available_bytes(backend="numpy"):
 
 def preflight(estimate_of, sizes, available, adjustable, backend_word="memory"):
     """Refuse, in one line, a run whose estimate_of(**sizes) exceeds `available` (None: no check). Of the
-    `adjustable` sizes, the one whose halving saves the most "dominates": the line gives its largest fit."""
+    `adjustable` sizes, the one whose reduction to 1 saves the most "dominates": the line gives its largest
+    fit."""
     need = estimate_of(**sizes).total
     if available is None or need <= available:
         return
@@ -122,13 +120,14 @@ def preflight(estimate_of, sizes, available, adjustable, backend_word="memory"):
     has = f"{available / GB:.1f} GB is available"
     if not adjustable:
         raise RefimplError(f"{needs}; {has}; force=True skips this check")
-    top = max(adjustable, key=lambda n: need - estimate_of(**{**sizes, n: max(1, sizes[n] // 2)}).total)
+    top = max(adjustable, key=lambda n: need - estimate_of(**{**sizes, n: 1}).total)
     lo, hi = 0, sizes[top]                                   # lo fits (0: none), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if estimate_of(**{**sizes, top: mid}).total <= available else (lo, mid)
     others = [f"{n}={sizes[n]}" for n in adjustable if n != top and sizes[n] > 1]
-    use = f"use {top}={lo} or less" if lo else f"no {top} fits with the other sizes as they are"
+    rest = ", ".join(f"{n} {v}" for n, v in sizes.items() if n != top)
+    use = f"use {top}={lo} or less" if lo else f"no {top} fits with the other sizes ({rest})"
     raise RefimplError(f"{needs} ({top}={sizes[top]} dominates); {has}: {use}"
                        + (f", or lower one of {', '.join(others)}" if others else "")
                        + "; force=True skips this check")

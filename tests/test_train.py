@@ -144,7 +144,8 @@ def test_decoder_arrays_bit_identical_after_train_steps(decoder):
 
 
 def test_one_host_read_per_step(decoder, monkeypatch):
-    """The GPU path: the loss, the gradient norm and the latent norm reach the host in ONE transfer."""
+    """The GPU path: the loss, the gradient norm, whether the weights are finite and the latent norm reach
+    the host in ONE transfer."""
     from refimpl.core.coprocessor import init_coprocessor
     from refimpl.core.layout import sample_trace_positions
     from refimpl.training import loop
@@ -161,7 +162,7 @@ def test_one_host_read_per_step(decoder, monkeypatch):
         tokens = rng.integers(0, cfg.vocab_size, (tc.batch_size, tc.seq_len))
         positions = sample_trace_positions(rng, tc.batch_size, tc.seq_len, tc.n_traces, tc.n_ahead)
         trainable, adam, stats = train_step(params, trainable, adam, cfg, tc, tokens, positions, 1e-2)
-    assert reads == [(3,)] * 3 and set(stats) == {"loss", "grad_norm", "latent_norm"}
+    assert reads == [(4,)] * 3 and set(stats) == {"loss", "grad_norm", "latent_norm"}
 
 
 def test_ctrl_c_saves_and_resumes_exactly(decoder, tmp_path, monkeypatch):

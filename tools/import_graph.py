@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "refimpl"
 LAYERS = ["base", "core", "data", "training", "llm", "evaluation", "golden", "app"]   # bottom to top
-BASE = {"refimpl", "refimpl.errors", "refimpl.backend", "refimpl.config", "refimpl.memory"}
+BASE = {"refimpl", "refimpl.errors", "refimpl.files", "refimpl.backend", "refimpl.config", "refimpl.memory"}
 APP = {"refimpl.cli", "refimpl.demo", "refimpl.__main__"}
 
 

@@ -39,9 +39,8 @@ def check_forward(cfg, inputs, positions, cache, may_attend):
             f"hold {B}: pass inputs with one row per cached sequence")
     if positions is not None:
         _require_array(positions, "position ids", f"int [{B}, {T}]")
-        require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu",
-                f"position ids have shape {tuple(positions.shape)} {positions.dtype}: "
-                f"expected int [{B}, {T}]")
+        require(tuple(positions.shape) == (B, T) and positions.dtype.kind in "iu", f"position ids have shape "
+                f"{tuple(positions.shape)} {positions.dtype}: expected int [{B}, {T}]")
     if may_attend is not None:
         Tk = T + (0 if cache is None else cache.positions.shape[1])
         _require_array(may_attend, "mask", f"bool [{B}, {T}, {Tk}]")
@@ -53,9 +52,8 @@ def check_forward(cfg, inputs, positions, cache, may_attend):
 
 def check_prompt_length(tokens, cfg):
     _require_array(tokens, "token ids", "int [B, T]")
-    require(tokens.shape[-1] <= cfg.max_seq_len,
-            f"sequence of {tokens.shape[-1]} tokens is longer than max_seq_len={cfg.max_seq_len}: "
-            "shorten the prompt or use a config with a longer context")
+    require(tokens.shape[-1] <= cfg.max_seq_len, f"sequence of {tokens.shape[-1]} tokens is longer than "
+            f"max_seq_len={cfg.max_seq_len}: shorten the prompt or use a config with a longer context")
 
 
 def _require_array(a, what, expected):

@@ -90,10 +90,8 @@ def unflatten_params(flat, n_layers):
 
 def param_shapes(cfg):
     """{Hugging Face name: shape} that a config implies (for checkpoint validation)."""
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d_model), "model.norm.weight": (cfg.d_model,)}
-    for i in range(cfg.n_layers):
-        shapes.update({hf_name(("layers", i, k)): s for k, s in _layer_shapes(cfg).items()})
-    return shapes
+    return flatten_params({"embed_tokens": (cfg.vocab_size, cfg.d_model), "norm": (cfg.d_model,),
+                           "layers": [_layer_shapes(cfg)] * cfg.n_layers})
 
 
 # The kv-cache
@@ -109,15 +107,13 @@ class KVCache:
 
     def append(self, ks, vs, positions):
         """A new cache with Tn slots appended: ks, vs are L arrays [B, Hkv, Tn, Dh]."""
-        xp = xp_of(self.positions)
         return KVCache(tuple(concat(a, b, 2) for a, b in zip(self.k, ks)),
                        tuple(concat(a, b, 2) for a, b in zip(self.v, vs)),
-                       xp.concatenate([self.positions, positions], axis=1))
+                       xp_of(self.positions).concatenate([self.positions, positions], axis=1))
 
     def next_positions(self, n):
         """Position ids [B, n] continuing after the last cached slot."""
-        xp = xp_of(self.positions)
-        return self.positions.max(1, keepdims=True) + 1 + xp.arange(n)[None]
+        return self.positions.max(1, keepdims=True) + 1 + xp_of(self.positions).arange(n)[None]
 
 
 def causal_may_attend(cache_positions, positions):
@@ -127,9 +123,8 @@ def causal_may_attend(cache_positions, positions):
     T = positions.shape[1]
     key_pos = positions if cache_positions is None else xp.concatenate([cache_positions, positions], 1)
     Tc = key_pos.shape[1] - T
-    new_causal = xp.tril(xp.ones((T, T), dtype=bool))                            # [T, T]
-    slots = xp.concatenate([xp.ones((T, Tc), dtype=bool), new_causal], axis=1)   # [T, Tc+T]
-    itself = xp.concatenate([xp.zeros((T, Tc), dtype=bool), xp.eye(T, dtype=bool)], axis=1)
+    slots = xp.tri(T, Tc + T, Tc, dtype=bool)                 # [T, Tc+T]: every cached slot, new slots j <= i
+    itself = xp.eye(T, Tc + T, Tc, dtype=bool)                # [T, Tc+T]: new slot i itself
     return slots[None] & ((key_pos >= 0)[:, None, :] | itself[None])
 
 
@@ -167,10 +162,9 @@ def lm_head(params, h):
 
 
 def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
-    """Final hidden states (after the final norm) [B, T, D] and the cache extended by T slots.
-    inputs: token ids int [B, T] or embeddings [B, T, D] (e.g. latents); positions: int [B, T],
-    default counting on after the cache; may_attend: bool [B|1, T, Tc + T], default
-    `causal_may_attend`. Nothing is checked here."""
+    """Final hidden states (after the final norm) [B, T, D] and the cache extended by T slots. inputs:
+    token ids int [B, T] or embeddings [B, T, D] (e.g. latents); positions: int [B, T], default counting
+    on after the cache; may_attend: bool [B|1, T, Tc + T], default `causal_may_attend`. Unchecked."""
     xp = xp_of(inputs)
     x = inputs if inputs.dtype.kind == "f" else embedding(params["embed_tokens"], inputs)   # [B, T, D]
     B, T, _ = x.shape
@@ -186,8 +180,7 @@ def hidden(params, cfg, inputs, positions=None, cache=None, may_attend=None):
         return attention(q, *_heads(cfg, k, v), bias)
 
     h, ks, vs = run_layers(params, cfg, x, positions, attend)
-    new_cache = KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
-    return h, new_cache
+    return h, KVCache(tuple(ks), tuple(vs), positions) if cache is None else cache.append(ks, vs, positions)
 
 
 def _heads(cfg, k, v):
@@ -244,10 +237,11 @@ def extend(params, cfg, cache, inputs, positions=None):
 def sample_next(logits, temperature, rng):
     """Next token ids [B] from last-slot logits [B, V]: greedy at temperature 0."""
     logits = to_numpy(logits).astype(np.float64)
+    require(np.isfinite(logits).all(), "the decoder computed logits that are not finite: its weights are "
+                                       "damaged or overflow; restore them or retrain")
     if temperature <= 0:
         return logits.argmax(-1)
-    z = logits / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
+    p = np.exp((logits - logits.max(-1, keepdims=True)) / temperature)   # <= 0 before the division: no inf
     p /= p.sum(-1, keepdims=True)
     return np.array([rng.choice(len(row), p=row) for row in p])
 

@@ -18,8 +18,8 @@ def sample_trace_positions(rng, batch_size, seq_len, n_traces, n_ahead):
     n_valid = seq_len - n_ahead
     require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
     require(n_valid >= 1, f"n_ahead={n_ahead} leaves no augmentation point in a sequence of {seq_len} "
-                          f"tokens (a point p needs p + n_ahead <= T - 1): use n_ahead <= {seq_len - 1} "
-                          "or longer sequences")
+                          f"tokens (a point p needs p + n_ahead <= T - 1): use seq_len={n_ahead + 1} or more"
+                          + (f", or n_ahead={seq_len - 1} or less" if seq_len > 1 else ""))
     require(1 <= n_traces <= n_valid,
             f"n_traces={n_traces} does not fit: a sequence of {seq_len} tokens with n_ahead={n_ahead} "
             f"has {n_valid} augmentation points; use 1..{n_valid} traces or longer sequences")
@@ -72,11 +72,10 @@ class TraceLayout:
         index = np.arange(S)
         causal = index[None, :] <= index[:, None]                                        # [S, S]
         same_group = (trace_of[:, None] == trace_of[None, :]) & (trace_of[:, None] >= 0)
-        original_key = (trace_of == -1)[None, :]                                         # [1, S]
         # original query: causal over originals. group query: originals <= p_k, own group causally.
         prefix_limit = np.concatenate([np.broadcast_to(np.arange(T), (B, T)),                # [B, S]
                                        np.repeat(self.trace_positions, group_len, axis=1)], axis=1)
-        sees_original = original_key[None] & (index[None, None, :] <= prefix_limit[:, :, None])
+        sees_original = (trace_of == -1)[None, None, :] & (index[None, None, :] <= prefix_limit[:, :, None])
         return sees_original | (same_group & causal)[None]
 
 
@@ -92,9 +91,8 @@ def build_layout(tokens, trace_positions, n_latents, n_ahead, latent_positions="
     require(n_latents >= 0, f"n_latents={n_latents} must be >= 0")
     require(n_ahead >= 1, f"n_ahead={n_ahead} must be >= 1: at least one ahead token is scored")
     require(trace_positions.ndim == 2 and trace_positions.shape[0] == B and trace_positions.shape[1] >= 1
-            and trace_positions.dtype.kind in "iu",
-            f"trace positions have shape {trace_positions.shape} {trace_positions.dtype}: expected "
-            f"int [{B}, K] with K >= 1")
+            and trace_positions.dtype.kind in "iu", f"trace positions have shape {trace_positions.shape} "
+            f"{trace_positions.dtype}: expected int [{B}, K] with K >= 1")
     trace_positions = trace_positions.astype(np.int64)
     lo, hi = int(trace_positions.min()), int(trace_positions.max())
     require(lo >= 0 and hi + n_ahead <= T - 1,

@@ -83,7 +83,6 @@ def loss_packed(dec_params, trainable, cfg, tokens, trace_positions, n_latents, 
 
 
 def _entry(dec_params, trainable, cfg, tokens, trace_positions, n_latents, n_ahead, latent_positions):
-    """Check the inputs on the host, build the layout, move the tokens to the decoder's device."""
     host = host_tokens(tokens, cfg)
     n_latents = 0 if trainable is None else n_latents
     layout = build_layout(host, trace_positions, n_latents, n_ahead, latent_positions)

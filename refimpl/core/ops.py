@@ -75,9 +75,8 @@ defvjp_argnums(rmsnorm, _rmsnorm_vjp)
 # Rotary position embedding, "rotate-half" pairing (dim i with dim i + Dh/2), explicit positions.
 def rotate_half(x):
     # [..., Dh] -> [..., Dh]: [x1, x2] -> [-x2, x1]
-    xp = xp_of(x)
     half = x.shape[-1] // 2
-    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return xp_of(x).concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def rope_tables(positions, head_dim, theta, dtype):
@@ -244,8 +243,7 @@ def _runs_or_one_run(runs, q, k_ctx):
 
 def _run_args(run, q, k_ctx, v_ctx, k_own, v_own, ctx_bias):
     # the traces k_start..k_stop-1 and the first n_ctx context slots (views)
-    k0, k1, n = run
-    r = slice(k0, k1)
+    r, n = slice(run[0], run[1]), run[2]
     return (q[:, :, r], k_ctx[:, :, :n], v_ctx[:, :, :n], k_own[:, :, r], v_own[:, :, r],
             ctx_bias[:, :, r, :, :n])
 
@@ -398,8 +396,7 @@ defvjp(embedding, _embedding_vjp)
 @primitive
 def take_rows(x, idx):
     # [B, S, D], int [B, R] -> [B, R, D]: the rows idx of each sequence, gathered along axis 1
-    xp = xp_of(x)
-    return x[xp.arange(x.shape[0])[:, None], idx]
+    return x[xp_of(x).arange(x.shape[0])[:, None], idx]
 
 
 def _take_rows_vjp(y, x, idx):
@@ -468,14 +465,8 @@ def concat(a, b, axis):
     return xp_of(a, b).concatenate([a, b], axis=axis)
 
 
-def _concat_vjp(part):
-    def maker(y, a, b, axis):
-        n = a.shape[axis]
-        return lambda g: g[(slice(None),) * (axis % y.ndim) + (slice(0, n) if part == 0 else slice(n, None),)]
-    return maker
-
-
-defvjp(concat, _concat_vjp(0), _concat_vjp(1))
+defvjp(concat, lambda y, a, b, axis: lambda g: xp_of(g).split(g, [a.shape[axis]], axis)[0],
+       lambda y, a, b, axis: lambda g: xp_of(g).split(g, [a.shape[axis]], axis)[1])
 
 
 @primitive
@@ -517,8 +508,7 @@ defvjp(repeat_kv, lambda y, x, n_rep: lambda g: g.reshape(x.shape[:2] + (n_rep,)
 @primitive
 def broadcast_rows(x, lead_shape):
     # [N, D] -> [*lead_shape, N, D]: the same rows for every leading index (shared soft tokens)
-    xp = xp_of(x)
-    return xp.broadcast_to(x, tuple(lead_shape) + x.shape).copy()
+    return xp_of(x).broadcast_to(x, tuple(lead_shape) + x.shape).copy()
 
 
 defvjp(broadcast_rows, lambda y, x, lead_shape: lambda g: g.reshape((-1,) + x.shape).sum(0))

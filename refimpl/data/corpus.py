@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refimpl.errors import RefimplError, require
+from refimpl.errors import require
+from refimpl.files import read_json
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = Path(os.environ.get("REFIMPL_DATA") or REPO / "tiny_data")
@@ -39,11 +40,8 @@ def _read_bytes(rel):
 def _manifest():
     path = TINY_DATA / "MANIFEST.json"
     require(path.is_file(), f"{path} is missing; {FIX}")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise RefimplError(f"{path} is corrupt ({e}); {FIX}") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    manifest = read_json(path, "data manifest", FIX)
+    files = manifest.get("files")
     require(isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()),
             f"{path} is corrupt (no 'files' table of {{name: {{sha256}}}}); {FIX}")
     return manifest

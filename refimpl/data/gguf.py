@@ -23,7 +23,6 @@ GGUFModel = namedtuple("GGUFModel", "arrays config vocab info")
 
 
 def gguf_module():
-    """The `gguf` package, or a one-line RefimplError saying how to install it."""
     try:
         import gguf
     except ImportError:

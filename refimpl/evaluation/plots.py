@@ -1,4 +1,5 @@
 """The report's figures as PNGs (matplotlib, Agg): each draws on one Axes, False without data."""
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..core.layout import AHEAD, LATENT, build_layout
+from ..files import atomic_write_bytes
 
 
 def plot_training(ax, report, runs):
@@ -104,7 +106,6 @@ FIGURES = {"training_curves.png": plot_training, "ppl_by_position.png": plot_ppl
 
 
 def make_plots(report, runs, out_dir):
-    """Every figure the report has data for, as PNGs in out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -115,7 +116,8 @@ def make_plots(report, runs, out_dir):
                 if ax.get_legend_handles_labels()[0]:       # every figure but the mask
                     ax.legend(fontsize=7)
                 fig.tight_layout()
-                fig.savefig(out / name, dpi=110)
+                fig.savefig(png := io.BytesIO(), format="png", dpi=110)
+                atomic_write_bytes(out / name, png.getvalue())
                 paths.append(out / name)
         finally:
             plt.close(fig)

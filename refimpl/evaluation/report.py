@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training.checkpoint import atomic_write_bytes
+from ..errors import require
+from ..files import atomic_write_bytes, finite_json
 from ..training.train import TrainConfig, saved_train_config
 
 PAPER = {   # the paper's numbers (Gemma-2 2B, N_A = 16 unless the table varies it) and their source
@@ -310,8 +311,11 @@ def headline(m, runs):
     not_yet = [w for w in where if w not in helps]
     said = ("helps at " + " and ".join(helps) + "".join(f" and does not yet help at {w}" for w in not_yet)
             if helps else "does not yet help at " + " or ".join(not_yet))
-    details = "; ".join(f"{r.name} after {traces_of(r):,} training traces: position 1 {first[r.name]:+.1f}%, "
-                        f"positions 2..{n_a} {rest[r.name]:+.2f}%" for r in chosen)
+    ci = {r.name: {k: " [95% CI {:+.1f}, {:+.1f}]".format(*v) for k, v in m["runs"][r.name].get(
+        "ci95_pct", {}).items()} for r in chosen}                     # a bootstrap over points (runner.py)
+    details = "; ".join(f"{r.name} after {traces_of(r):,} training traces: position 1 {first[r.name]:+.1f}%"
+                        f"{ci[r.name].get('position_1', '')}, positions 2..{n_a} {rest[r.name]:+.2f}%"
+                        f"{ci[r.name].get(f'positions_2_{n_a}', '')}" for r in chosen)
     return (f"At this scale, augmentation {said} ({details} perplexity against the decoder alone on held-out "
             "windows; the break-even curve shows how the gaps move with training).")
 
@@ -341,10 +345,11 @@ def render_markdown(report):
 
 
 def write_report(report, out_dir):
-    """out_dir/report.json and out_dir/report.md, each written atomically; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "report.json", out / "report.md"
+    require(finite_json(report), f"refusing to write {paths[0]}: a figure is NaN or infinite (a run's "
+                                 "numbers overflowed, or its metrics.json is damaged); check the runs")
     atomic_write_bytes(paths[0], (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(paths[1], (render_markdown(report) + "\n").encode())
     return list(paths)

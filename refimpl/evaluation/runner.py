@@ -1,6 +1,5 @@
 """`refimpl eval`: load a decoder and runs, measure everything once, build the report. The decoder alone and
 every run are scored on the same held-out points and prompts, each run at its trained latent positions."""
-import json
 import timeit
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,10 +11,11 @@ from ..backend import get_dtype, get_xp, to_numpy, xp_of
 from ..core.coprocessor import augment
 from ..core.decoder import decode, extend, prefill
 from ..data.corpus import load_reasoning_eval, load_tokens
-from ..errors import RefimplError, require
+from ..errors import require
+from ..files import check_schema, read_json
 from ..training.checkpoint import coprocessor_file, load_coprocessor, load_model
 from ..training.heldout import ahead_nll, embedding_norm, heldout_set, point_nll, relative_ppl_change
-from ..training.train import saved_train_config
+from ..training.train import METRICS, saved_train_config
 from .generate import complete, trained_latent_positions
 from .report import TABLES, headline, table1_runs, traces_of
 
@@ -79,11 +79,9 @@ def load_runs(paths, decoder_hash, dtype=np.float32, xp=np):
         name = name if name not in seen else f"{name}-{len(seen)}"
         seen.add(name)
         metrics_file = path.parent / "metrics.json"
-        try:
-            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RefimplError(f"run metrics {metrics_file} is not valid JSON ({e}): delete it (only "
-                               "the training-curve plot reads it) or re-run the training") from None
+        fix = "delete it (only the training curves read it) or re-run the training"
+        metrics = check_schema(read_json(metrics_file, "run metrics", fix), METRICS,
+                               f"run metrics {metrics_file}", fix) if metrics_file.is_file() else None
         runs.append(Run(name, str(path), meta, trainable, metrics))
     return runs
 
@@ -95,7 +93,8 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
     H = ec.horizon or 2 * max([r.n_ahead for r in runs] or [16])
     require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
     require(H >= 1 and H + ec.n_traces <= T,     # n_traces distinct points p with p + H <= T - 1
-            f"horizon={H} does not fit seq_len={T}: a window needs n_traces={ec.n_traces} distinct points p "
+            f"horizon={H}{'' if ec.horizon else ' (the default, 2 x the largest N_A)'} does not fit "
+            f"seq_len={T}: a window needs n_traces={ec.n_traces} distinct points p "
             "with p + horizon <= seq_len - 1; pass horizon + n_traces <= seq_len")
     heldout = heldout_set(val_tokens, ec.eval_batches, ec.batch_size, T, ec.n_traces, H, ec.seed,
                           ec.skip_windows)
@@ -130,6 +129,7 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
         out["runs"][r.name] = {"ahead_nll": nll.tolist(), "accuracy": accuracy,
                                "relative_ppl_change_pct": relative_ppl_change(base_nll, nll).tolist(),
                                "by_source": by_source(base, points),
+                               "ci95_pct": bootstrap(base, points, r.n_ahead),
                                "mean_latent_norm": float(norms.mean()) if norms.size else None}
         out["latent_norms"][r.name] = np.round(norms[:4096], 4).tolist()          # for the histogram
     out["embedding_norm"] = embedding_norm(dec_params)
@@ -144,6 +144,17 @@ def measure(dec_params, cfg, tokenizer, runs, ec, val_tokens, problems, log=lamb
         out["async"] = {"run": late.name, "by_delay": {str(d): acc(late, d)[0] for d in ec.delays}}
     out["latency"] = _measure_latency(dec_params, cfg, tokenizer, runs, ec, problems, log)
     return out
+
+
+def bootstrap(base, nll, n_ahead, n=2000, seed=0):
+    """95% percentile-bootstrap intervals over the points ([P, H] nll arrays) of the % change at position 1
+    and of the mean change over positions 2..n_ahead."""
+    P = len(base)
+    w = np.random.default_rng(seed).multinomial(P, np.full(P, 1 / P), size=n) / P        # [n, P] resamples
+    change = relative_ppl_change(w @ base, w @ nll)                                        # [n, H]
+    stats = {"position_1": change[:, 0], **({f"positions_2_{n_ahead}": change[:, 1:n_ahead].mean(1)}
+                                            if n_ahead > 1 else {})}
+    return {k: np.percentile(v, [2.5, 97.5]).tolist() for k, v in stats.items()}
 
 
 def _measure_curves(dec_params, cfg, runs, val_tokens, log):

@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import __version__
 from ..core.decoder import flatten_params, param_shapes
-from ..errors import require
+from ..errors import RefimplError, require
+from ..files import read_json, write_atomically
 from .state import ADAM, GQA, NOISE, SETUP, SIZES, SOFT_TOKENS, check_forms, compute, make_state
 
 FORMAT_VERSION = 1
@@ -87,10 +88,14 @@ def export(directory, seed=SETUP["seed"], latent_positions="behind", gqa=False):
             raise AssertionError(f"golden export: {n} is {arrays[n].dtype}{list(arrays[n].shape)}, its spec "
                                  f"says {spec['dtype']}{spec['shape']}: refimpl has a bug")
     manifest = _manifest(cfg, setup, specs, latent_positions)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / TENSORS).write_bytes(npz_bytes(arrays))
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    try:
+        old = read_json(Path(directory) / MANIFEST, "", "")["generator"]["command"]
+    except (RefimplError, OSError, KeyError, TypeError):
+        old = None                                # no set there, or a damaged one: it is regenerated
+    require(old in (None, manifest["generator"]["command"]), f"{directory} holds a golden set made by "
+            f"`{old}`: regenerate it with the same flags, or export into another directory")
+    write_atomically([(Path(directory) / TENSORS, npz_bytes(arrays)),                  # both, or nothing new
+                      (Path(directory) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())])
     return manifest
 
 

@@ -5,8 +5,9 @@ from pathlib import Path
 from ..data.gguf import gguf_module, read_gguf
 from ..data.pretrained import DECODER, MODELS, TOKENIZER, download_gguf, model_dir
 from ..data.tokenizer import save_llm_tokenizer, tokenizer_from_vocab
-from ..errors import require
-from ..training.checkpoint import checkpoint_paths, run_lock, save_decoder
+from ..errors import RefimplError, require
+from ..files import run_lock
+from ..training.checkpoint import checkpoint_paths, load_model, save_decoder
 
 
 def fetch(name, log=print):
@@ -16,8 +17,12 @@ def fetch(name, log=print):
     gguf_module()  # fail early, before a download, if the gguf package is missing
     with run_lock(directory):
         if all(p.is_file() for p in (*checkpoint_paths(target), directory / TOKENIZER)):
-            log(f"{name} is already converted: {target}")
-            return target
+            try:                        # the hashes recorded at conversion, the shapes, the tokenizer
+                load_model(target)
+                log(f"{name} is already converted (its hashes checked): {target}")
+                return target
+            except RefimplError as e:
+                log(f"the converted {name} fails its check ({e}): converting it again")
         gguf = download_gguf(name, log)
         log(f"converting {gguf.name} to {target} (float32)")
         convert_gguf(gguf, directory, name)

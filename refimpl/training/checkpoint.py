@@ -1,14 +1,12 @@
 """Checkpoints: NAME.npz (arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>) and
 NAME.json (metadata with npz_sha256 and meta_sha256), written atomically, npz first: a temp JSON left by a
-kill between the renames is taken when its npz_sha256 matches. Loading never unpickles; every problem is one
-line naming the file and the fix (docs/robustness.md). Arrays load onto any backend.
+kill between the renames is taken when its npz_sha256 matches. Loading never unpickles; arrays are finite
+when saved and when loaded; every problem is one line naming the file and the fix (docs/robustness.md).
+Arrays load onto any backend.
 """
 import hashlib
 import json
-import os
-import tempfile
-import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +17,15 @@ from ..core.coprocessor import INITS, MODES, SOFT_TOKENS
 from ..core.decoder import flatten_params, param_shapes, unflatten_params
 from ..data.pretrained import decoder_file, tokenizer_for
 from ..errors import RefimplError, require
+from ..files import check_schema, read_json, read_npz, sha256_of, temp_files, unusable, write_atomically
 
 FORMAT_VERSION = 1
 ADAM_M, ADAM_V = "adam.m.", "adam.v."
 RETRAIN = "restore it from a backup or retrain"
-TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+META_TC = ("n_latents", "n_ahead", "mode", "init")    # in a coprocessor's metadata and its train_config
+META = {**dict.fromkeys(("kind", "npz_sha256", "tokenizer", "tokenizer_sha256", "decoder_hash", "data_hash",
+                         "mode", "init"), str), **dict.fromkeys(("step", "n_latents", "n_ahead"), int),
+        **dict.fromkeys(("arrays", "config", "train_config", "rng", "rng_state", "optimizer", "extra"), dict)}
 
 
 def checkpoint_paths(path):
@@ -35,82 +35,6 @@ def checkpoint_paths(path):
     return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
 
 
-# Atomic writes
-def atomic_write_bytes(path, blob):
-    """Write blob to path so that a crash leaves the old file or the new one, never a torn one."""
-    _write_atomically([(Path(path), blob)])
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _write_atomically(files):
-    """[(path, bytes or write(f))]: each to a complete, fsync'ed temporary file, then renamed, in order."""
-    temps = []
-    try:
-        for path, blob in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-            with os.fdopen(fd, "w+b") as f:
-                blob(f) if callable(blob) else f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, (path, _) in zip(temps, files):
-            if flag := os.environ.get(TEST_HOOK_SAVE_PAUSE):  # tests: path into FLAG, wait for its removal
-                Path(flag + ".new").write_text(str(path))
-                os.replace(flag + ".new", flag)
-                deadline = time.monotonic() + 60
-                while os.path.exists(flag) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    with suppress(OSError):  # fsync the directory, on platforms that can open and fsync one
-        fd = os.open(files[0][0].parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_files(path):
-    # temporary files of earlier saves of path that were killed before their rename
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
-
-
-@contextmanager
-def run_lock(directory):
-    """Hold DIR/.lock (an exclusive flock: it dies with its process) while a run writes into DIR; a second
-    run is refused. A directory this call created that holds nothing else is removed again."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    directory = Path(directory)
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / ".lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RefimplError(f"another refimpl run is writing to {directory} (it holds {lock}): "
-                               "wait for it to end or stop it, or write to another directory") from None
-        yield
-    finally:
-        os.close(fd)
-        if created and [p.name for p in directory.iterdir()] == [lock.name]:
-            lock.unlink()
-            directory.rmdir()
-
-
 # Save and load a pair
 def save_checkpoint(path, arrays, meta):
     """Write arrays ({name: array}, any backend) and meta (JSON-able dict with "kind") as a pair."""
@@ -118,6 +42,9 @@ def save_checkpoint(path, arrays, meta):
     host = {name: np.ascontiguousarray(to_numpy(a)) for name, a in arrays.items()}
     bad = [n for n, a in host.items() if a.dtype.hasobject]
     require(not bad, f"array {bad[:1]} has dtype object, which a checkpoint cannot hold: pass numeric arrays")
+    bad = unusable(host, "f")
+    require(not bad, f"refusing to save {checkpoint_paths(path)[0]}: {len(bad)} arrays ({bad[:1]} first) "
+                     "hold NaN or infinity or are not real numbers; lower the learning rate that made them")
     npz_path, json_path = checkpoint_paths(path)
     full = {**meta, "format_version": FORMAT_VERSION, "npz_file": npz_path.name, "npz_sha256": "",
             "arrays": {n: array_spec(a) for n, a in sorted(host.items())}}
@@ -126,9 +53,9 @@ def save_checkpoint(path, arrays, meta):
     def write_npz(f):        # streamed to the file, then hashed from it: no copy of the arrays in memory
         np.savez(f, allow_pickle=False, **host)
         f.seek(0)
-        full["npz_sha256"] = _sha256_of(f)
-    _write_atomically([(npz_path, write_npz), (json_path, lambda f: f.write(_json_text(full)))])  # npz first
-    for stale in _temp_files(npz_path) + _temp_files(json_path):  # left by killed saves
+        full["npz_sha256"] = sha256_of(f)
+    write_atomically([(npz_path, write_npz), (json_path, lambda f: f.write(_json_text(full)))])  # npz first
+    for stale in temp_files(npz_path) + temp_files(json_path):  # left by killed saves
         stale.unlink(missing_ok=True)
 
 
@@ -142,14 +69,6 @@ def _json_text(full):
                            "list and dict values") from None
 
 
-def _sha256_of(f, chunk=1 << 24):
-    # hex sha256 of a binary file from its current position to its end, read in chunks
-    h = hashlib.sha256()
-    for block in iter(lambda: f.read(chunk), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
 def load_checkpoint(path):
     """(arrays {name: host np.ndarray}, meta dict); RefimplError if anything is missing or corrupt."""
     npz_path, json_path = checkpoint_paths(path)
@@ -160,9 +79,9 @@ def load_checkpoint(path):
                              "(`refimpl pretrain` writes decoders, `refimpl train` coprocessors)")
     meta = _read_meta(json_path)
     with open(npz_path, "rb") as f:                     # hashed and parsed from one open file, in chunks
-        sha = _sha256_of(f)
+        sha = sha256_of(f)
         if sha != meta["npz_sha256"]:  # a save killed between its two renames: its JSON is a temp file
-            for temp in _temp_files(json_path):
+            for temp in temp_files(json_path):
                 with suppress(RefimplError, OSError):
                     if (candidate := _read_meta(temp))["npz_sha256"] == sha:
                         meta = candidate
@@ -170,7 +89,10 @@ def load_checkpoint(path):
         require(sha == meta["npz_sha256"], f"checkpoint {npz_path} is corrupt (sha256 mismatch with "
                                            f"{json_path.name}: truncated, modified or half saved); {RETRAIN}")
         f.seek(0)
-        arrays = _read_arrays(f, npz_path)
+        arrays = read_npz(npz_path, "checkpoint", RETRAIN, f)
+    bad = unusable(arrays, "f")
+    require(not bad, f"checkpoint {npz_path}: array {bad[:1]} holds NaN or infinity or is not real numbers "
+                     f"({len(bad)} such arrays): it cannot be used; {RETRAIN}")
     for name, spec in meta["arrays"].items():
         got = array_spec(arrays[name]) if name in arrays else "missing"
         require(got == spec, f"checkpoint {npz_path}: array {name} is {got}, but {json_path.name} says "
@@ -190,12 +112,8 @@ def array_spec(a):
 
 
 def _read_meta(json_path):
-    try:
-        meta = json.loads(json_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RefimplError(f"checkpoint metadata {json_path} is not valid JSON ({e}): it was truncated or "
-                           f"modified; {RETRAIN}") from None
-    require(isinstance(meta, dict) and "format_version" in meta, f"checkpoint metadata {json_path} has no "
+    meta = read_json(json_path, "checkpoint metadata", f"it was truncated or modified; {RETRAIN}")
+    require("format_version" in meta, f"checkpoint metadata {json_path} has no "
             "format_version: it is not a refimpl checkpoint; pass the .npz/.json pair written by refimpl")
     version = meta["format_version"]
     require(version == FORMAT_VERSION, f"checkpoint {json_path} has format_version {version!r}, but this "
@@ -203,25 +121,12 @@ def _read_meta(json_path):
     require(meta.get("meta_sha256", None) in (None, meta_sha256(meta)),  # absent in older files
             f"checkpoint metadata {json_path} was modified or damaged after it was saved (meta_sha256 "
             f"mismatch); {RETRAIN}")
-    require(isinstance(meta.get("npz_sha256"), str) and isinstance(meta.get("arrays"), dict),
-            f"checkpoint metadata {json_path} lacks npz_sha256 or arrays: it is corrupt; {RETRAIN}")
-    kind, step = meta.get("kind"), meta.get("step", 0)
-    require(isinstance(kind, str) and type(step) is int and step >= 0, f"checkpoint metadata {json_path} has "
-            f"kind {kind!r} and step {step!r} (expected a string and an int >= 0): it is corrupt; {RETRAIN}")
+    missing = [k for k in ("kind", "npz_sha256", "arrays") if k not in meta]
+    require(not missing, f"checkpoint metadata {json_path} lacks {missing}: it is corrupt; {RETRAIN}")
+    check_schema(meta, META, f"checkpoint metadata {json_path}", f"it is corrupt; {RETRAIN}")
+    require(meta.get("step", 0) >= 0, f"checkpoint metadata {json_path} has step {meta.get('step')}: it is "
+                                      f"corrupt; {RETRAIN}")
     return meta
-
-
-def _read_arrays(f, npz_path):
-    # {name: array} of the .npz open as binary file f; a one-line RefimplError for anything unreadable
-    try:
-        with np.load(f, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
-    except Exception as e:  # noqa: BLE001 (ValueError, zipfile.BadZipFile, EOFError, OSError ...)
-        if isinstance(e, ValueError) and ("pickle" in str(e).lower() or "object" in str(e).lower()):
-            raise RefimplError(f"checkpoint {npz_path} holds an object (pickled) array, which refimpl never "
-                               "loads (unpickling can run code): re-save it with numeric arrays") from None
-        raise RefimplError(f"checkpoint {npz_path} is not a readable .npz ({type(e).__name__}: {e}); "
-                           f"{RETRAIN}") from None
 
 
 # Adam's state as named arrays (adam.m.<name>, adam.v.<name>); its step goes to the metadata
@@ -346,6 +251,8 @@ def _check_coprocessor(trainable, meta, path):
         (f"n_latents {n!r} vs soft_tokens", soft is not None and is_int(n) and n == soft.shape[0]),
         (f"n_ahead {meta.get('n_ahead')!r}", is_int(meta.get("n_ahead")) and meta["n_ahead"] >= 1),
         ("train_config is not a dict", isinstance(meta.get("train_config"), dict)),
+        ("train_config disagrees on n_latents, n_ahead, mode or init", all(meta.get("train_config", {}).get(k)
+                                                                           == meta.get(k) for k in META_TC)),
     ) if not ok]
     require(not problems, f"coprocessor {path} has corrupt metadata ({'; '.join(problems)}): {RETRAIN} it "
                           "with `refimpl train`")
@@ -362,8 +269,8 @@ def _coprocessor_arrays_problem(trainable, meta):
         return f"pause tokens with {sorted(others)[:3]}" if others else None
     try:
         cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, RefimplError):
-        return None if others else "no coprocessor blocks"
+    except (KeyError, TypeError, RefimplError) as e:
+        return f"its config is unusable: {e}"
     shapes = {**param_shapes(cfg), SOFT_TOKENS: (trainable[SOFT_TOKENS].shape[0], cfg.d_model)}
     del shapes["model.embed_tokens.weight"]
     return _arrays_problem(trainable, shapes, exact=True)

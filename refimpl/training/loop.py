@@ -1,11 +1,11 @@
 """The one training loop: of `refimpl pretrain` (task pretrain.Pretraining) and `refimpl train`
 (train.CoprocessorTraining). Per step: a batch from the run's own generator; loss and gradients on the
-arrays' device; loss, gradient norm and latent norm to the host in ONE transfer (a non-finite one stops
-the run, the last checkpoint untouched); Adam with clipping folded in. Evaluation every eval_every steps;
-every save_every steps metrics.json, then the checkpoint. Ctrl-C saves first. A resume is bit for bit
+arrays' device; loss, gradient norm, latent norm and whether the weights are finite to the host in ONE
+transfer (anything non-finite stops the run, the last checkpoint untouched; so does a non-finite evaluation,
+and weights are checked again before each save); Adam with clipping folded in. Evaluation every eval_every
+steps; every save_every steps metrics.json, then the checkpoint. Ctrl-C saves first. A resume is bit for bit
 (arrays, Adam's state, step, rng state), with metrics.json cut back to its step.
 """
-import json
 import math
 import sys
 import time
@@ -18,8 +18,9 @@ from ..backend import to_numpy, xp_of
 from ..data.corpus import data_hash, load_tokens
 from ..data.tokenizer import load_tokenizer
 from ..errors import RefimplError, require
+from ..files import atomic_write_json, check_schema, finite_json, read_json
 from .autodiff import value_and_grad
-from .checkpoint import atomic_write_json, checkpoint_paths
+from .checkpoint import checkpoint_paths
 from .heldout import row_norm
 from .optim import adam_update, clip_scale, global_norm, lr_schedule
 
@@ -61,8 +62,11 @@ def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kep
     loss, grads, aux = value_and_grad(traced, trainable)
     norm = global_norm(grads)                                   # one device reduction
     xp = xp_of(norm)
-    host = to_numpy(xp.stack([xp.asarray(loss, dtype=xp.float64), norm, *aux.values()]))  # the one read
-    stats = dict(zip(("loss", "grad_norm", *aux), host.tolist()))
+    host = to_numpy(xp.stack([xp.asarray(loss, dtype=xp.float64), norm, all_finite(trainable),  # the one read
+                              *aux.values()]))
+    stats = dict(zip(("loss", "grad_norm", "finite", *aux), host.tolist()))
+    require(stats.pop("finite") == 1, f"training diverged at step {adam['step']}: its update left weights "
+                                      f"that are not finite; {kept}")
     for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
         require(math.isfinite(stats[key]), f"training diverged at step {adam['step'] + 1}: the {what} is "
                                            f"{stats[key]} (not finite); {kept}")
@@ -71,17 +75,23 @@ def update(loss_fn, trainable, adam, lr, clip, weight_decay=0.0, decay=None, kep
     return trainable, adam, stats
 
 
+def all_finite(arrays):
+    """A device scalar: 1 if every array in {name: array} is finite (the next step's read reports it)."""
+    xp = xp_of(*arrays.values())
+    return xp.stack([xp.isfinite(a).all() for a in arrays.values()]).all()
+
+
 def run(task, state, resumed=False, stream=None):
     """Train from state (resumed: from the checkpoint in task.out) to task.schedule.stop -> (final state,
     metrics {"evals": [...], "history": [...]}, step of the checkpoint on disk)."""
-    metrics = resumed_metrics(task, state.step) if resumed else {"evals": [], "history": []}
     sched, saved = task.schedule, state.step if resumed else None
     bar = Progress(sched.steps, start=state.step, label=task.label, stream=stream)
     bar.write(task.header(state))
+    metrics = resumed_metrics(task, state.step, bar.write) if resumed else {"evals": [], "history": []}
     n_slots, seconds = 0, 0.0
     try:
         if state.step == 0 and sched.eval_first:
-            _evaluate(task, state, metrics, bar, None)
+            _evaluate(task, state, metrics, bar, None, saved)
         while state.step < sched.stop:
             t0 = time.perf_counter()
             state, stats = _step(task, state, saved)
@@ -91,16 +101,16 @@ def run(task, state, resumed=False, stream=None):
             bar.update(state.step, **{k: v for k, v in stats.items() if k != "lr"},
                        **{f"{task.unit}/s": f"{rate:,.0f}"})
             if sched.eval_every and state.step % sched.eval_every == 0 or state.step == sched.eval_at:
-                _evaluate(task, state, metrics, bar, rate)
+                _evaluate(task, state, metrics, bar, rate, saved)
                 n_slots, seconds = 0, 0.0
             if sched.save_every and state.step % sched.save_every == 0 or state.step == sched.stop:
-                _save(task, state, metrics)
+                _save(task, state, metrics, saved)
                 saved = state.step
     except KeyboardInterrupt:
         bar.close()
         metrics["history"][:] = [h for h in metrics["history"] if h["step"] <= state.step]
         if saved != state.step:
-            _save(task, state, metrics)
+            _save(task, state, metrics, saved)
         raise RefimplError(f"interrupted after step {state.step}: checkpoint saved in {task.out}/; "
                            "resume it to continue") from None
     bar.close()
@@ -115,22 +125,38 @@ def _step(task, state, saved):
     sched, rng = task.schedule, sampler(state.rng_state, "the run")
     batch = task.sample(rng)
     lr = lr_schedule(state.step, sched.lr, sched.warmup, sched.steps)
-    kept = (f"the last good checkpoint {task.ckpt} (step {saved}) is untouched" if saved is not None
-            else "no checkpoint was written")
-    advice = f"{kept}: lower lr={sched.lr} or clip={sched.clip}, then resume or start again"
     trainable, adam, stats = update(lambda t: task.loss(t, batch), state.trainable, state.adam, lr,
-                                    sched.clip, sched.weight_decay, sched.decay, advice)
+                                    sched.clip, sched.weight_decay, sched.decay, _advice(task, saved))
     return State(state.step + 1, trainable, adam, rng.bit_generator.state), {"lr": lr, **stats}
 
 
-def _evaluate(task, state, metrics, bar, rate):
+def _advice(task, saved):
+    """What a diverged run leaves, and the flag most likely at fault."""
+    sched = task.schedule
+    kept = (f"the last good checkpoint {task.ckpt} (step {saved}) is untouched" if saved is not None
+            else "no checkpoint was written")
+    culprit = (f"weight_decay={sched.weight_decay}" if sched.lr * sched.weight_decay >= 1 < sched.weight_decay
+               else f"lr={sched.lr}")      # decoupled decay multiplies the weights by 1 - lr x weight_decay
+    return f"{kept}: lower {culprit} (or clip={sched.clip}), then resume or start again"
+
+
+def _evaluate(task, state, metrics, bar, rate, saved):
+    _check_weights(task, state, saved)
     record = task.evaluate(state, metrics, rate)
+    require(finite_json(record), f"training diverged at step {state.step}: the held-out evaluation is not "
+            f"finite ({task.describe(record)}); {_advice(task, saved)}")
     metrics["evals"].append(record)
     atomic_write_json(task.metrics_path, task.metrics_json(metrics, state.step))
     bar.write(f"step {record['step']}: {task.describe(record)}")
 
 
-def _save(task, state, metrics):
+def _check_weights(task, state, saved):
+    require(to_numpy(all_finite(state.trainable)) == 1, f"training diverged at step {state.step}: its update "
+            f"left weights that are not finite; {_advice(task, saved)}")
+
+
+def _save(task, state, metrics, saved):
+    _check_weights(task, state, saved)
     atomic_write_json(task.metrics_path, task.metrics_json(metrics, state.step))  # first: a resume cuts back
     task.save(state)
 
@@ -152,12 +178,27 @@ def load_corpus(tokenizer=None, source="mixture"):
     return Corpus(tok.n_vocab, tok.sha256, data_hash(), *(load_tokens(s, tok, source) for s in ("train", "val")))
 
 
-def check_out(out, ckpt, resume, what, overwrite=False):
-    """A resumed run needs its checkpoint `ckpt` in out; a new one refuses to replace it unless overwrite."""
+RUNS = {"ckpt.json": "a decoder run (`refimpl pretrain`)",
+        "coprocessor.json": "a coprocessor run (`refimpl train`)"}
+
+
+def check_out(out, ckpt, resume, what):
+    """A resumed run needs its checkpoint `ckpt` in out; a new one refuses to replace it; neither writes into
+    a directory that holds a run of the other kind."""
     exists = any(p.exists() for p in checkpoint_paths(ckpt))
+    other = [kind for name, kind in RUNS.items() if name != checkpoint_paths(ckpt)[1].name
+             and (out / name).exists()]
+    require(not other, f"{out} holds {other[0] if other else ''}, whose metrics.json this run would "
+                       "overwrite: choose another output directory")
     require(exists or not resume, f"no {what} in {out} to resume: start a new run, or check the directory")
-    require(resume or overwrite or not exists, f"{out} already holds a {what}: resume it, or choose another "
-                                               "output directory")
+    require(resume or not exists, f"{out} already holds a {what}: resume it, or choose another output "
+                                  "directory")
+
+
+def check_unfinished(out, step, stop, steps, fix):
+    """A resumed run must have steps left: one that is done changes nothing."""
+    require(step < stop, f"{out} is already at step {step} of steps={steps}"
+                         f"{'' if stop == steps else f' (stop {stop})'}: nothing was changed; {fix}")
 
 
 def check_resumed(meta, corpus, given, saved, where):
@@ -175,8 +216,9 @@ def resumed_state(step, trainable, adam, rng_state, where):
     """The State of a checkpoint (Adam's moments in the arrays' order), its Adam and rng state checked."""
     names = list(trainable)
     missing = [pre + n for n in names for pre, got in (("adam.m.", adam["m"]), ("adam.v.", adam["v"]))
-               if n not in got]
-    require(not missing, f"{where} lacks optimizer state {missing[:2]}: it cannot resume; start a new run")
+               if n not in got or got[n].shape != trainable[n].shape]
+    require(not missing, f"{where} lacks optimizer state {missing[:2]} (or it has another shape): it cannot "
+                         "resume; start a new run")
     require(type(adam["step"]) is int and adam["step"] >= 0,
             f"{where} has optimizer step {adam['step']!r}: expected an int >= 0; the metadata is corrupt")
     adam = {**{key: {n: adam[key][n] for n in names} for key in ("m", "v")}, "step": adam["step"]}
@@ -195,13 +237,17 @@ def sampler(rng_state, where):
                            "exactly; start a new run") from None
 
 
-def resumed_metrics(task, step):
-    """The metrics so far, cut back to `step`; none if metrics.json is unreadable (training stays exact)."""
+def resumed_metrics(task, step, warn):
+    """The metrics so far, cut back to `step`; none, with a warning, if metrics.json is unreadable (training
+    stays exact: only the record of the steps before is lost)."""
     try:
-        evals, history = task.read_metrics(json.loads(task.metrics_path.read_text()))
+        fix = "the history before this resume is dropped"
+        saved = check_schema(read_json(task.metrics_path, "run metrics", fix), task.METRICS, "run metrics", fix)
+        evals, history = task.read_metrics(saved)
         return {"evals": [e for e in evals if e["step"] <= step],
                 "history": [h for h in history if h["step"] <= step]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, RefimplError, KeyError) as e:
+        warn(f"warning: {e if isinstance(e, RefimplError) else f'{task.metrics_path} is unreadable ({e!r})'}")
         return {"evals": [], "history": []}
 
 

@@ -15,6 +15,7 @@ from ..core.decoder import flatten_params, hidden, init_params, lm_head, param_s
 from ..core.ops import cross_entropy, mean
 from ..data.corpus import iter_eval_batches, sample_batch
 from ..errors import require
+from ..files import NUMBER
 from . import loop
 from .checkpoint import adam_from_arrays, adam_to_arrays, read_decoder, save_decoder
 from .optim import adam_init
@@ -38,8 +39,11 @@ def lm_loss(params, cfg, batch):
     return mean(lm_nll(params, cfg, batch))
 
 
+METRICS = {"evals": [{"step": int}], "train_loss": [(*NUMBER, type(None))], "hparams": dict}  # what is read
+
+
 class Pretraining:
-    label, unit = "pretrain", "tok"
+    label, unit, METRICS = "pretrain", "tok", METRICS
 
     def __init__(self, out, hp, cfg, corpus, stop, params):
         self.out, self.hp, self.cfg, self.corpus = out, hp, cfg, corpus
@@ -109,21 +113,20 @@ def new_hparams(given):
 
 def resume_run(ckpt, given, corpus, xp):
     """(hp, cfg, State) from the checkpoint in the output directory."""
-    arrays, cfg, meta = read_decoder(ckpt)
-    extra = meta.get("extra")
-    saved = extra.get("hparams") if isinstance(extra, dict) else None
+    arrays, cfg, meta = read_decoder(ckpt)                 # metadata fields of the right types (or absent)
+    saved = meta.get("extra", {}).get("hparams")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
     require("step" in meta and isinstance(saved, dict)
             and saved.get("preset") in PRESETS and saved.get("dtype") in DTYPES
-            and all(number(saved.get(k)) for k in DEFAULTS if k not in ("preset", "dtype")),
-            f"checkpoint {ckpt} was not written by `refimpl pretrain` (or its metadata is corrupt): "
-            "resume a directory that pretraining wrote")
+            and all(number(saved.get(k)) for k in DEFAULTS if k not in ("preset", "dtype"))
+            and cfg == get_preset(saved["preset"], vocab_size=corpus.n_vocab),
+            f"checkpoint {ckpt} was not written by `refimpl pretrain` (or its metadata is corrupt: hparams, "
+            "or a config that is not its preset's): resume a directory that pretraining wrote")
     loop.check_resumed(meta, corpus, {k: given[k] for k in FIXED_ON_RESUME if k in given}, saved, ckpt)
     hp = {**saved, **{k: v for k, v in given.items() if k not in FIXED_ON_RESUME}}   # steps may grow
     params = {n: to_xp(arrays[n], xp) for n in param_shapes(cfg)}
     params = flatten_params(unflatten_params(params, cfg.n_layers))   # in the order of a new run's
-    optimizer = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else {}
-    adam = adam_from_arrays(arrays, optimizer.get("step"), xp)
+    adam = adam_from_arrays(arrays, meta.get("optimizer", {}).get("step"), xp)
     return hp, cfg, loop.resumed_state(meta["step"], params, adam, meta.get("rng"), f"checkpoint {ckpt}")
 
 
@@ -141,8 +144,7 @@ def pretrain(out, resume=False, stop_after=None, backend="numpy", stream=None, *
         rng = np.random.default_rng([1, hp["seed"]])
         state = loop.State(0, params, adam_init(params), rng.bit_generator.state)
     stop = min(hp["steps"], stop_after or hp["steps"])
-    require(state.step < stop, f"{out} is already at step {state.step} of steps={hp['steps']}: pass more "
-                               "steps to train further")
+    loop.check_unfinished(out, state.step, stop, hp["steps"], "pass more steps to train further")
     task = Pretraining(out, hp, cfg, corpus, stop, state.trainable)
     state, metrics, _ = loop.run(task, state, resume, stream)
     return task.metrics_json(metrics, state.step)

@@ -17,8 +17,9 @@ from ..core.layout import LATENT_POSITIONS, sample_trace_positions
 from ..core.objective import loss_cached
 from ..data.corpus import SOURCES, sample_batch
 from ..errors import require
+from ..files import NUMBER, atomic_write_json
 from . import loop
-from .checkpoint import atomic_write_json, check_train_config, load_coprocessor, load_model, save_coprocessor
+from .checkpoint import check_train_config, load_coprocessor, load_model, save_coprocessor
 from .heldout import ahead_nll, embedding_norm, heldout_set, relative_ppl_change
 from .optim import adam_init
 
@@ -76,8 +77,13 @@ def train_step(dec_params, trainable, adam, cfg, tc, tokens, positions, lr):
                        adam, lr, tc.clip, tc.weight_decay)
 
 
+METRICS = {"evals": [{"step": int, "ahead_loss": [NUMBER], "heldout_loss": NUMBER}], "steps": int,  # as read
+           "history": [{"step": int, "loss": NUMBER}], "baseline_ahead_loss": [NUMBER],
+           "train_config": dict}
+
+
 class CoprocessorTraining:
-    unit = "slot"
+    unit, METRICS = "slot", METRICS
 
     def __init__(self, out, tc, T, stop, dec_params, cfg, meta, corpus):
         self.out, self.tc, self.T, self.dec_params, self.cfg, self.meta = out, tc, T, dec_params, cfg, meta
@@ -151,7 +157,7 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     require(T <= cfg.max_seq_len, f"seq_len={T} exceeds the decoder's max_seq_len={cfg.max_seq_len}")
     sample_trace_positions(np.random.default_rng(0), 1, T, tc.n_traces, tc.n_ahead)  # validates K, N_A vs T
     out_dir = Path(out_dir)
-    loop.check_out(out_dir, out_dir / "coprocessor.npz", resume, "coprocessor checkpoint", overwrite=True)
+    loop.check_out(out_dir, out_dir / "coprocessor.npz", resume, "coprocessor checkpoint")
     corpus = loop.load_corpus(tokenizer, tc.data)
     meta = {"train_config": asdict(tc), "config": cfg.to_dict(), "decoder_hash": dec_meta["decoder_hash"],
             "decoder_path": str(decoder_path), "mode": tc.mode, "init": tc.init, "n_latents": tc.n_latents,
@@ -160,6 +166,9 @@ def train(decoder_path, tc, out_dir, backend="numpy", dtype="float32", resume=Fa
     task = CoprocessorTraining(out_dir, tc, T, min(tc.steps, stop_after or tc.steps), dec_params, cfg, meta,
                                corpus)
     first = [task.first_state(resume, dt, xp)]  # the loop then holds the only reference: step 1 frees it
+    if resume:
+        loop.check_unfinished(out_dir, first[0].step, task.schedule.stop, tc.steps, "steps also set the LR "
+                              "schedule, so a longer run starts anew in another directory")
     base_nll = task.baseline = task.ahead_nll(None)
     t0 = time.perf_counter()
     state, metrics, saved = loop.run(task, first.pop(), resume, io.StringIO() if quiet else None)
