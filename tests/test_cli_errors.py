@@ -723,7 +723,7 @@ def test_python_dash_m_refimpl_prints_one_line(world):
 def markdown_table(world):
     from test_robustness import NANO, api_cases  # the Python API's cases: only the doc needs them
     rows = ["| bad input | command (run in a scratch dir) | exit | message (stderr) |", "|---|---|---|---|"]
-    esc = lambda s: s.replace("|", "\\|").replace(str(ROOT) + "/", "")
+    esc = lambda s: s.replace("|", "\\|").replace(str(ROOT) + "/", "").encode("utf-8", "backslashreplace").decode()
     code = lambda s: f"`` {esc(s)} ``"  # double backticks: messages quote commands in single ones
     with chdir(world), pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "cupy", None)
