@@ -109,19 +109,16 @@ def read_json(path, what, fix, kind=dict):
     path = Path(path)
     require(path.stat().st_size <= MAX_JSON_BYTES, f"{what} {path} is over {MAX_JSON_BYTES >> 20} MiB: {fix}")
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except RecursionError:
         raise RefimplError(f"{what} {path} is nested too deep to be refimpl's: {fix}") from None
     except ValueError as e:                                  # UnicodeDecodeError and JSONDecodeError too
         raise RefimplError(f"{what} {path} is not valid JSON ({str(e)[:100]}): {fix}") from None
     require(_depth(value) <= MAX_JSON_DEPTH, f"{what} {path} is nested deeper than {MAX_JSON_DEPTH}: {fix}")
+    require(finite_json(value), f"{what} {path} holds NaN or Infinity (or a number too large for a float): {fix}")
     require(isinstance(value, kind), f"{what} {path} holds a JSON {type(value).__name__}, not a "
                                      f"{kind.__name__}: {fix}")
     return value
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not a finite number")
 
 
 def _depth(value):
