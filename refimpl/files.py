@@ -17,7 +17,7 @@ import numpy as np
 from .errors import RefimplError, require
 
 TEST_HOOK_SAVE_PAUSE = "REFIMPL_TEST_HOOK_SAVE_PAUSE"
-MAX_JSON_BYTES, MAX_JSON_DEPTH = 1 << 26, 32
+MAX_JSON_BYTES = 1 << 26
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -105,7 +105,7 @@ def run_lock(directory):
 # Reading
 def read_json(path, what, fix, kind=dict):
     """The JSON value of file path, a `kind`: one line naming `what` and `fix` if it is unreadable, over
-    64 MiB, not UTF-8, not JSON, nested deeper than 32, holds NaN or Infinity, or is not a `kind`."""
+    64 MiB, not UTF-8, not JSON, nested too deep to parse, holds NaN or Infinity, or is not a `kind`."""
     path = Path(path)
     require(path.stat().st_size <= MAX_JSON_BYTES, f"{what} {path} is over {MAX_JSON_BYTES >> 20} MiB: {fix}")
     try:
@@ -114,20 +114,10 @@ def read_json(path, what, fix, kind=dict):
         raise RefimplError(f"{what} {path} is nested too deep to be refimpl's: {fix}") from None
     except ValueError as e:                                  # UnicodeDecodeError and JSONDecodeError too
         raise RefimplError(f"{what} {path} is not valid JSON ({str(e)[:100]}): {fix}") from None
-    require(_depth(value) <= MAX_JSON_DEPTH, f"{what} {path} is nested deeper than {MAX_JSON_DEPTH}: {fix}")
     require(finite_json(value), f"{what} {path} holds NaN or Infinity (or a number too large for a float): {fix}")
     require(isinstance(value, kind), f"{what} {path} holds a JSON {type(value).__name__}, not a "
                                      f"{kind.__name__}: {fix}")
     return value
-
-
-def _depth(value):
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict)
-                                                                           else v)]
-    return depth - 1
 
 
 def finite_json(obj):

@@ -1,9 +1,7 @@
 """Checkpoints: NAME.npz (arrays by Hugging Face name; Adam's moments as adam.m.<name>, adam.v.<name>) and
 NAME.json (metadata with npz_sha256 and meta_sha256), written atomically, npz first: a temp JSON left by a
-kill between the renames is taken when its npz_sha256 matches. Loading never unpickles; arrays are finite
-when saved and when loaded; every problem is one line naming the file and the fix (docs/robustness.md).
-Arrays load onto any backend.
-"""
+kill between the renames is taken when its npz_sha256 matches. Arrays are finite floats, saved or loaded
+(never unpickled, onto any backend); every problem is one line naming the file and the fix."""
 import hashlib
 import json
 from contextlib import suppress

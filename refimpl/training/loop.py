@@ -1,11 +1,7 @@
-"""The one training loop: of `refimpl pretrain` (task pretrain.Pretraining) and `refimpl train`
-(train.CoprocessorTraining). Per step: a batch from the run's own generator; loss and gradients on the
-arrays' device; loss, gradient norm, latent norm and whether the weights are finite to the host in ONE
-transfer (anything non-finite stops the run, the last checkpoint untouched; so does a non-finite evaluation,
-and weights are checked again before each save); Adam with clipping folded in. Evaluation every eval_every
-steps; every save_every steps metrics.json, then the checkpoint. Ctrl-C saves first. A resume is bit for bit
-(arrays, Adam's state, step, rng state), with metrics.json cut back to its step.
-"""
+"""The one training loop of `refimpl pretrain` and `refimpl train`. Per step: a batch, loss and gradients on
+the arrays' device, ONE read to the host (loss, gradient norm, latent norm, weights finite: anything
+non-finite stops the run, the last checkpoint untouched), Adam. Evaluation every eval_every steps; every
+save_every steps metrics.json, then the checkpoint. Ctrl-C saves first. A resume is bit for bit."""
 import math
 import sys
 import time
